@@ -1,0 +1,1 @@
+"""The machine-side daemon: runs the link lifecycle against real adapters and publishes its status."""

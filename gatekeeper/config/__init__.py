@@ -1,0 +1,1 @@
+"""Configuration: the siderolink.api URL, the kernel command line and SideroLinkConfig documents."""

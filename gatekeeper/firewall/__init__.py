@@ -1,0 +1,1 @@
+"""The ingress firewall: policy documents, the nftables renderer, the applier and the explainer."""

@@ -1,0 +1,1 @@
+"""The machine maintenance API (Talos-compatible Version and read-only COSI resources)."""

@@ -1,0 +1,1 @@
+"""The SideroLink API server: provisioning, overlay addresses, WireGuard peers and the registry."""

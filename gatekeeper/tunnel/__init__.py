@@ -1,0 +1,1 @@
+"""WireGuard over gRPC: the relay that carries datagrams inside CreateStream."""

@@ -1,0 +1,87 @@
+"""The WireGuard device interface that every backend implements.
+
+The link lifecycle and the server speak only to `Backend` and `Device`; whether the device is
+wireguard-go behind a UAPI socket or the kernel behind netlink is an adapter detail chosen at
+start-up (see `select_backend`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gatekeeper.wireguard.keys import PrivateKey, PublicKey
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class WireGuardError(RuntimeError):
+    """A device operation failed; the message says what to install or grant when that is why."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    public_key: PublicKey
+    allowed_ips: tuple[IPNetwork, ...]
+    # "host:port" or "[v6]:port", already resolved to an IP literal by the caller.
+    endpoint: str | None = None
+    persistent_keepalive: int | None = None
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    public_key: PublicKey
+    endpoint: str | None
+    # Unix time of the last completed handshake, None when none happened yet.
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+
+class Device(Protocol):
+    """One WireGuard interface that this process created and owns."""
+
+    @property
+    def name(self) -> str: ...
+
+    def configure(
+        self,
+        private_key: PrivateKey,
+        listen_port: int | None,
+        peers: Sequence[PeerConfig],
+        *,
+        replace_peers: bool = True,
+    ) -> None:
+        """Set the key and listen port; with replace_peers the device ends with exactly `peers`."""
+        ...
+
+    def set_peer(self, peer: PeerConfig) -> None:
+        """Add or update one peer (its allowed IPs are replaced)."""
+        ...
+
+    def remove_peer(self, public_key: PublicKey) -> None: ...
+
+    def peers(self) -> list[PeerStats]: ...
+
+    def listen_port(self) -> int: ...
+
+    def set_addresses(self, addresses: Sequence[IPInterface]) -> None:
+        """Make these the only addresses of the link (and bring it up)."""
+        ...
+
+    def close(self) -> None:
+        """Remove the link and stop whatever runs it."""
+        ...
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def create(self, ifname: str, *, mtu: int = 1280) -> Device:
+        """Create (or take over a stale) interface `ifname` in the current network namespace."""
+        ...
