@@ -1,0 +1,180 @@
+"""Multi-document YAML configuration files (Talos-style ``apiVersion``/``kind`` documents).
+
+Every non-empty document must be a mapping with ``apiVersion: v1alpha1`` and a
+string ``kind``. :func:`parse_documents` checks that envelope for all kinds, so
+other parts (the firewall's NetworkRuleConfig, ...) reuse it;
+:func:`load_documents` picks the SideroLinkConfig and ignores other kinds.
+
+Documents are numbered from 1 in file order, counting empty ones, so a number
+in an error matches what a person counts in the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gatekeeper.config.errors import ConfigError, one_line
+from gatekeeper.config.siderolink import MSG_REQUIRED, SideroLinkConfig, parse_api_url
+
+API_VERSION = "v1alpha1"
+SIDEROLINK_KIND = "SideroLinkConfig"
+_SIDEROLINK_FIELDS = frozenset({"apiVersion", "kind", "apiUrl", "uniqueToken"})
+_MAX_KEY_SHOWN = 40
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (a silent "last one wins" hides mistakes)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key is not hashable", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {describe_key(key)}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def describe_key(key: object) -> str:
+    """A mapping key fit for an error message: short, one line."""
+    text = one_line(str(key))
+    if len(text) > _MAX_KEY_SHOWN:
+        text = text[:_MAX_KEY_SHOWN] + "..."
+    return text
+
+
+# PyYAML quotes offending input in some problems; keep positions, drop the quotes' contents.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        problem = _QUOTED.sub("(...)", exc.problem or exc.context or "syntax error")
+        mark = exc.problem_mark or exc.context_mark
+        if mark is not None:
+            return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        return f"invalid YAML: {problem}"
+    return "invalid YAML"
+
+
+def _load_all(text: str, where: str) -> list[object]:
+    docs: list[object] = []
+    try:
+        for doc in yaml.load_all(text, Loader=_StrictLoader):
+            docs.append(doc)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(exc), f"{where} document {len(docs) + 1}") from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", where) from None
+    except (ValueError, OverflowError):
+        # e.g. a timestamp-looking scalar with an impossible date
+        raise ConfigError(
+            "invalid YAML: a value cannot be read", f"{where} document {len(docs) + 1}"
+        ) from None
+    return docs
+
+
+def parse_documents(text: str, where: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based index, mapping) for every non-empty document; checks the envelope of each."""
+    result = []
+    for index, doc in enumerate(_load_all(text, where), start=1):
+        if doc is None:
+            continue
+        doc_where = f"{where} document {index}"
+        if not isinstance(doc, dict):
+            raise ConfigError("document must be a mapping with apiVersion and kind", doc_where)
+        for key in doc:
+            if not isinstance(key, str):
+                raise ConfigError(f"field name {describe_key(key)} is not a string", doc_where)
+        kind = doc.get("kind")
+        if kind is None or kind == "":
+            raise ConfigError("kind is required", doc_where)
+        if not isinstance(kind, str):
+            raise ConfigError("kind must be a string", doc_where)
+        doc_where = f"{doc_where} ({describe_key(kind)})"
+        version = doc.get("apiVersion")
+        if version is None or version == "":
+            raise ConfigError("apiVersion is required", doc_where)
+        if version != API_VERSION:
+            raise ConfigError(f"apiVersion must be {API_VERSION}", doc_where)
+        result.append((index, doc))
+    return result
+
+
+def document_where(where: str, index: int, doc: dict[str, Any]) -> str:
+    """The location text used in errors about one document: "<file> document N (<kind>)"."""
+    return f"{where} document {index} ({describe_key(doc.get('kind'))})"
+
+
+def siderolink_from_documents(
+    docs: list[tuple[int, dict[str, Any]]], where: str
+) -> SideroLinkConfig | None:
+    """The one SideroLinkConfig among parsed documents, validated; None if there is none."""
+    found: SideroLinkConfig | None = None
+    first_index = 0
+    for index, doc in docs:
+        if doc.get("kind") != SIDEROLINK_KIND:
+            continue
+        doc_where = document_where(where, index, doc)
+        if found is not None:
+            raise ConfigError(
+                f"only one SideroLinkConfig is allowed (the first is document {first_index})",
+                doc_where,
+            )
+        found = _siderolink_document(doc, doc_where, f"{where} document {index}")
+        first_index = index
+    return found
+
+
+def _siderolink_document(doc: dict[str, Any], doc_where: str, source: str) -> SideroLinkConfig:
+    unknown = sorted(set(doc) - _SIDEROLINK_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown field {describe_key(unknown[0])}", doc_where)
+    url = doc.get("apiUrl")
+    if url is None or url == "":
+        raise ConfigError(MSG_REQUIRED, doc_where)
+    if not isinstance(url, str):
+        raise ConfigError("apiUrl must be a string", doc_where)
+    api = parse_api_url(url, doc_where, document=True)
+    unique = doc.get("uniqueToken")
+    if unique is not None and not isinstance(unique, str):
+        raise ConfigError("uniqueToken must be a string", doc_where)
+    return SideroLinkConfig(api=api, unique_token=unique or None, source=source)
+
+
+def read_text(path: str | Path) -> str:
+    """A config file's text; unreadable or non-UTF-8 files raise ConfigError."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or type(exc).__name__}", str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid UTF-8 (byte offset {exc.start})", str(path)) from None
+
+
+def load_documents(path: str | Path) -> SideroLinkConfig | None:
+    """The SideroLinkConfig in a multi-document YAML file, or None if the file has none."""
+    where = str(path)
+    return siderolink_from_documents(parse_documents(read_text(path), where), where)
