@@ -53,7 +53,9 @@ class _Where:
     def fail(self, field: str | None, message: str) -> FirewallDocumentError:
         what = self.kind if self.name is None else f'{self.kind} "{self.name}"'
         at = f", {field}" if field else ""
-        return FirewallDocumentError(f"{self.source}: document {self.index} ({what}){at}: {message}")
+        return FirewallDocumentError(
+            f"{self.source}: document {self.index} ({what}){at}: {message}"
+        )
 
 
 def _go_quote(value: object) -> str:
@@ -91,7 +93,9 @@ def _check_fields(where: _Where, doc: Mapping[Any, Any], allowed: set[str], pref
 def _check_api_version(where: _Where, doc: Mapping[Any, Any]) -> None:
     version = doc.get("apiVersion")
     if version != API_VERSION:
-        raise where.fail("apiVersion", f"unsupported apiVersion {_go_quote(version)}, want v1alpha1")
+        raise where.fail(
+            "apiVersion", f"unsupported apiVersion {_go_quote(version)}, want v1alpha1"
+        )
 
 
 def parse_port_range(value: object) -> PortRange:
@@ -250,6 +254,15 @@ class PolicyBuilder:
                 self.default_action_origin = f"{source}: document {index}"
             # Any other kind belongs to another reader.
 
+    def add_file(self, path: Path) -> None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FirewallDocumentError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise FirewallDocumentError(f"{path}: not UTF-8 text") from None
+        self.add_text(text, str(path))
+
     def build(self) -> FirewallPolicy:
         return FirewallPolicy(
             default_action=self.default_action or DefaultAction.ACCEPT,
@@ -278,11 +291,5 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 def load_policy(paths: Iterable[str | Path]) -> FirewallPolicy:
     builder = PolicyBuilder()
     for path in expand_paths(paths):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise FirewallDocumentError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise FirewallDocumentError(f"{path}: not UTF-8 text") from None
-        builder.add_text(text, str(path))
+        builder.add_file(path)
     return builder.build()

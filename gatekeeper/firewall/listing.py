@@ -39,7 +39,9 @@ class ChainInfo:
     def header(self) -> str:
         if self.hook is None:
             return f"chain {self.name}"
-        return f"chain {self.name} (hook {self.hook}, priority {self.priority}, policy {self.policy})"
+        return (
+            f"chain {self.name} (hook {self.hook}, priority {self.priority}, policy {self.policy})"
+        )
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class TableView:
         for chain in self.chains:
             out.append(chain.header())
             for rule in self.chain_rules(chain.name):
-                suffix = f'  # {rule.comment}' if rule.comment else ""
+                suffix = f"  # {rule.comment}" if rule.comment else ""
                 out.append(f"  {rule.text}{suffix}")
         return out
 
@@ -78,14 +80,14 @@ def _left_text(left: Any) -> str:
     return json.dumps(left, sort_keys=True, separators=(",", ":"))
 
 
-def _elements(right: Any) -> list[Any]:
+def set_elements(right: Any) -> list[Any]:
     if isinstance(right, dict) and "set" in right:
         items = right["set"]
         return list(items) if isinstance(items, list) else [items]
     return [right]
 
 
-def _as_interval(item: Any) -> tuple[int, int, int] | None:
+def as_interval(item: Any) -> tuple[int, int, int] | None:
     """(version or 0 for ports, lo, hi) for addresses, prefixes, ranges and numbers."""
     if isinstance(item, bool):
         return None
@@ -107,7 +109,7 @@ def _as_interval(item: Any) -> tuple[int, int, int] | None:
     if isinstance(item, dict) and "range" in item:
         rng = item["range"]
         if isinstance(rng, list) and len(rng) == 2:
-            lo, hi = _as_interval(rng[0]), _as_interval(rng[1])
+            lo, hi = as_interval(rng[0]), as_interval(rng[1])
             if lo is not None and hi is not None and lo[0] == hi[0]:
                 return (lo[0], lo[1], hi[2])
     return None
@@ -116,9 +118,15 @@ def _as_interval(item: Any) -> tuple[int, int, int] | None:
 def _interval_text(version: int, lo: int, hi: int) -> list[str]:
     if version == 0:
         return [str(lo) if lo == hi else f"{lo}-{hi}"]
-    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-    first, last = cls(lo), cls(hi)
-    nets = list(ipaddress.summarize_address_range(first, last))
+    first: ipaddress.IPv4Address | ipaddress.IPv6Address
+    last: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if version == 4:
+        first, last = ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi)
+    else:
+        first, last = ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(
+        ipaddress.summarize_address_range(first, last)
+    )
     if len(nets) == 1:
         net = nets[0]
         return [str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)]
@@ -126,8 +134,8 @@ def _interval_text(version: int, lo: int, hi: int) -> list[str]:
 
 
 def _right_text(right: Any) -> str:
-    items = _elements(right)
-    intervals = [_as_interval(i) for i in items]
+    items = set_elements(right)
+    intervals = [as_interval(i) for i in items]
     if items and all(iv is not None for iv in intervals):
         merged: list[tuple[int, int, int]] = []
         for version, lo, hi in sorted(iv for iv in intervals if iv is not None):
@@ -155,7 +163,7 @@ def expr_text(expr: Sequence[JSON]) -> tuple[str, int | None, int | None]:
         if not isinstance(stmt, dict) or len(stmt) != 1:
             parts.append(json.dumps(stmt, sort_keys=True, separators=(",", ":")))
             continue
-        (key, value), = stmt.items()
+        ((key, value),) = stmt.items()
         if key == "match" and isinstance(value, dict):
             op = value.get("op", "==")
             op = "==" if op in ("==", "in") else op

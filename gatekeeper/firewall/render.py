@@ -71,7 +71,9 @@ def rule_expr(rule: Rule) -> list[JSON]:
         )
     elif rule.icmp_types:
         expr.append(
-            _match({"payload": {"protocol": "icmp", "field": "type"}}, _value(list(rule.icmp_types)))
+            _match(
+                {"payload": {"protocol": "icmp", "field": "type"}}, _value(list(rule.icmp_types))
+            )
         )
     elif rule.icmpv6_types:
         expr.append(

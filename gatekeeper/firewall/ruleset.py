@@ -286,6 +286,12 @@ def build_ruleset(policy: FirewallPolicy, link: LinkState) -> Ruleset:
                 Verdict.DROP if block else Verdict.ACCEPT,
                 tuple(ingress),
             ),
-            Chain(PREROUTING_CHAIN, "prerouting", PREROUTING_PRIORITY, Verdict.ACCEPT, tuple(prerouting)),
+            Chain(
+                PREROUTING_CHAIN,
+                "prerouting",
+                PREROUTING_PRIORITY,
+                Verdict.ACCEPT,
+                tuple(prerouting),
+            ),
         )
     )
