@@ -1,1 +1,1 @@
-"""The machine-side daemon: runs the link lifecycle against real adapters and publishes its status."""
+"""The machine-side daemon: drives the link lifecycle with real adapters, publishes status."""

@@ -41,9 +41,7 @@ def require_tool(name: str, package: str) -> str:
 
 
 def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
-    proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
@@ -141,16 +139,22 @@ class Lab:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        """Stop one process we started (by PID, and the group it leads), waiting at most 5 s."""
+        """Stop one process we started, by PID, then sweep the group it leads.
+
+        The signal goes to the process alone so that it can shut down in order (remove its
+        WireGuard link, stop its children); whatever of its group outlives it is killed.
+        """
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+                os.kill(proc.pid, sig)
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc in self.processes:
             self.processes.remove(proc)
 

@@ -1,0 +1,215 @@
+"""`gatekeeper`: one command, a subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from gatekeeper import __version__
+
+# Subcommands that live in their own modules register themselves through add_parser(); a
+# module that is missing (a partial install) just leaves its subcommand out.
+PLUGINS = ("gatekeeper.cli.firewall", "gatekeeper.cli.maint")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _positive_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
+    return port
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gatekeeper.agent.daemon import AgentOptions, run_agent
+
+    options = AgentOptions(
+        cmdline=Path(args.cmdline),
+        config=Path(args.config) if args.config else None,
+        node_uuid=args.node_uuid,
+        listen_port=args.listen_port,
+        run_dir=Path(args.run_dir),
+        backend=args.wireguard_backend,
+        network_timeout=args.network_timeout,
+    )
+    asyncio.run(run_agent(options))
+    return 0
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.join_token_file:
+        with open(args.join_token_file) as f:
+            return f.read().strip() or None
+    return args.join_token or os.environ.get("GATEKEEPER_JOIN_TOKEN") or None
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gatekeeper.server.app import ServerError, ServerOptions, serve
+
+    try:
+        token = _read_token(args)
+    except OSError as exc:
+        print(f"gatekeeper server: cannot read the join token file: {exc}", file=sys.stderr)
+        return 2
+    options = ServerOptions(
+        state_dir=Path(args.state_dir),
+        listen=args.listen,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        join_token=token,
+        installation_id=args.installation_id,
+        wireguard_interface=args.wireguard_interface,
+        wireguard_port=args.wireguard_port,
+        endpoints=args.endpoint,
+        backend=args.wireguard_backend,
+    )
+    try:
+        asyncio.run(serve(options))
+    except ServerError as exc:
+        print(f"gatekeeper server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gatekeeper.cli.status import print_status
+
+    return print_status(Path(args.run_dir), as_json=args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gatekeeper.cli.demo import run_demo
+
+    return run_demo(timeout=args.timeout, keep_logs=args.keep_logs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gatekeeper",
+        description="SideroLink in Python: the machine agent, the API server and their tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the machine-side daemon",
+        description="Join the SideroLink server named by siderolink.api= on the kernel command "
+        "line (or a SideroLinkConfig document, which wins) and keep the link up.",
+    )
+    agent.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
+    agent.add_argument("--config", "-c", help="YAML file with a SideroLinkConfig document")
+    agent.add_argument("--node-uuid", help="override /sys/class/dmi/id/product_uuid")
+    agent.add_argument(
+        "--listen-port",
+        type=_positive_port,
+        default=51821,
+        help="fixed WireGuard listen port (default 51821; 0 picks a random one)",
+    )
+    agent.add_argument("--run-dir", default="/run/gatekeeper", help="where status.json goes")
+    agent.add_argument(
+        "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]
+    )
+    agent.add_argument(
+        "--network-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a route to the API before trying anyway",
+    )
+    agent.set_defaults(func=_cmd_agent)
+
+    server = sub.add_parser(
+        "server",
+        help="run the SideroLink API server",
+        description="Serve ProvisionService, hand out overlay addresses and keep the WireGuard "
+        "peers. The join token is read from --join-token-file, or the environment variable "
+        "GATEKEEPER_JOIN_TOKEN, or --join-token (visible in ps: avoid on shared hosts).",
+    )
+    server.add_argument("--state-dir", default="/var/lib/gatekeeper", help="registry location")
+    server.add_argument("--listen", default="[::]:8090", help="gRPC listen address")
+    server.add_argument("--tls-cert", help="PEM certificate (enables TLS, with --tls-key)")
+    server.add_argument("--tls-key", help="PEM private key")
+    server.add_argument("--join-token")
+    server.add_argument("--join-token-file")
+    server.add_argument(
+        "--installation-id", default="", help="derives the overlay prefix (spec section 5)"
+    )
+    server.add_argument("--wireguard-interface", default="siderolink")
+    server.add_argument("--wireguard-port", type=_positive_port, default=51820)
+    server.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="WireGuard endpoint advertised to machines (repeat for several, in order)",
+    )
+    server.add_argument(
+        "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]
+    )
+    server.set_defaults(func=_cmd_server)
+
+    status = sub.add_parser("status", help="show the agent's link status")
+    status.add_argument("--run-dir", default="/run/gatekeeper")
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.set_defaults(func=_cmd_status)
+
+    demo = sub.add_parser(
+        "demo",
+        help="build a two-namespace lab, join it, ping over the overlay, tear it down",
+        description="Needs root (network namespaces) and wireguard-go.",
+    )
+    demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the link")
+    demo.add_argument("--keep-logs", help="copy the server and agent logs to this folder")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = (
+            module.add_parser
+        )
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`gatekeeper server`: wires the registry, the WireGuard device and the gRPC services together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from gatekeeper.overlay import overlay_prefix, server_address
+from gatekeeper.pb.siderolink import provision_pb2_grpc
+from gatekeeper.server.provisioning import Provisioner, TokenCheck
+from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
+from gatekeeper.server.service import ProvisionService
+from gatekeeper.server.sqlite_registry import SqliteRegistry
+from gatekeeper.wireguard.backend import Device
+from gatekeeper.wireguard.keys import PrivateKey
+from gatekeeper.wireguard.select import select_backend
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The server cannot start; the message says why in one line."""
+
+
+@dataclass
+class ServerOptions:
+    state_dir: Path
+    listen: str = "[::]:8090"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    join_token: str | None = field(default=None, repr=False)
+    installation_id: str = ""
+    wireguard_interface: str = "siderolink"
+    wireguard_port: int = 51820
+    endpoints: list[str] = field(default_factory=list)
+    backend: str = "auto"
+    endpoint_sync_every: float = 10.0
+
+
+def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    try:
+        return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    except OSError as exc:
+        raise ServerError(f"cannot read TLS certificate or key: {exc}") from None
+
+
+class Server:
+    """A started server; `close()` removes its device and stops its listeners."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.registry: Registry | None = None
+        self.device: Device | None = None
+        self.grpc: grpc.aio.Server | None = None
+        self.provisioner: Provisioner | None = None
+        self.port = 0
+        self._sync_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        opts = self.options
+        if not opts.endpoints:
+            raise ServerError(
+                "no WireGuard endpoint to advertise: pass --endpoint HOST:PORT "
+                "(the address machines reach this server's UDP port on)"
+            )
+        if (opts.tls_cert is None) != (opts.tls_key is None):
+            raise ServerError("--tls-cert and --tls-key go together")
+        try:
+            self.registry = SqliteRegistry(opts.state_dir)
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
+        identity = self.registry.identity(
+            lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
+        )
+        if identity.installation_id != opts.installation_id:
+            raise ServerError(
+                f"the state in {opts.state_dir} belongs to installation id "
+                f"{identity.installation_id!r}, not {opts.installation_id!r}: every machine's "
+                "address depends on it; use the original id or another --state-dir"
+            )
+        prefix = overlay_prefix(identity.installation_id)
+        backend, why = select_backend(opts.backend)
+        log.info("WireGuard backend: %s (%s)", backend.name, why)
+        self.device = backend.create(opts.wireguard_interface)
+        self.device.configure(identity.private_key, opts.wireguard_port, [], replace_peers=True)
+        self.device.set_addresses(
+            [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
+        )
+        self.provisioner = Provisioner(
+            registry=self.registry,
+            device=self.device,
+            prefix=prefix,
+            server_public_key=identity.private_key.public_key(),
+            endpoints=opts.endpoints,
+            tokens=TokenCheck(opts.join_token),
+        )
+        restored = self.provisioner.restore_peers()
+        if not opts.join_token:
+            log.warning("no join token configured: any machine that reaches this server may join")
+
+        self.grpc = grpc.aio.server()
+        provision_pb2_grpc.add_ProvisionServiceServicer_to_server(
+            ProvisionService(self.provisioner), self.grpc
+        )
+        if opts.tls_cert and opts.tls_key:
+            creds = server_credentials(opts.tls_cert, opts.tls_key)
+            self.port = self.grpc.add_secure_port(opts.listen, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(opts.listen)
+        if not self.port:
+            raise ServerError(f"cannot listen on {opts.listen}")
+        await self.grpc.start()
+        self._sync_task = asyncio.create_task(self._sync_endpoints())
+        log.info(
+            "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
+            "%d machines restored",
+            opts.listen,
+            "TLS" if opts.tls_cert else "plaintext",
+            opts.wireguard_interface,
+            self.device.listen_port(),
+            prefix,
+            identity.private_key.public_key().fingerprint(),
+            restored,
+        )
+
+    async def _sync_endpoints(self) -> None:
+        assert self.provisioner is not None
+        while True:
+            await asyncio.sleep(self.options.endpoint_sync_every)
+            try:
+                self.provisioner.sync_endpoints()
+            except Exception as exc:  # the loop must outlive one bad read
+                log.warning("endpoint sync failed: %s", exc)
+
+    async def close(self) -> None:
+        if self._sync_task:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        if self.grpc:
+            await self.grpc.stop(grace=1)
+        if self.provisioner:
+            with contextlib.suppress(Exception):
+                self.provisioner.sync_endpoints()
+        if self.device:
+            self.device.close()
+        if self.registry:
+            self.registry.close()
+
+
+async def serve(options: ServerOptions) -> None:
+    server = Server(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.close()

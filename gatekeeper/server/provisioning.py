@@ -1,0 +1,190 @@
+"""Provisioning decisions: who may join, which address it gets, which peer the device holds.
+
+No gRPC here: the service adapter (`service.py`) turns requests into `ProvisionInput` and
+`Rejected` into status codes, so the rules are tested without a network.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
+from gatekeeper.server.registry import AddressTaken, MachineRecord, Registry, machine_key
+from gatekeeper.wireguard.backend import Device, PeerConfig
+from gatekeeper.wireguard.keys import InvalidKey, PublicKey
+
+log = logging.getLogger(__name__)
+
+MAX_FIELD = 256
+
+
+class Code(StrEnum):
+    """The gRPC status names the spec prescribes (section 6), without importing grpc."""
+
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+
+
+class Rejected(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ProvisionInput:
+    node_uuid: str
+    node_public_key: str
+    join_token: str | None = field(default=None, repr=False)
+    unique_token: str | None = field(default=None, repr=False)
+    talos_version: str | None = None
+    wants_tunnel: bool = False
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class ProvisionOutput:
+    # In preference order; the wire adapter applies the first/last swap.
+    server_endpoints: tuple[str, ...]
+    server_public_key: str
+    node_address_prefix: str
+    server_address: str
+    grpc_peer_addr_port: str = ""
+
+
+class TokenCheck:
+    """One fixed join token, compared in constant time; None means nobody needs a token."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+
+    @property
+    def required(self) -> bool:
+        return self._token is not None
+
+    def allows(self, presented: str | None) -> bool:
+        if self._token is None:
+            return True
+        return hmac.compare_digest(self._token, (presented or "").encode())
+
+
+class Provisioner:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        device: Device,
+        prefix: ipaddress.IPv6Network,
+        server_public_key: PublicKey,
+        endpoints: Sequence[str],
+        tokens: TokenCheck,
+    ) -> None:
+        self.registry = registry
+        self.device = device
+        self.prefix = prefix
+        self.server_address = prefix.network_address + 1
+        self.server_public_key = server_public_key
+        self.endpoints = tuple(endpoints)
+        self.tokens = tokens
+
+    def provision(self, req: ProvisionInput) -> ProvisionOutput:
+        # Order matters: nothing is touched (device or registry) before every check passed.
+        if not self.tokens.allows(req.join_token):
+            raise Rejected(Code.PERMISSION_DENIED, "invalid join token")
+        try:
+            key = PublicKey.from_base64(req.node_public_key, "node_public_key")
+        except InvalidKey as exc:
+            raise Rejected(Code.INVALID_ARGUMENT, f"invalid WireGuard public key: {exc}") from None
+        uuid = req.node_uuid.strip()
+        if not uuid:
+            raise Rejected(Code.INVALID_ARGUMENT, "node_uuid is required")
+        for name, value in (
+            ("node_uuid", uuid),
+            ("node_unique_token", req.unique_token or ""),
+            ("talos_version", req.talos_version or ""),
+        ):
+            if len(value) > MAX_FIELD:
+                raise Rejected(Code.INVALID_ARGUMENT, f"{name} is longer than {MAX_FIELD} bytes")
+
+        mkey = machine_key(uuid, req.unique_token)
+        existing = self.registry.get(mkey)
+        try:
+            address = existing.address if existing else self._allocate()
+        except AddressSpaceExhausted:
+            raise Rejected(Code.RESOURCE_EXHAUSTED, "no free overlay address") from None
+        record = MachineRecord(
+            machine_key=mkey,
+            node_uuid=uuid,
+            address=address,
+            public_key=key.base64(),
+            endpoint=existing.endpoint if existing else None,
+            talos_version=req.talos_version or "",
+            created=existing.created if existing else time.time(),
+        )
+        self.device.set_peer(
+            PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
+        )
+        try:
+            self.registry.claim(record)
+        except AddressTaken:
+            self.device.remove_peer(key)
+            raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
+        except BaseException:
+            self.device.remove_peer(key)
+            raise
+        if existing and existing.public_key != record.public_key:
+            # The machine came back with a new key (restart): its old peer must not linger.
+            self.device.remove_peer(PublicKey.from_base64(existing.public_key))
+        log.info(
+            "provisioned machine %s at %s (key %s%s)",
+            uuid,
+            address,
+            key.fingerprint(),
+            ", again" if existing else "",
+        )
+        return ProvisionOutput(
+            server_endpoints=self.endpoints,
+            server_public_key=self.server_public_key.base64(),
+            node_address_prefix=f"{address}/{self.prefix.prefixlen}",
+            server_address=str(self.server_address),
+        )
+
+    def _allocate(self) -> ipaddress.IPv6Address:
+        return allocate_node_address(
+            self.prefix, taken=lambda a: self.registry.by_address(a) is not None
+        )
+
+    def restore_peers(self) -> int:
+        """Put every known machine back on the device, with its last endpoint (after restart)."""
+        records = self.registry.machines()
+        self.device.set_peers(
+            [
+                PeerConfig(
+                    public_key=PublicKey.from_base64(r.public_key),
+                    allowed_ips=(ipaddress.IPv6Network(f"{r.address}/128"),),
+                    endpoint=r.endpoint,
+                )
+                for r in records
+            ]
+        )
+        return len(records)
+
+    def sync_endpoints(self) -> int:
+        """Store the endpoints the device has learned, so a restart can reach machines first."""
+        by_key = {r.public_key: r for r in self.registry.machines()}
+        changed: dict[str, str] = {}
+        for stats in self.device.peers():
+            record = by_key.get(stats.public_key.base64())
+            if record and stats.endpoint and stats.endpoint != record.endpoint:
+                changed[record.machine_key] = stats.endpoint
+        self.registry.update_endpoints(changed)
+        return len(changed)

@@ -1,0 +1,63 @@
+"""The ProvisionService over gRPC: wire messages in, `Provisioner` decisions out."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from gatekeeper.overlay import swap_endpoints
+from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
+from gatekeeper.server.provisioning import Code, Provisioner, ProvisionInput, Rejected
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def request_input(request: provision_pb2.ProvisionRequest, peer: str) -> ProvisionInput:
+    return ProvisionInput(
+        node_uuid=request.node_uuid,
+        node_public_key=request.node_public_key,
+        join_token=request.join_token if request.HasField("join_token") else None,
+        unique_token=(request.node_unique_token if request.HasField("node_unique_token") else None),
+        talos_version=request.talos_version if request.HasField("talos_version") else None,
+        wants_tunnel=request.wireguard_over_grpc,
+        peer=peer,
+    )
+
+
+class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
+    def __init__(self, provisioner: Provisioner) -> None:
+        self.provisioner = provisioner
+
+    async def Provision(
+        self, request: provision_pb2.ProvisionRequest, context: grpc.aio.ServicerContext
+    ) -> provision_pb2.ProvisionResponse:
+        req = request_input(request, context.peer())
+        try:
+            out = self.provisioner.provision(req)
+        except Rejected as exc:
+            log.warning(
+                "provision from %s (node %s) rejected: %s",
+                req.peer,
+                req.node_uuid[:64] or "-",
+                exc.message,
+            )
+            await context.abort(_STATUS[exc.code], exc.message)
+        except Exception:
+            # Internals stay in our log; the caller learns only that it was not its fault.
+            log.exception("provision from %s failed", req.peer)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        return provision_pb2.ProvisionResponse(
+            server_endpoint=swap_endpoints(list(out.server_endpoints)),
+            server_public_key=out.server_public_key,
+            node_address_prefix=out.node_address_prefix,
+            server_address=out.server_address,
+            grpc_peer_addr_port=out.grpc_peer_addr_port,
+        )

@@ -1,0 +1,159 @@
+"""The embedded registry on SQLite, under the server's state directory."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from gatekeeper.server.registry import (
+    AddressTaken,
+    MachineRecord,
+    RegistryError,
+    ServerIdentity,
+)
+from gatekeeper.wireguard.keys import PrivateKey
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    private_key TEXT NOT NULL,
+    installation_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machines (
+    machine_key TEXT PRIMARY KEY,
+    node_uuid TEXT NOT NULL,
+    address TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL,
+    endpoint TEXT,
+    tunnel INTEGER NOT NULL DEFAULT 0,
+    talos_version TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, updated"
+)
+
+
+def _record(row: tuple[object, ...]) -> MachineRecord:
+    key, uuid, address, public_key, endpoint, tunnel, version, created, updated = row
+    return MachineRecord(
+        machine_key=str(key),
+        node_uuid=str(uuid),
+        address=ipaddress.IPv6Address(str(address)),
+        public_key=str(public_key),
+        endpoint=None if endpoint is None else str(endpoint),
+        tunnel=bool(tunnel),
+        talos_version=str(version),
+        created=float(created),  # type: ignore[arg-type]
+        updated=float(updated),  # type: ignore[arg-type]
+    )
+
+
+class SqliteRegistry:
+    """One connection guarded by a lock; every write commits (fsync) before it returns."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / "registry.sqlite3"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an answered Provision must survive a power cut or SIGKILL.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"cannot open the registry {self.path}: {exc}") from None
+        # The file holds the server's private key.
+        os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+
+    def identity(self, create: Callable[[], ServerIdentity]) -> ServerIdentity:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT private_key, installation_id FROM identity WHERE id = 1"
+            ).fetchone()
+            if row is not None:
+                return ServerIdentity(PrivateKey.from_base64(row[0]), row[1])
+            fresh = create()
+            self._db.execute(
+                "INSERT INTO identity (id, private_key, installation_id) VALUES (1, ?, ?)",
+                (fresh.private_key.base64(), fresh.installation_id),
+            )
+            return fresh
+
+    def get(self, machine_key: str) -> MachineRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM machines WHERE machine_key = ?", (machine_key,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM machines WHERE address = ?", (str(address),)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def claim(self, record: MachineRecord) -> None:
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
+                    "address = excluded.address, public_key = excluded.public_key, "
+                    "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
+                    "talos_version = excluded.talos_version, updated = excluded.updated",
+                    (
+                        record.machine_key,
+                        record.node_uuid,
+                        str(record.address),
+                        record.public_key,
+                        record.endpoint,
+                        int(record.tunnel),
+                        record.talos_version,
+                        record.created or now,
+                        now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AddressTaken(f"{record.address} belongs to another machine") from None
+
+    def update_endpoints(self, endpoints: Mapping[str, str]) -> None:
+        if not endpoints:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE machines SET endpoint = ? WHERE machine_key = ?",
+                [(endpoint, key) for key, endpoint in endpoints.items()],
+            )
+            self._db.execute("COMMIT")
+
+    def machines(self) -> list[MachineRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM machines ORDER BY created").fetchall()
+        return [_record(row) for row in rows]
+
+    def remove(self, machine_key: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM machines WHERE machine_key = ?", (machine_key,))
+        return cur.rowcount > 0
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

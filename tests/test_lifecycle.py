@@ -1,0 +1,248 @@
+"""The link lifecycle state machine, driven by events alone (no network, no clock)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatekeeper.config.siderolink import SideroLinkConfig, parse_api_url
+from gatekeeper.link.lifecycle import (
+    RETRY_TIMER,
+    SAMPLE_TIMER,
+    Cancel,
+    ConfigChanged,
+    ConfigRejected,
+    ConfigureLink,
+    Identity,
+    Link,
+    LinkConfigured,
+    LinkFailed,
+    Log,
+    NetworkReady,
+    Provision,
+    Provisioned,
+    ProvisionFailed,
+    ProvisionSucceeded,
+    RemoveLink,
+    Sample,
+    Schedule,
+    SendProbe,
+    State,
+    TimerFired,
+    Timing,
+    WaitForNetwork,
+)
+
+TIMING = Timing(sample_every=5, probe_after=10, dead_after=45)
+KEY = "x" * 43 + "="
+REPLY = Provisioned(
+    server_public_key=KEY,
+    node_address=ipaddress.IPv6Interface("fdae:41e4:649b:9303:1:2:3:4/64"),
+    server_address=ipaddress.IPv6Address("fdae:41e4:649b:9303::1"),
+    endpoints=("[fd00::1]:51820", "[fd00::2]:51820"),
+)
+ID = Identity("0f2d8a3e-1111-2222-3333-444455556666", unique_token="u-secret")
+
+
+def config(url: str = "grpc://[fd00::1]:8090?jointoken=s3cret") -> SideroLinkConfig:
+    return SideroLinkConfig(api=parse_api_url(url, "test"), unique_token=None, source="test")
+
+
+def of(actions: list[object], kind: type) -> list[object]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def provisioned_link() -> tuple[Link, int]:
+    """A link that has been configured and is CONNECTING; returns (link, attempt)."""
+    link = Link(listen_port=51821, timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    assert isinstance(p, Provision)
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
+    assert isinstance(c, ConfigureLink)
+    link.handle(LinkConfigured(c.attempt), 2)
+    return link, c.attempt
+
+
+def test_unconfigured_until_a_config_arrives() -> None:
+    link = Link(timing=TIMING)
+    assert link.handle(ConfigChanged(None, ID), 0) == [
+        Cancel(RETRY_TIMER),
+        Log("info", "SideroLink is not configured"),
+    ]
+    assert link.status.state is State.UNCONFIGURED
+
+
+def test_waits_for_network_then_provisions_with_the_tunnel_hint() -> None:
+    link = Link(timing=TIMING)
+    actions = link.handle(ConfigChanged(config("grpc://h:1?jointoken=t&grpc_tunnel=true"), ID), 0)
+    assert of(actions, WaitForNetwork)
+    assert link.status.state is State.WAITING_NETWORK
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    assert isinstance(p, Provision) and p.tunnel and p.identity == ID
+    assert link.status.state is State.PROVISIONING
+
+
+def test_configures_the_link_as_the_spec_says() -> None:
+    link = Link(listen_port=51821, timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
+    spec = c.spec  # type: ignore[attr-defined]
+    assert (spec.name, spec.mtu, spec.keepalive, spec.listen_port) == (
+        "siderolink",
+        1280,
+        25,
+        51821,
+    )
+    assert spec.address == REPLY.node_address and spec.endpoint == REPLY.endpoints[0]
+    assert link.status.node_address == "fdae:41e4:649b:9303:1:2:3:4/64"
+
+
+def test_tunnel_reply_names_the_tunnel_link() -> None:
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    reply = Provisioned(**{**REPLY.__dict__, "grpc_peer_addr_port": "[fdae::9304:1]:50889"})
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, reply), 2), ConfigureLink)  # type: ignore[attr-defined]
+    assert c.spec.name == "siderolinktun"  # type: ignore[attr-defined]
+    assert link.status.tunnel
+
+
+def test_backoff_grows_by_half_and_caps_at_a_minute() -> None:
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    delays = []
+    for _ in range(15):
+        actions = link.handle(ProvisionFailed(p.attempt, "UNAVAILABLE"), 2)  # type: ignore[attr-defined]
+        (s,) = of(actions, Schedule)
+        delays.append(s.delay)  # type: ignore[attr-defined]
+        assert link.status.state is State.BACKOFF and link.status.next_retry_in == s.delay  # type: ignore[attr-defined]
+        assert any("retrying in" in a.message for a in of(actions, Log))  # type: ignore[attr-defined]
+        (p,) = of(link.handle(TimerFired(RETRY_TIMER), 3), Provision)
+    assert delays[:3] == [0.5, 0.75, 1.125]
+    assert max(delays) == 60.0 and delays[-1] == 60.0
+
+
+def test_stale_outcomes_are_ignored_after_a_config_change() -> None:
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (old,) = of(link.handle(NetworkReady(), 1), Provision)
+    link.handle(ConfigChanged(config("grpc://other:1"), ID), 2)
+    assert link.handle(ProvisionSucceeded(old.attempt, REPLY), 3) == []  # type: ignore[attr-defined]
+
+
+def test_up_only_after_traffic_arrives() -> None:
+    link, _ = provisioned_link()
+    assert link.status.state is State.CONNECTING and not link.status.connected
+    link.handle(Sample(last_handshake=None, rx_bytes=0), 5)
+    assert not link.status.connected
+    link.handle(Sample(last_handshake=1000.0, rx_bytes=92), 7)
+    assert link.status.state is State.UP and link.status.connected
+
+
+def test_idle_healthy_link_is_probed_and_never_flaps() -> None:
+    link, _ = provisioned_link()
+    rx = 92
+    link.handle(Sample(1000.0, rx), 5)
+    probes = 0
+    for t in range(10, 600, 5):
+        actions = link.handle(Sample(1000.0, rx), t)
+        if of(actions, SendProbe):
+            probes += 1
+            rx += 96  # the echo reply arrives before the next sample
+        assert link.status.connected, t
+    assert probes > 0
+
+
+def test_dead_path_is_declared_down_within_a_minute_then_next_endpoint() -> None:
+    link, _ = provisioned_link()
+    link.handle(Sample(1000.0, 92), 5)
+    t = 5
+    while link.status.state is State.UP:
+        t += 5
+        actions = link.handle(Sample(1000.0, 92), t)
+    assert t - 5 <= 60
+    (c,) = of(actions, ConfigureLink)
+    assert c.spec.endpoint == REPLY.endpoints[1]  # type: ignore[attr-defined]
+    assert not link.status.connected and "nothing received" in (link.status.last_error or "")
+
+
+def test_endpoints_used_up_reprovisions() -> None:
+    link, _ = provisioned_link()
+    t = 5
+    for _ in range(2):
+        actions: list[object] = []
+        while not of(actions, ConfigureLink) and not of(actions, Provision):
+            t += 5
+            actions = link.handle(Sample(None, 0), t)  # type: ignore[assignment]
+        if of(actions, ConfigureLink):
+            (c,) = of(actions, ConfigureLink)
+            link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    assert of(actions, Provision) and Cancel(SAMPLE_TIMER) in actions
+    assert link.status.state is State.PROVISIONING
+
+
+def test_config_change_reprovisions_at_once_and_keeps_the_link() -> None:
+    link, _ = provisioned_link()
+    actions = link.handle(ConfigChanged(config("grpc://[fd00::9]:8090"), ID), 10)
+    assert of(actions, Provision) and not of(actions, RemoveLink)
+    actions = link.handle(ConfigChanged(config("grpc://[fd00::9]:8090"), Identity("other")), 11)
+    assert of(actions, Provision)
+
+
+def test_bad_new_config_keeps_the_running_link() -> None:
+    link, _ = provisioned_link()
+    actions = link.handle(ConfigRejected("cmdline: apiUrl path must be empty"), 10)
+    assert not of(actions, RemoveLink) and not of(actions, Provision)
+    assert "keeping the current link" in actions[0].message  # type: ignore[attr-defined]
+    assert link.status.state is State.CONNECTING
+
+
+def test_removing_the_config_removes_the_link() -> None:
+    link, _ = provisioned_link()
+    actions = link.handle(ConfigChanged(None, ID), 10)
+    assert RemoveLink() in actions and link.status.state is State.UNCONFIGURED
+
+
+def test_link_failure_backs_off_and_retries() -> None:
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
+    actions = link.handle(LinkFailed(c.attempt, "wireguard-go not found"), 3)  # type: ignore[attr-defined]
+    assert of(actions, Schedule) and link.status.state is State.BACKOFF
+    assert "wireguard-go not found" in (link.status.last_error or "")
+
+
+def test_status_never_holds_a_secret() -> None:
+    link, _ = provisioned_link()
+    assert "s3cret" not in repr(link.status) and "u-secret" not in repr(link.status)
+
+
+events = st.one_of(
+    st.builds(NetworkReady),
+    st.builds(ProvisionFailed, st.integers(0, 5), st.text(max_size=5)),
+    st.builds(ProvisionSucceeded, st.integers(0, 5), st.just(REPLY)),
+    st.builds(LinkConfigured, st.integers(0, 5)),
+    st.builds(LinkFailed, st.integers(0, 5), st.text(max_size=5)),
+    st.builds(Sample, st.none() | st.floats(0, 1e6), st.integers(0, 10**6)),
+    st.builds(TimerFired, st.sampled_from([RETRY_TIMER, SAMPLE_TIMER])),
+    st.builds(ConfigChanged, st.sampled_from([None, config()]), st.just(ID)),
+    st.builds(ConfigRejected, st.text(max_size=5)),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(events, max_size=40))
+def test_any_event_sequence_keeps_the_machine_consistent(seq: list[object]) -> None:
+    link = Link(timing=TIMING)
+    for t, event in enumerate(seq):
+        link.handle(event, float(t))  # type: ignore[arg-type]
+        s = link.status
+        assert s.connected == (s.state is State.UP) or (s.state is not State.UP and not s.connected)
+        if s.state is State.UNCONFIGURED:
+            assert not s.connected
