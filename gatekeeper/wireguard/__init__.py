@@ -1,1 +1,1 @@
-"""WireGuard: keys, the device backend interface and its backends (userspace wireguard-go, kernel)."""
+"""WireGuard: keys, the device backend interface and its backends (wireguard-go, kernel)."""

@@ -40,6 +40,8 @@ class PeerStats:
     rx_bytes: int
     tx_bytes: int
     allowed_ips: tuple[IPNetwork, ...] = ()
+    # Seconds; None when keepalives are off.
+    persistent_keepalive: int | None = None
 
 
 class Device(Protocol):
@@ -60,14 +62,22 @@ class Device(Protocol):
         ...
 
     def set_peer(self, peer: PeerConfig) -> None:
-        """Add or update one peer (its allowed IPs are replaced)."""
+        """Add or update one peer (its allowed IPs and keepalive are replaced)."""
         ...
 
-    def remove_peer(self, public_key: PublicKey) -> None: ...
+    def set_peers(self, peers: Sequence[PeerConfig]) -> None:
+        """set_peer for many peers in one device operation (bulk restore); others stay."""
+        ...
+
+    def remove_peer(self, public_key: PublicKey) -> None:
+        """Remove one peer; removing a peer the device does not have is a no-op."""
+        ...
 
     def peers(self) -> list[PeerStats]: ...
 
-    def listen_port(self) -> int: ...
+    def listen_port(self) -> int:
+        """The UDP port actually bound (read back, so a random port shows its real value)."""
+        ...
 
     def set_addresses(self, addresses: Sequence[IPInterface]) -> None:
         """Make these the only addresses of the link (and bring it up)."""

@@ -8,7 +8,12 @@ import hashlib
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 KEY_LEN = 32
 
@@ -36,8 +41,14 @@ class PublicKey:
         return cls(_decode(text, what))
 
     @classmethod
-    def from_hex(cls, text: str) -> PublicKey:
-        return cls(bytes.fromhex(text))
+    def from_hex(cls, text: str, what: str = "public key") -> PublicKey:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise InvalidKey(f"{what} is not valid hex") from None
+        if len(raw) != KEY_LEN:
+            raise InvalidKey(f"{what} must be {KEY_LEN} bytes, got {len(raw)}")
+        return cls(raw)
 
     def base64(self) -> str:
         return base64.b64encode(self.raw).decode()
