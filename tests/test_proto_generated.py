@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor, descriptor_pb2
@@ -49,22 +50,26 @@ def test_new_proto_directory_is_picked_up_without_edits(tmp_path: Path) -> None:
     for src in generate.find_protos(generate.DEFAULT_PROTO_DIR):
         (protos / src).parent.mkdir(parents=True, exist_ok=True)
         (protos / src).write_bytes((generate.DEFAULT_PROTO_DIR / src).read_bytes())
-    (protos / "common").mkdir()
-    (protos / "common" / "common.proto").write_text(
+    (protos / "gktest_common").mkdir()
+    (protos / "gktest_common" / "common.proto").write_text(
         'syntax = "proto3";\npackage gktest.common;\nimport "google/rpc/status.proto";\n'
         "message Metadata { string hostname = 1; google.rpc.Status status = 3; }\n"
     )
-    (protos / "machine").mkdir()
-    (protos / "machine" / "machine.proto").write_text(
-        'syntax = "proto3";\npackage gktest.machine;\nimport "common/common.proto";\n'
+    (protos / "gktest_machine").mkdir()
+    (protos / "gktest_machine" / "machine.proto").write_text(
+        'syntax = "proto3";\npackage gktest.machine;\nimport "gktest_common/common.proto";\n'
         "message Version { gktest.common.Metadata metadata = 1; }\n"
     )
     out = tmp_path / "pb"
     written = {p.as_posix() for p in generate.generate_into(_mkdir(out), protos)}
-    assert {"common/__init__.py", "machine/__init__.py", "machine/machine_pb2.pyi"} <= written
-    machine_py = (out / "machine" / "machine_pb2.py").read_text()
-    assert "from gatekeeper.pb.common import common_pb2" in machine_py
-    common_py = (out / "common" / "common_pb2.py").read_text()
+    assert {
+        "gktest_common/__init__.py",
+        "gktest_machine/__init__.py",
+        "gktest_machine/machine_pb2.pyi",
+    } <= written
+    machine_py = (out / "gktest_machine" / "machine_pb2.py").read_text()
+    assert "from gatekeeper.pb.gktest_common import common_pb2" in machine_py
+    common_py = (out / "gktest_common" / "common_pb2.py").read_text()
     # google.rpc comes from googleapis-common-protos, never from our tree.
     assert "from google.rpc import status_pb2" in common_py
     assert not (out / "google").exists()
@@ -83,7 +88,7 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _fields(msg: descriptor.Descriptor) -> dict[int, tuple[str, int, bool, bool]]:
+def _fields(msg: Any) -> dict[int, tuple[str, int, bool, bool]]:
     """number -> (name, type, repeated, proto3 optional), read from the descriptor itself."""
     as_proto = descriptor_pb2.DescriptorProto()
     msg.CopyToProto(as_proto)
@@ -147,7 +152,8 @@ def test_event_request_fields() -> None:
     d = events_pb2.EventRequest.DESCRIPTOR
     assert d.full_name == "events.EventRequest"
     assert {f.number: f.name for f in d.fields} == {1: "data", 2: "id", 3: "actor_id"}
-    assert d.fields_by_name["data"].message_type.full_name == "google.protobuf.Any"
+    data_type = d.fields_by_name["data"].message_type
+    assert data_type is not None and data_type.full_name == "google.protobuf.Any"
     assert events_pb2.EventResponse.DESCRIPTOR.fields == []
 
 

@@ -63,13 +63,19 @@ def describe_key(key: object) -> str:
     return text
 
 
-# PyYAML quotes offending input in some problems; keep positions, drop the quotes' contents.
+# PyYAML quotes input in some problems. Keep what cannot be a secret (one character,
+# or its own token names like '<stream end>'); anything longer becomes (...).
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_HARMLESS_QUOTE = re.compile(r"^.(.|\\[a-z0-9]+)?.$|^.<[a-z ]+>.$")
+
+
+def _scrub_quotes(problem: str) -> str:
+    return _QUOTED.sub(lambda m: m[0] if _HARMLESS_QUOTE.match(m[0]) else "(...)", problem)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError):
-        problem = _QUOTED.sub("(...)", exc.problem or exc.context or "syntax error")
+        problem = _scrub_quotes(exc.problem or exc.context or "syntax error")
         mark = exc.problem_mark or exc.context_mark
         if mark is not None:
             return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
