@@ -50,9 +50,9 @@ class _Where:
     kind: str
     name: str | None = None
 
-    def fail(self, field: str | None, message: str) -> FirewallDocumentError:
+    def fail(self, at_field: str | None, message: str) -> FirewallDocumentError:
         what = self.kind if self.name is None else f'{self.kind} "{self.name}"'
-        at = f", {field}" if field else ""
+        at = f", {at_field}" if at_field else ""
         return FirewallDocumentError(
             f"{self.source}: document {self.index} ({what}){at}: {message}"
         )

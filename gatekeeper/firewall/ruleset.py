@@ -190,7 +190,7 @@ def _rule_variants(rule: NetworkRule, default: DefaultAction, new_only: bool) ->
     }.get(rule.protocol, (Family.IPV4, Family.IPV6))
     states = ("new",) if new_only else ()
     # Comments are quoted by nft's listing; a quote inside would break the round trip.
-    label = rule.name.replace('"', "'")
+    label = "".join(c if c.isprintable() and c != '"' else "?" for c in rule.name)
     out: list[Rule] = []
     for family in families:
         nets = source_networks(rule.subnets, rule.excepts, family)
