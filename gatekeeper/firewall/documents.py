@@ -51,11 +51,11 @@ class _Where:
     name: str | None = None
 
     def fail(self, at_field: str | None, message: str) -> FirewallDocumentError:
-        what = self.kind if self.name is None else f'{self.kind} "{self.name}"'
+        what = self.kind if self.name is None else f"{self.kind} {_go_quote(self.name)}"
         at = f", {at_field}" if at_field else ""
-        return FirewallDocumentError(
-            f"{self.source}: document {self.index} ({what}){at}: {message}"
-        )
+        text = f"{self.source}: document {self.index} ({what}){at}: {message}"
+        # One line whatever the document holds: values may carry newlines.
+        return FirewallDocumentError(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _go_quote(value: object) -> str:
