@@ -35,12 +35,13 @@ _DEVICE_GET_KEYS = frozenset({"private_key", "listen_port", "fwmark"})
 class UapiError(WireGuardError):
     """wireguard-go answered a request with a non-zero errno."""
 
-    def __init__(self, errno: int, what: str = "request") -> None:
+    def __init__(self, errno: int, what: str = "request", detail: str = "") -> None:
         self.errno = errno
         name = errno_codes.errorcode.get(errno, "?")
-        super().__init__(
-            f"wireguard-go refused {what}: {os.strerror(errno)} ({name}, errno {errno})"
-        )
+        message = f"wireguard-go refused {what}: {os.strerror(errno)} ({name}, errno {errno})"
+        if detail:
+            message += f"; it says: {detail}"
+        super().__init__(message)
 
 
 class UapiProtocolError(WireGuardError):
@@ -290,7 +291,7 @@ def check_set_reply(data: bytes, what: str = "set request") -> None:
         raise UapiError(code, what)
 
 
-def reply_complete(buffer: bytes) -> bool:
+def reply_complete(buffer: bytes | bytearray) -> bool:
     """Whether `buffer` holds a whole reply (every reply ends with an empty line)."""
     return buffer.endswith(b"\n\n")
 
