@@ -13,8 +13,10 @@ from gatekeeper.firewall.policy import DefaultAction, PortRange, Protocol
 
 
 def _rule(body: str, name: str = "web") -> str:
-    head = f"apiVersion: v1alpha1\nkind: NetworkRuleConfig\nname: {name}\n" if name else (
-        "apiVersion: v1alpha1\nkind: NetworkRuleConfig\n"
+    head = (
+        f"apiVersion: v1alpha1\nkind: NetworkRuleConfig\nname: {name}\n"
+        if name
+        else ("apiVersion: v1alpha1\nkind: NetworkRuleConfig\n")
     )
     return head + textwrap.dedent(body)
 
@@ -75,7 +77,7 @@ def test_default_action_defaults_to_accept() -> None:
     [
         (
             _rule("portSelector: {ports: [80], protocol: tcp}\n", name=""),
-            'rules.yaml: document 1 (NetworkRuleConfig), name: name is required',
+            "rules.yaml: document 1 (NetworkRuleConfig), name: name is required",
         ),
         (
             _rule("portSelector: {protocol: tcp}\n"),

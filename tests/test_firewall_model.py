@@ -43,7 +43,9 @@ POLICY = textwrap.dedent(
 LINK = LinkState(wireguard_ports=(51820,))
 
 
-def _explain(mode: str, iif: str, src: str, proto: str, dport: int | None = None, state: str = "new"):  # type: ignore[no-untyped-def]
+def _explain(
+    mode: str, iif: str, src: str, proto: str, dport: int | None = None, state: str = "new"
+):  # type: ignore[no-untyped-def]
     ruleset = build_ruleset(parse_policy_text(POLICY.format(mode=mode)), LINK)
     return explain(ruleset, Packet.make(iif, src, proto, dport, state))
 
@@ -184,8 +186,22 @@ _scalars = st.one_of(
     st.floats(allow_nan=True),
     st.text(max_size=20),
     st.sampled_from(
-        ["tcp", "udp", "icmp", "icmpv6", "block", "accept", "10.0.0.0/8", "::/0", "fd00::/7",
-         "0.0.0.0/0", "1-2", "65535-0", "80", "v1alpha1"]
+        [
+            "tcp",
+            "udp",
+            "icmp",
+            "icmpv6",
+            "block",
+            "accept",
+            "10.0.0.0/8",
+            "::/0",
+            "fd00::/7",
+            "0.0.0.0/0",
+            "1-2",
+            "65535-0",
+            "80",
+            "v1alpha1",
+        ]
     ),
 )
 _values = st.recursive(
@@ -201,8 +217,16 @@ _port = st.one_of(
     st.text(max_size=6),
 )
 _net = st.one_of(
-    st.builds(lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}", st.integers(0, 2**32 - 1), st.integers(0, 34)),
-    st.builds(lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}", st.integers(0, 2**128 - 1), st.integers(0, 130)),
+    st.builds(
+        lambda a, n: f"{ipaddress.IPv4Address(a)}/{n}",
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 34),
+    ),
+    st.builds(
+        lambda a, n: f"{ipaddress.IPv6Address(a)}/{n}",
+        st.integers(0, 2**128 - 1),
+        st.integers(0, 130),
+    ),
     _scalars,
 )
 _rule_doc = st.fixed_dictionaries(
@@ -214,7 +238,9 @@ _rule_doc = st.fixed_dictionaries(
                 {},
                 optional={
                     "ports": st.one_of(st.lists(_port, max_size=5), _values),
-                    "protocol": st.one_of(st.sampled_from(["tcp", "udp", "icmp", "icmpv6"]), _scalars),
+                    "protocol": st.one_of(
+                        st.sampled_from(["tcp", "udp", "icmp", "icmpv6"]), _scalars
+                    ),
                 },
             ),
             _values,
@@ -234,7 +260,10 @@ _action_doc = st.fixed_dictionaries(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(_rule_doc, _action_doc, _values), max_size=4), st.lists(st.integers(1, 65535), max_size=2))
+@given(
+    st.lists(st.one_of(_rule_doc, _action_doc, _values), max_size=4),
+    st.lists(st.integers(1, 65535), max_size=2),
+)
 def test_no_document_crashes_validation_or_rendering(docs: list[object], ports: list[int]) -> None:
     import yaml
 

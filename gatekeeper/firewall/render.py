@@ -59,7 +59,8 @@ def rule_expr(rule: Rule) -> list[JSON]:
                 "!=" if rule.saddr_negate else "==",
             )
         )
-    elif rule.family is not None:
+    elif rule.family is not None and rule.l4proto not in ("icmp", "ipv6-icmp"):
+        # ICMP and ICMPv6 name their family already; nft lists the pair without nfproto.
         expr.append(_match({"meta": {"key": "nfproto"}}, rule.family.value))
     if rule.dports:
         assert rule.l4proto in ("tcp", "udp")
