@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from gatekeeper.firewall import listing, render
 from gatekeeper.firewall.documents import FirewallDocumentError, parse_policy_text
-from gatekeeper.firewall.explain import Packet, PacketError, explain
+from gatekeeper.firewall.explain import Explanation, Packet, PacketError, explain
 from gatekeeper.firewall.policy import LinkState
 from gatekeeper.firewall.ruleset import (
     INGRESS_CHAIN,
@@ -45,7 +46,7 @@ LINK = LinkState(wireguard_ports=(51820,))
 
 def _explain(
     mode: str, iif: str, src: str, proto: str, dport: int | None = None, state: str = "new"
-):  # type: ignore[no-untyped-def]
+) -> Explanation:
     ruleset = build_ruleset(parse_policy_text(POLICY.format(mode=mode)), LINK)
     return explain(ruleset, Packet.make(iif, src, proto, dport, state))
 
@@ -129,7 +130,7 @@ def test_explain_rejects_inconsistent_packets() -> None:
 def test_listing_normalises_like_the_kernel() -> None:
     # The kernel lists one-element sets as values, "in" for ct state, ranges for merged
     # prefixes, and elements in its own order; the canonical text must not care.
-    ours = [
+    ours: list[dict[str, Any]] = [
         {"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": {"set": ["invalid"]}}},
         {
             "match": {
@@ -146,7 +147,7 @@ def test_listing_normalises_like_the_kernel() -> None:
         {"counter": {"packets": 0, "bytes": 0}},
         {"drop": None},
     ]
-    kernel = [
+    kernel: list[dict[str, Any]] = [
         {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}},
         {
             "match": {

@@ -249,7 +249,8 @@ ACCEPT = textwrap.dedent(
 )
 
 # (iif, src, dst, proto, port, expected)
-BLOCK_CASES = [
+Case = tuple[str, str, str, str, int | None, str]
+BLOCK_CASES: list[Case] = [
     ("eth0", "10.77.1.5", M4, "tcp", 8080, "accept"),  # allowed subnet
     ("eth0", "10.77.2.5", M4, "tcp", 8080, "drop"),  # other subnet
     ("eth0", "10.77.1.5", M4, "tcp", 9001, "accept"),  # inside the range
@@ -275,9 +276,7 @@ def _machine_iif(client_if: str) -> str:
     return {"eth0": "eth0", "sl0": "siderolink"}[client_if]
 
 
-def _run_cases(
-    fw: FwLab, policy_text: str, cases: list[tuple[str, str, str, str, int | None, str]]
-) -> None:
+def _run_cases(fw: FwLab, policy_text: str, cases: list[Case]) -> None:
     got = fw.probe([{"src": s, "dst": d, "proto": p, "port": n} for _, s, d, p, n, _ in cases])
     ruleset = build_ruleset(parse_policy_text(policy_text), LinkState(wireguard_ports=(WG_PORT,)))
     problems = []
@@ -300,7 +299,7 @@ def test_block_mode_rules_subnets_except_wireguard_and_overlay(fw: FwLab) -> Non
 def test_accept_mode_drops_outside_subnets_for_that_port_only(fw: FwLab) -> None:
     before = fw.other_tables()
     fw.apply(ACCEPT)
-    cases = [
+    cases: list[Case] = [
         ("eth0", "10.77.1.5", M4, "tcp", 8080, "accept"),
         ("eth0", "10.77.2.5", M4, "tcp", 8080, "drop"),
         ("eth0", "fd77::15", M6, "tcp", 8080, "drop"),  # no IPv6 subnet named: all dropped
