@@ -51,7 +51,7 @@ async def provision(
 ) -> Provisioned:
     request = build_request(identity, public_key, api, tunnel)
     async with open_channel(api) as channel:
-        stub = provision_pb2_grpc.ProvisionServiceStub(channel)
+        stub = provision_pb2_grpc.ProvisionServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = await stub.Provision(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:

@@ -37,6 +37,8 @@ class Timing:
     backoff_factor: float = 1.5
     backoff_max: float = 60.0
     sample_every: float = 5.0
+    # Until the first handshake, look often: "link up" should be reported when it happens.
+    connecting_sample_every: float = 0.1
     probe_after: float = 10.0
     dead_after: float = 45.0
 
@@ -227,6 +229,7 @@ class Status:
     link_name: str | None = None
     node_address: str | None = None
     server_address: str | None = None
+    server_public_key: str | None = None
     endpoint: str | None = None
     endpoints: tuple[str, ...] = ()
     tunnel: bool = False
@@ -366,6 +369,7 @@ class Link:
             provisions=self.status.provisions + 1,
             node_address=str(reply.node_address),
             server_address=str(reply.server_address),
+            server_public_key=reply.server_public_key,
             endpoints=reply.endpoints,
             tunnel=reply.tunnel,
             last_error=None,
@@ -405,12 +409,12 @@ class Link:
             ),
             # Traffic right away starts the handshake instead of waiting for a keepalive.
             SendProbe(self._reply.server_address),
-            Schedule(SAMPLE_TIMER, self.timing.sample_every),
+            Schedule(SAMPLE_TIMER, self.timing.connecting_sample_every),
         ]
 
     def _on_sample(self, sample: Sample, now: float) -> list[Action]:
         assert self._reply is not None
-        actions: list[Action] = [Schedule(SAMPLE_TIMER, self.timing.sample_every)]
+        actions: list[Action] = []
         progressed = self._last_rx >= 0 and sample.rx_bytes > self._last_rx
         if self._last_rx < 0 and sample.rx_bytes > 0 and sample.last_handshake is not None:
             progressed = True
@@ -421,7 +425,10 @@ class Link:
             if self.status.state is not State.UP:
                 self._set(now, state=State.UP, connected=True, last_error=None)
                 actions.append(Log("info", f"link up: handshake with {self.status.endpoint}"))
-            return actions
+            return [*actions, Schedule(SAMPLE_TIMER, self.timing.sample_every)]
+        fresh = self.status.state is State.CONNECTING and now - self.status.since < 5.0
+        every = self.timing.connecting_sample_every if fresh else self.timing.sample_every
+        actions.append(Schedule(SAMPLE_TIMER, every))
         silent = now - self._last_progress
         if silent >= self.timing.dead_after:
             return actions + self._on_dead(now, silent)

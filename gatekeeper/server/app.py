@@ -106,7 +106,7 @@ class Server:
             log.warning("no join token configured: any machine that reaches this server may join")
 
         self.grpc = grpc.aio.server()
-        provision_pb2_grpc.add_ProvisionServiceServicer_to_server(
+        provision_pb2_grpc.add_ProvisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ProvisionService(self.provisioner), self.grpc
         )
         if opts.tls_cert and opts.tls_key:

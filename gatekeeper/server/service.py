@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -37,7 +38,7 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
         self.provisioner = provisioner
 
     async def Provision(
-        self, request: provision_pb2.ProvisionRequest, context: grpc.aio.ServicerContext
+        self, request: provision_pb2.ProvisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> provision_pb2.ProvisionResponse:
         req = request_input(request, context.peer())
         try:

@@ -1,0 +1,144 @@
+"""SideroLink end to end: real `gatekeeper server` and `gatekeeper agent` processes in network
+namespaces, real wireguard-go, real gRPC over a veth underlay."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
+from gatekeeper.wireguard.keys import PrivateKey
+
+pytestmark = pytest.mark.netns
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def sl() -> Iterator[SideroLinkLab]:
+    with SideroLinkLab() as lab:
+        yield lab
+
+
+def raw_provision_in(ns_machine: Machine, target: str, **fields: Any) -> dict[str, Any]:
+    """Provision from inside a machine namespace with the hand-built wire client."""
+    code = (
+        "import json, sys, grpc\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "import wirecompat\n"
+        "args = json.loads(sys.argv[1])\n"
+        "try:\n"
+        "    print(json.dumps({'ok': wirecompat.raw_provision(**args)}))\n"
+        "except grpc.RpcError as e:\n"
+        "    print(json.dumps({'code': e.code().name, 'details': e.details()}))\n"
+    )
+    out = subprocess.run(
+        ns_machine.ns.exec_argv(
+            [sys.executable, "-c", code, json.dumps({"target": target, **fields})]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_link_comes_up_and_ping_crosses_the_overlay(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine, timeout=20)
+    assert status["link_name"] == "siderolink" and status["state"] == "up"
+    assert status["node_address"].startswith("fdae:41e4:649b:9303:")
+    assert status["node_address"].endswith("/64")
+    assert status["server_address"] == "fdae:41e4:649b:9303::1"
+    assert status["backend"] == "userspace" and status["listen_port"] == 51821
+    assert sl.ping(machine, status["server_address"])
+    assert status["public_key"] in sl.server_peers()
+    # The join token is a secret: not in the status, nor in either log.
+    for text in (json.dumps(status), sl.server_log.read_text(), machine.log.read_text()):
+        assert sl.join_token not in text
+
+
+def test_status_command_prints_the_link(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    sl.wait_connected(machine)
+    out = subprocess.run(
+        [sys.executable, "-m", "gatekeeper", "status", "--run-dir", str(machine.run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "CONNECTED" in out and "yes" in out and "siderolink" in out
+
+
+def test_wrong_token_is_denied_and_adds_no_peer(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    before = sl.server_peers()
+    key = PrivateKey.generate().public_key().base64()
+    target = f"[{sl.server_underlay}]:8090"
+    denied = raw_provision_in(
+        machine, target, node_uuid=machine.node_uuid, node_public_key=key, join_token="wrong"
+    )
+    assert denied == {"code": "PERMISSION_DENIED", "details": "invalid join token"}
+    garbage = raw_provision_in(
+        machine,
+        target,
+        node_uuid=machine.node_uuid,
+        node_public_key="not-a-key",
+        join_token=sl.join_token,
+    )
+    assert garbage["code"] == "INVALID_ARGUMENT" and "public key" in garbage["details"]
+    assert sl.server_peers() == before
+
+
+def test_compat_client_built_from_field_numbers_provisions(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    key = PrivateKey.generate().public_key().base64()
+    reply = raw_provision_in(
+        machine,
+        f"[{sl.server_underlay}]:8090",
+        node_uuid=machine.node_uuid,
+        node_public_key=key,
+        join_token=sl.join_token,
+        node_unique_token="",
+    )["ok"]
+    assert reply["server_endpoint"] == [f"[{sl.server_underlay}]:51820"]
+    assert reply["server_address"] == "fdae:41e4:649b:9303::1"
+    assert reply["node_address_prefix"].endswith("/64")
+    assert key in sl.server_peers()
+
+
+def test_restarted_server_keeps_its_key_and_the_machine_its_address(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    first = sl.wait_connected(machine)
+    server_key_before = sl.server_peers()  # machine key on the device
+    sl.stop_server()
+    sl.start_server()
+    # The restored device holds the machine's peer again without a new Provision.
+    assert set(server_key_before) <= set(sl.server_peers())
+    sl.stop_agent(machine)
+    sl.start_agent(machine)
+    again = sl.wait_status(
+        machine,
+        lambda s: s.get("connected") and s.get("public_key") != first["public_key"],
+        20,
+        "reconnected with a new key",
+    )
+    assert again["node_address"] == first["node_address"]
+    assert again["server_public_key"] == first["server_public_key"]
+    assert sl.ping(machine, again["server_address"])
+    # The machine came back with a new key: its old peer is gone from the server.
+    peers = sl.server_peers()
+    assert again["public_key"] in peers and first["public_key"] not in peers

@@ -1,0 +1,77 @@
+"""The SQLite registry on a real file: identity, claims, collisions, restarts."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.overlay import overlay_prefix
+from gatekeeper.server.addressing import allocate_node_address
+from gatekeeper.server.registry import AddressTaken, MachineRecord, ServerIdentity, machine_key
+from gatekeeper.server.sqlite_registry import SqliteRegistry
+from gatekeeper.wireguard.keys import PrivateKey
+
+PREFIX = overlay_prefix("")
+
+
+def record(uuid: str, address: str, token: str | None = None) -> MachineRecord:
+    return MachineRecord(
+        machine_key=machine_key(uuid, token),
+        node_uuid=uuid,
+        address=ipaddress.IPv6Address(address),
+        public_key=PrivateKey.generate().public_key().base64(),
+    )
+
+
+def test_identity_is_created_once_and_survives_reopen(tmp_path: Path) -> None:
+    reg = SqliteRegistry(tmp_path)
+    first = reg.identity(lambda: ServerIdentity(PrivateKey.generate(), "inst"))
+    reg.close()
+    reg = SqliteRegistry(tmp_path)
+    again = reg.identity(lambda: ServerIdentity(PrivateKey.generate(), "other"))
+    assert again.private_key.raw == first.private_key.raw and again.installation_id == "inst"
+    assert (tmp_path / "registry.sqlite3").stat().st_mode & 0o077 == 0
+
+
+def test_claim_update_and_collision(tmp_path: Path) -> None:
+    reg = SqliteRegistry(tmp_path)
+    a = record("uuid-a", "fdae:41e4:649b:9303::a")
+    reg.claim(a)
+    b = record("uuid-b", "fdae:41e4:649b:9303::a")
+    with pytest.raises(AddressTaken):
+        reg.claim(b)
+    moved = MachineRecord(**{**a.__dict__, "public_key": b.public_key})
+    reg.claim(moved)
+    got = reg.get(a.machine_key)
+    assert got is not None and got.public_key == b.public_key and got.address == a.address
+    assert reg.by_address(a.address) == got
+    reg.update_endpoints({a.machine_key: "[fd00::5]:51821", "unknown": "x"})
+    assert reg.get(a.machine_key).endpoint == "[fd00::5]:51821"  # type: ignore[union-attr]
+    assert reg.remove(a.machine_key) and reg.machines() == []
+    assert reg.integrity_check() == "ok"
+
+
+def test_unique_token_is_part_of_the_identity_and_never_stored(tmp_path: Path) -> None:
+    assert machine_key("U", "t1") != machine_key("U", "t2")
+    assert machine_key("U", None) == machine_key("u", "")
+    reg = SqliteRegistry(tmp_path)
+    reg.claim(record("uuid-a", "fdae:41e4:649b:9303::b", token="very-secret-token"))
+    reg.close()
+    assert b"very-secret-token" not in (tmp_path / "registry.sqlite3").read_bytes()
+
+
+def test_allocation_skips_taken_and_reserved_addresses() -> None:
+    draws = iter([bytes(8), bytes(7) + b"\x01", bytes(7) + b"\x05", bytes(7) + b"\x06"])
+    taken = {ipaddress.IPv6Address("fdae:41e4:649b:9303::5")}
+    addr = allocate_node_address(PREFIX, taken=taken.__contains__, randbytes=lambda n: next(draws))
+    assert addr == ipaddress.IPv6Address("fdae:41e4:649b:9303::6")
+
+
+def test_unwritable_state_dir_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(Exception, match=r"cannot open the registry .*registry.sqlite3") as info:
+        SqliteRegistry(blocker / "state")
+    assert "\n" not in str(info.value)
