@@ -199,6 +199,9 @@ class UserspaceDevice:
         self._timeout = timeout
         self._socket = socket_path(ifname)
         self._closed = False
+        # Set once the link exists; close() deletes the link only while it still has this
+        # index, so closing a device that was taken over never removes its successor.
+        self.ifindex: int | None = None
         # Stops wireguard-go if we are dropped or the interpreter exits without close().
         self._finalizer = weakref.finalize(self, _stop_process, process)
 
@@ -309,7 +312,9 @@ class UserspaceDevice:
         _stop_process(self._process)
         self._output.join(1.0)
         # The TUN is not persistent and normally vanished with the process.
-        iplink.delete_link(self._name)
+        info = iplink.link_info(self._name)
+        if info is not None and info.index == self.ifindex:
+            iplink.delete_link(self._name)
         if _probe(self._socket) == "stale":
             with contextlib.suppress(FileNotFoundError):
                 self._socket.unlink()
@@ -385,11 +390,13 @@ class UserspaceBackend:
         device = UserspaceDevice(ifname, process, output, timeout=self.request_timeout)
         try:
             self._wait_ready(ifname, process, output)
-            if iplink.link_info(ifname) is None:
+            info = iplink.link_info(ifname)
+            if info is None:
                 raise WireGuardError(
                     f"wireguard-go answers for {ifname} but the interface is not in this "
                     "network namespace"
                 )
+            device.ifindex = info.index
             iplink.set_mtu(ifname, mtu)
         except BaseException:
             device.close()
@@ -480,8 +487,13 @@ def _take_over(ifname: str, wait: float = 1.0) -> None:
         if state == "absent":
             return
         if state == "stale":
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise WireGuardError(
+                    f"cannot create {ifname}: {path} is left over and cannot be removed: "
+                    f"{exc.strerror}"
+                ) from None
             return
         if time.monotonic() >= deadline:
             raise WireGuardError(f"cannot create {ifname}: {_in_use_hint(ifname)}")
