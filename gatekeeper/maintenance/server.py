@@ -223,7 +223,8 @@ class MaintenanceService:
             candidates = [target.hostport(self.port)]
         else:
             try:
-                sans = [*local_addresses(), *self.extra_sans]
+                # pyroute2 runs its own loop machinery: keep it off ours.
+                sans = [*(await asyncio.to_thread(local_addresses)), *self.extra_sans]
             except Exception as exc:  # the SANs are informative: never fail a bind over them
                 log.warning("maintenance API: could not list local addresses: %s", exc)
                 sans = list(self.extra_sans)
