@@ -4,6 +4,7 @@ namespaces, real wireguard-go, real gRPC over a veth underlay."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -142,3 +143,72 @@ def test_restarted_server_keeps_its_key_and_the_machine_its_address(sl: SideroLi
     # The machine came back with a new key: its old peer is gone from the server.
     peers = sl.server_peers()
     assert again["public_key"] in peers and first["public_key"] not in peers
+
+
+def test_agent_joins_a_minimal_server_built_from_field_numbers(sl: SideroLinkLab) -> None:
+    """Proves the field numbers and the endpoint swap from the machine's side.
+
+    The server advertises [good, dead1, dead2]; on the wire that is [dead2, dead1, good]. An
+    agent that did not swap back would try a dead endpoint first and not connect in time.
+    """
+    good = f"[{sl.server_underlay}]:51820"
+    dead1, dead2 = "[fd00:6b:1::dead]:51820", "[fd00:6b:1::beef]:51820"
+    ifname = f"gk{sl.lab.lab_id}cmp"
+    server = subprocess.Popen(
+        sl.server_ns.exec_argv(
+            [
+                sys.executable,
+                str(TESTS / "compat_server.py"),
+                f"[{sl.server_underlay}]:8090",
+                ifname,
+                "51820",
+                dead2,
+                dead1,
+                good,
+            ]
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )
+    try:
+        assert server.stdout is not None
+        assert json.loads(server.stdout.readline()) == {"ready": True}
+        machine = sl.add_machine()
+        status = sl.wait_connected(machine, timeout=15)
+        request = json.loads(server.stdout.readline())["request"]
+        assert request["node_uuid"] == machine.node_uuid
+        assert request["node_public_key"] == status["public_key"]
+        assert request["join_token"] == sl.join_token
+        assert request["node_unique_token"] == ""  # Talos always sends it, even empty
+        assert "wireguard_over_grpc" not in request  # sent only when the tunnel is asked for
+        assert status["endpoint"] == good
+        assert status["endpoints"] == [good, dead1, dead2]
+        assert status["node_address"] == "fdae:41e4:649b:9303:aaaa:bbbb:cccc:dddd/64"
+        assert sl.ping(machine, "fdae:41e4:649b:9303::1")
+    finally:
+        server.stdin.close()  # type: ignore[union-attr]
+        server.wait(timeout=10)
+
+
+def test_bad_config_is_reported_and_a_fixed_one_is_picked_up(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(api_url="grpc://[fd00:6b:1::1]:99999?jointoken=" + sl.join_token)
+    status = sl.wait_status(machine, lambda s: s.get("last_error"), 10, "reporting the error")
+    assert "port" in status["last_error"] and "\n" not in status["last_error"]
+    assert status["state"] == "unconfigured" and machine.proc and machine.proc.poll() is None
+    log = machine.log.read_text()
+    assert "configuration rejected" in log and sl.join_token not in log
+    # Fixing the command line (as a new config document would) needs no restart.
+    machine.cmdline.write_text(f"siderolink.api={sl.api_url()}\n")
+    sl.wait_connected(machine, timeout=20)
+
+
+def test_unreachable_server_backs_off_then_connects(sl: SideroLinkLab) -> None:
+    machine = sl.add_machine()
+    status = sl.wait_status(machine, lambda s: s.get("state") == "backoff", 15, "backing off")
+    assert status["next_retry_in"] > 0 and "UNAVAILABLE" in status["last_error"]
+    assert "retrying in" in machine.log.read_text()
+    sl.start_server()
+    sl.wait_connected(machine, timeout=30)
