@@ -12,8 +12,8 @@ from gatekeeper.wireguard.userspace import UserspaceBackend
 
 PREFERENCES = ("auto", "kernel", "userspace")
 
-# The kernel backend lands in gatekeeper/wireguard/kernel.py; plugging it in is this one line
-# (`KERNEL_BACKEND = KernelBackend`, imported above).
+# The kernel backend lands in gatekeeper/wireguard/kernel.py; plugging it in means replacing
+# this line with `from gatekeeper.wireguard.kernel import KernelBackend as KERNEL_BACKEND`.
 KERNEL_BACKEND: Callable[[], Backend] | None = None
 
 
