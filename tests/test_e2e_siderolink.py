@@ -7,13 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
+from gatekeeper.lab.siderolink_lab import (
+    Machine,
+    SideroLinkLab,
+    latest_handshakes,
+    registry_endpoints,
+)
 from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
@@ -212,3 +218,27 @@ def test_unreachable_server_backs_off_then_connects(sl: SideroLinkLab) -> None:
     assert "retrying in" in machine.log.read_text()
     sl.start_server()
     sl.wait_connected(machine, timeout=30)
+
+
+def test_server_crash_and_restart_brings_the_link_back_without_reprovisioning(
+    sl: SideroLinkLab,
+) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    first = sl.wait_connected(machine)
+    deadline = time.monotonic() + 15
+    while registry_endpoints(sl.state_dir).get(machine.node_uuid) is None:
+        assert time.monotonic() < deadline, "the server never recorded the machine's endpoint"
+        time.sleep(0.2)
+    sl.stop_server(kill=True)
+    restarted = time.time()
+    sl.start_server()
+    # The server reaches out first: a fresh handshake with the machine's key, unprompted.
+    deadline = time.monotonic() + 20
+    while latest_handshakes(sl.server_wg_interface).get(first["public_key"], 0) < int(restarted):
+        assert time.monotonic() < deadline, "no handshake after the server restart"
+        time.sleep(0.1)
+    assert sl.ping(machine, first["server_address"])
+    now = machine.status()
+    assert now["connected"] and now["provisions"] == first["provisions"]
+    assert now["node_address"] == first["node_address"]

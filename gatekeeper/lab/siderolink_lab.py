@@ -273,3 +273,26 @@ class SideroLinkLab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def registry_endpoints(state_dir: Path) -> dict[str, str | None]:
+    """node UUID -> last endpoint as the server recorded it (read-only look at its registry)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state_dir / 'registry.sqlite3'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT node_uuid, endpoint FROM machines").fetchall())
+    finally:
+        db.close()
+
+
+def latest_handshakes(ifname: str) -> dict[str, int]:
+    """Public key -> unix time of the last handshake on a device, read with `wg`."""
+    out = subprocess.run(
+        ["wg", "show", ifname, "latest-handshakes"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    return {key: int(ts) for key, ts in (line.split() for line in out.splitlines() if line)}

@@ -41,7 +41,7 @@ class ServerOptions:
     wireguard_port: int = 51820
     endpoints: list[str] = field(default_factory=list)
     backend: str = "auto"
-    endpoint_sync_every: float = 10.0
+    endpoint_sync_every: float = 5.0
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
