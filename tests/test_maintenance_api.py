@@ -399,3 +399,23 @@ def test_cli_client_pins_fingerprints_and_resolves_aliases() -> None:
             client.connect("127.0.0.1", port, fingerprint="00" * 32)
 
     asyncio.run(scenario())
+
+
+async def test_open_watches_end_with_unavailable_when_the_listener_moves(
+    service: MaintenanceService,
+) -> None:
+    port = free_port()
+    service.port = port
+    await service.apply(ListenOn("127.0.0.1"))
+    async with channel("127.0.0.1", port) as ch:
+        _, state = stubs(ch)
+        request = state_pb2.WatchRequest(namespace="config", type=STATUS, api_version=1)
+        call = state.Watch(request)
+        responses = aiter(call)
+        await anext(responses)  # established
+        await service.apply(ListenOn("127.0.0.2"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(anext(responses), 5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "watch again" in (err.value.details() or "")
+    assert service.store.watcher_count == 0

@@ -39,6 +39,7 @@ from gatekeeper.maintenance.binding import (
 )
 from gatekeeper.maintenance.policy import IPAddress, IPNetwork, Role
 from gatekeeper.maintenance.resources import (
+    Event,
     EventType,
     InvalidRequest,
     NotFound,
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 # Requests are a few hundred bytes; anything large is abuse.
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CONCURRENT_RPCS = 256
+WATCH_CLOSED = "the maintenance API listener is closing (moved or stopped); watch again"
+
 HANDSHAKE_TIMEOUT_MS = 10_000
 
 _GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -94,6 +97,7 @@ def _detect_platform() -> str:
 @dataclass
 class _Listener:
     server: grpc.aio.Server
+    state: _StateServicer
     target: ListenOn | ListenAll
     port: int
     address: str  # host:port as bound
@@ -215,6 +219,9 @@ class MaintenanceService:
                 await self._stop(old)
 
     async def _stop(self, listener: _Listener) -> None:
+        # Open watches end first, with a status a client can act on; cancelling them inside
+        # server.stop() instead would only leave tracebacks behind.
+        await listener.state.close_watches()
         await listener.server.stop(self.stop_grace)
 
     async def _start(self, target: ListenOn | ListenAll) -> _Listener:
@@ -236,7 +243,7 @@ class MaintenanceService:
         )
         errors = []
         for address in candidates:
-            server = self._new_server()
+            server, state = self._new_server()
             try:
                 port = server.add_secure_port(address, creds)
             except RuntimeError as exc:
@@ -246,7 +253,7 @@ class MaintenanceService:
             if port:
                 await server.start()
                 host = address.rsplit(":", 1)[0]
-                return _Listener(server, target, port, f"{host}:{port}")
+                return _Listener(server, state, target, port, f"{host}:{port}")
             errors.append(f"{address}: {reason}")
             await server.stop(None)
         raise MaintenanceBindError(
@@ -254,7 +261,7 @@ class MaintenanceService:
             f"(address not configured on this machine, or port in use): {'; '.join(errors)}"
         )
 
-    def _new_server(self) -> grpc.aio.Server:
+    def _new_server(self) -> tuple[grpc.aio.Server, _StateServicer]:
         server = grpc.aio.server(
             options=[
                 # Nobody else may bind our port alongside us.
@@ -267,11 +274,10 @@ class MaintenanceService:
         machine_pb2_grpc.add_MachineServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _MachineServicer(self), server
         )
-        state_pb2_grpc.add_StateServicer_to_server(  # type: ignore[no-untyped-call]
-            _StateServicer(self), server
-        )
+        state = _StateServicer(self)
+        state_pb2_grpc.add_StateServicer_to_server(state, server)  # type: ignore[no-untyped-call]
         server.add_generic_rpc_handlers((_CatchAll(),))
-        return server
+        return server, state
 
     # -- per-call helpers --------------------------------------------------------------------
 
@@ -360,6 +366,42 @@ def _id_filter(query: resource_pb2.IDQuery | None) -> Callable[[Resource], bool]
 class _StateServicer(state_pb2_grpc.StateServicer):
     def __init__(self, service: MaintenanceService) -> None:
         self._service = service
+        self._closing = asyncio.Event()
+        self._open_watches = 0
+        self._no_watches = asyncio.Event()
+        self._no_watches.set()
+
+    async def close_watches(self, timeout: float = 1.0) -> None:
+        """End every open Watch on this listener (UNAVAILABLE) and wait until they are gone."""
+        self._closing.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_watches.wait(), timeout)
+
+    async def _until_closed(self, events: AsyncIterator[Event]) -> AsyncIterator[Event | None]:
+        """The store's events, then one None when the listener is closing."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        self._open_watches += 1
+        self._no_watches.clear()
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(events))
+                await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    yield None
+                    return
+                try:
+                    event = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            closing.cancel()
+            self._open_watches -= 1
+            if not self._open_watches:
+                self._no_watches.set()
 
     async def _authorize_read(
         self, context: grpc.aio.ServicerContext[Any, Any], namespace: str, type_name: str
@@ -435,7 +477,9 @@ class _StateServicer(state_pb2_grpc.StateServicer):
         batch: list[state_pb2.Event] = []
         try:
             async with contextlib.aclosing(events):
-                async for event in events:
+                async for event in self._until_closed(events):
+                    if event is None:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, WATCH_CLOSED)
                     msg = self._event(event, request.api_version, by_label, by_id)
                     if bootstrapping:
                         if msg is not None:
