@@ -53,7 +53,7 @@ def test_explain_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     )
     text = capsys.readouterr().out
     assert "verdict: ACCEPT" in text
-    assert "NetworkRuleConfig ssh-admins (IPv4)" in text
+    assert '(by NetworkRuleConfig "ssh-admins")' in text
     assert (
         main(
             [

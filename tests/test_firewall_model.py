@@ -61,6 +61,7 @@ def test_chains_follow_the_spec_shape() -> None:
     assert pre.rules[0].iifnames == ("lo", "siderolink", "siderolinktun")
     web = [r for r in ingress.rules if "web" in r.comment]
     assert [r.family for r in web] == [Family.IPV4, Family.IPV6]
+    assert all(r.saddr_dport for r in web)
     wg = [r for r in ingress.rules + pre.rules if r.dports and r.dports[0].lo == 51820]
     assert len(wg) == 2, "the WireGuard port is admitted in both chains"
     accept_mode = build_ruleset(parse_policy_text(POLICY.format(mode="accept")), LINK)
@@ -84,11 +85,11 @@ def test_except_is_carved_out_of_the_subnets() -> None:
 @pytest.mark.parametrize(
     ("mode", "iif", "src", "proto", "dport", "state", "verdict", "comment"),
     [
-        ("block", "eth0", "10.2.3.4", "tcp", 8080, "new", "accept", "web (IPv4)"),
+        ("block", "eth0", "10.2.3.4", "tcp", 8080, "new", "accept", 'NetworkRuleConfig "web"'),
         ("block", "eth0", "10.1.3.4", "tcp", 8080, "new", "drop", "new TCP"),
         ("block", "eth0", "192.0.2.1", "tcp", 8080, "new", "drop", "new TCP"),
         ("block", "eth0", "10.2.3.4", "tcp", 22, "new", "drop", "new TCP"),
-        ("block", "eth0", "fd00::5", "tcp", 9001, "new", "accept", "web (IPv6)"),
+        ("block", "eth0", "fd00::5", "tcp", 9001, "new", "accept", 'NetworkRuleConfig "web"'),
         ("block", "eth0", "192.0.2.1", "udp", 51820, "new", "accept", "wireguard"),
         ("block", "eth0", "192.0.2.1", "udp", 53, "new", "drop", "new UDP"),
         ("block", "siderolink", "192.0.2.1", "tcp", 22, "new", "accept", "trusted"),
@@ -96,8 +97,8 @@ def test_except_is_carved_out_of_the_subnets() -> None:
         ("block", "eth0", "192.0.2.1", "tcp", 22, "established", "accept", "established"),
         ("block", "eth0", "192.0.2.1", "tcp", 22, "invalid", "drop", "invalid"),
         ("block", "eth0", "192.0.2.1", "icmp", None, "new", "accept", "ICMP rate limit"),
-        ("accept", "eth0", "192.0.2.1", "tcp", 8080, "new", "drop", "web (IPv4)"),
-        ("accept", "eth0", "2001:db8::1", "tcp", 8080, "new", "drop", "web (IPv6)"),
+        ("accept", "eth0", "192.0.2.1", "tcp", 8080, "new", "drop", 'NetworkRuleConfig "web"'),
+        ("accept", "eth0", "2001:db8::1", "tcp", 8080, "new", "drop", 'NetworkRuleConfig "web"'),
         ("accept", "eth0", "192.0.2.1", "tcp", 22, "new", "accept", ""),
         ("accept", "eth0", "10.5.0.1", "tcp", 8080, "new", "accept", ""),
     ],
@@ -114,7 +115,7 @@ def test_explain_verdicts(
 ) -> None:
     result = _explain(mode, iif, src, proto, dport, state)
     assert result.verdict.value == verdict
-    assert comment in result.deciding.comment
+    assert comment in result.deciding.comment or comment in result.deciding.note
     assert result.text().splitlines()[1] == f"verdict: {verdict.upper()}"
 
 
@@ -174,7 +175,7 @@ def test_show_diff_is_empty_for_the_rendered_table_and_names_a_hand_edit() -> No
     edited = [o for o in objects if "web" not in o.get("rule", {}).get("comment", "")]
     report = show_report(ruleset, edited)
     assert not report.in_sync
-    assert any(line.startswith("-") and "web (IPv4)" in line for line in report.diff)
+    assert any(line.startswith("-") and "tcp IPv4: web" in line for line in report.diff)
     assert "DIFF" in report.text()
 
 

@@ -39,6 +39,10 @@ _PORT_SELECTOR_FIELDS = {"ports", "protocol"}
 _INGRESS_FIELDS = {"subnet", "except"}
 
 
+# libyaml's loader when the wheel has it: ten times faster on a thousand documents.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class FirewallDocumentError(ValueError):
     """A firewall document is invalid; the message is one line naming where and what."""
 
@@ -66,7 +70,7 @@ def _go_quote(value: object) -> str:
 def split_documents(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
     """The YAML documents of one file with their 1-based numbers; empty documents skipped."""
     try:
-        raw_docs = list(yaml.safe_load_all(text))
+        raw_docs = list(yaml.load_all(text, Loader=_SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

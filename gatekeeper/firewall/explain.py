@@ -22,6 +22,7 @@ from gatekeeper.firewall.ruleset import (
     Rule,
     Ruleset,
     Verdict,
+    source_networks,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -157,9 +158,38 @@ def _matches(rule: Rule, pkt: Packet) -> bool:
         return False
     if rule.dports and (pkt.dport is None or not any(r.contains(pkt.dport) for r in rule.dports)):
         return False
+    if rule.saddr_dport:
+        if pkt.dport is None:
+            return False
+        port = pkt.dport
+        inside = any(
+            pkt.src in net and pr.contains(port)
+            for net, pr in rule.saddr_dport
+            if net.version == pkt.src.version
+        )
+        if inside == rule.saddr_dport_negate:
+            return False
     if rule.icmp_types and (l4 != "icmp" or pkt.icmp_type not in rule.icmp_types):
         return False
     return not (rule.icmpv6_types and (l4 != "ipv6-icmp" or pkt.icmp_type not in rule.icmpv6_types))
+
+
+def _deciding_documents(rule: Rule, pkt: Packet) -> list[str]:
+    """The documents behind a grouped rule's verdict for this packet.
+
+    An accept comes from the documents that admit the source on the port; a drop (accept
+    mode) from the documents that cover the port but not the source.
+    """
+    names: list[str] = []
+    for doc in rule.documents:
+        port = pkt.dport
+        if port is not None and not any(pr.contains(port) for pr in doc.ports):
+            continue
+        nets = source_networks(doc.subnets, doc.excepts, pkt.family)
+        inside = any(pkt.src in net for net in nets)
+        if inside == (rule.verdict is Verdict.ACCEPT):
+            names.append(doc.name)
+    return names
 
 
 def _walk(chain: Chain, pkt: Packet) -> Decision:
@@ -169,6 +199,9 @@ def _walk(chain: Chain, pkt: Packet) -> Decision:
             note = ""
             if rule.limit is not None:
                 note = f"while under {rule.limit[0]}/second; above that the policy decides"
+            documents = _deciding_documents(rule, pkt)
+            if documents:
+                note = "by " + ", ".join(f'NetworkRuleConfig "{name}"' for name in documents)
             return Decision(chain.name, rule.verdict, index, text, rule.comment, note)
     return Decision(chain.name, chain.policy, None, "", "")
 

@@ -65,6 +65,8 @@ class TableView:
 
 def _left_text(left: Any) -> str:
     if isinstance(left, dict):
+        if "concat" in left and isinstance(left["concat"], list):
+            return " . ".join(_left_text(part) for part in left["concat"])
         if "meta" in left:
             key = left["meta"].get("key", "?")
             return key if key in ("iifname", "oifname") else f"meta {key}"
@@ -133,8 +135,24 @@ def _interval_text(version: int, lo: int, hi: int) -> list[str]:
     return [f"{first}-{last}"]
 
 
+def _concat_key(item: Any) -> tuple[tuple[int, int, int], ...] | None:
+    if not (isinstance(item, dict) and isinstance(item.get("concat"), list)):
+        return None
+    parts = [as_interval(p) for p in item["concat"]]
+    if any(p is None for p in parts):
+        return None
+    return tuple(p for p in parts if p is not None)
+
+
 def _right_text(right: Any) -> str:
     items = set_elements(right)
+    keys = [_concat_key(i) for i in items]
+    if items and all(k is not None for k in keys):
+        words = [
+            " . ".join(" ".join(_interval_text(*part)) for part in key)
+            for key in sorted(k for k in keys if k is not None)
+        ]
+        return words[0] if len(words) == 1 else "{ " + ", ".join(words) + " }"
     intervals = [as_interval(i) for i in items]
     if items and all(iv is not None for iv in intervals):
         merged: list[tuple[int, int, int]] = []
@@ -186,8 +204,26 @@ def expr_text(expr: Sequence[JSON]) -> tuple[str, int | None, int | None]:
     return " ".join(parts), packets, nbytes
 
 
+def _resolve_sets(expr: list[Any], named: dict[str, Any]) -> list[Any]:
+    """Put named sets' elements in place of `@name`, so the text shows what is matched."""
+    out: list[Any] = []
+    for stmt in expr:
+        match = stmt.get("match") if isinstance(stmt, dict) else None
+        if isinstance(match, dict):
+            right = match.get("right")
+            if isinstance(right, str) and right in named:
+                stmt = {"match": {**match, "right": named[right]}}
+        out.append(stmt)
+    return out
+
+
 def table_view(objects: Iterable[JSON]) -> TableView:
     """Index a `list table` answer (or our desired objects) into chains and rule lines."""
+    objects = list(objects)
+    named: dict[str, Any] = {}
+    for obj in objects:
+        if "set" in obj and isinstance(obj["set"], dict):
+            named[f"@{obj['set'].get('name')}"] = {"set": obj["set"].get("elem", [])}
     chains: list[ChainInfo] = []
     rules: list[RuleLine] = []
     for obj in objects:
@@ -196,7 +232,7 @@ def table_view(objects: Iterable[JSON]) -> TableView:
             chains.append(ChainInfo(c["name"], c.get("hook"), c.get("prio"), c.get("policy")))
         elif "rule" in obj:
             r = obj["rule"]
-            text, packets, nbytes = expr_text(r.get("expr", []))
+            text, packets, nbytes = expr_text(_resolve_sets(r.get("expr", []), named))
             rules.append(RuleLine(r["chain"], text, r.get("comment", ""), packets, nbytes))
     return TableView(tuple(chains), tuple(rules))
 

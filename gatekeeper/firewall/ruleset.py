@@ -88,9 +88,13 @@ class Rule:
     saddr_negate: bool = False
     l4proto: str | None = None
     dports: tuple[PortRange, ...] = ()
+    # Source and port together (`ip saddr . tcp dport`): one element per disjoint piece.
+    saddr_dport: tuple[tuple[Network, PortRange], ...] = ()
+    saddr_dport_negate: bool = False
     icmp_types: tuple[str, ...] = ()
     icmpv6_types: tuple[str, ...] = ()
     limit: tuple[int, int] | None = None  # packets per second, burst
+    documents: tuple[NetworkRule, ...] = ()  # the documents this rule was built from
 
 
 @dataclass(frozen=True)
@@ -173,42 +177,159 @@ def _comment(text: str) -> str:
     return raw[: COMMENT_MAX - 3].decode(errors="ignore") + "..."
 
 
-def _rule_variants(rule: NetworkRule, default: DefaultAction, new_only: bool) -> list[Rule]:
-    """Talos's per-document rules: one per address family the rule can concern.
+Intervals = list[tuple[int, int]]
 
-    Block mode: sources in the subnets (minus except) are accepted on the ports.
-    Accept mode: sources outside them are dropped on the ports, so a family the rule names no
-    subnet for is dropped as a whole on those ports.
-    """
-    block = default is DefaultAction.BLOCK
-    verdict = Verdict.ACCEPT if block else Verdict.DROP
-    l4 = L4PROTO[rule.protocol]
-    dports = tuple(sorted(rule.ports)) if rule.protocol.has_ports else ()
-    families = {
-        Protocol.ICMP: (Family.IPV4,),
-        Protocol.ICMPV6: (Family.IPV6,),
-    }.get(rule.protocol, (Family.IPV4, Family.IPV6))
-    states = ("new",) if new_only else ()
+
+def _family_intervals(rule: NetworkRule, family: Family) -> Intervals:
+    version = 4 if family is Family.IPV4 else 6
+    include = _merge(_interval(n) for n in rule.subnets if n.version == version)
+    exclude = _merge(_interval(n) for n in rule.excepts if n.version == version)
+    return _subtract(include, exclude)
+
+
+def _intersect(a: Intervals, b: Intervals) -> Intervals:
+    out: Intervals = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _networks(intervals: Intervals, family: Family) -> list[Network]:
+    nets: list[Network] = []
+    for lo, hi in intervals:
+        if family is Family.IPV4:
+            nets.extend(
+                ipaddress.summarize_address_range(
+                    ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi)
+                )
+            )
+        else:
+            nets.extend(
+                ipaddress.summarize_address_range(
+                    ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)
+                )
+            )
+    return nets
+
+
+def _port_segments(
+    docs: Sequence[tuple[Intervals, tuple[PortRange, ...]]], union: bool
+) -> list[tuple[PortRange, Intervals]]:
+    """Cut the port axis where any document's range starts or ends; per piece, combine the
+    sources of the documents covering it (union for block mode, intersection for accept mode),
+    then join neighbouring pieces with equal sources. The pieces never overlap, which the
+    kernel's concatenated interval sets require."""
+    events: dict[int, list[tuple[int, bool]]] = {}
+    for index, (_, ports) in enumerate(docs):
+        for pr in ports:
+            events.setdefault(pr.lo, []).append((index, True))
+            events.setdefault(pr.hi + 1, []).append((index, False))
+    points = sorted(events)
+    active: set[int] = set()
+    pieces: list[tuple[PortRange, Intervals]] = []
+    for k, point in enumerate(points):
+        for index, starts in events[point]:
+            if starts:
+                active.add(index)
+            else:
+                active.discard(index)
+        if not active or k + 1 == len(points):
+            continue
+        members = sorted(active)
+        if union:
+            combined = _merge(iv for m in members for iv in docs[m][0])
+        else:
+            combined = docs[members[0]][0]
+            for m in members[1:]:
+                combined = _intersect(combined, docs[m][0])
+        piece = PortRange(point, points[k + 1] - 1)
+        if pieces and pieces[-1][1] == combined and pieces[-1][0].hi + 1 == piece.lo:
+            pieces[-1] = (PortRange(pieces[-1][0].lo, piece.hi), combined)
+        else:
+            pieces.append((piece, combined))
+    return pieces
+
+
+def _names(docs: Sequence[NetworkRule]) -> str:
     # Comments are quoted by nft's listing; a quote inside would break the round trip.
-    label = "".join(c if c.isprintable() and c != '"' else "?" for c in rule.name)
+    clean = ("".join(c if c.isprintable() and c != '"' else "?" for c in d.name) for d in docs)
+    return ", ".join(clean)
+
+
+def _document_rules(policy: FirewallPolicy) -> list[Rule]:
+    """Talos's per-document rules, grouped so the kernel gets a handful of sets, not thousands.
+
+    Block mode: a source in a document's subnets (minus except) is accepted on its ports.
+    Accept mode: on a document's ports, a source outside its subnets is dropped, so a family
+    a document names no subnet for is dropped as a whole on those ports. Grouping keeps both
+    meanings: accepts combine by union, drops by intersection of the allowed sources.
+    """
+    block = policy.default_action is DefaultAction.BLOCK
+    verdict = Verdict.ACCEPT if block else Verdict.DROP
     out: list[Rule] = []
-    for family in families:
-        nets = source_networks(rule.subnets, rule.excepts, family)
+    for proto in (Protocol.TCP, Protocol.UDP):
+        docs = [r for r in policy.rules if r.protocol is proto]
+        if not docs:
+            continue
+        for family in (Family.IPV4, Family.IPV6):
+            comment = _comment(f"NetworkRuleConfig {proto.value} {family.label}: {_names(docs)}")
+            per_doc = [(_family_intervals(d, family), d.ports) for d in docs]
+            pieces = _port_segments(per_doc, union=block)
+            elements = tuple(
+                (net, ports) for ports, ivs in pieces for net in _networks(ivs, family)
+            )
+            base = Rule(
+                verdict,
+                comment,
+                family=family,
+                l4proto=L4PROTO[proto],
+                documents=tuple(docs),
+            )
+            if block:
+                if elements:
+                    out.append(replace(base, saddr_dport=elements))
+                continue
+            all_ports = tuple(
+                PortRange(lo, hi) for lo, hi in _merge((p.lo, p.hi) for d in docs for p in d.ports)
+            )
+            out.append(
+                replace(
+                    base,
+                    dports=all_ports,
+                    saddr_dport=elements,
+                    saddr_dport_negate=bool(elements),
+                )
+            )
+    for proto, family in ((Protocol.ICMP, Family.IPV4), (Protocol.ICMPV6, Family.IPV6)):
+        docs = [r for r in policy.rules if r.protocol is proto]
+        if not docs:
+            continue
+        sources = [_family_intervals(d, family) for d in docs]
+        if block:
+            combined = _merge(iv for src in sources for iv in src)
+        else:
+            combined = sources[0]
+            for src in sources[1:]:
+                combined = _intersect(combined, src)
+        nets = tuple(_networks(combined, family))
         base = Rule(
             verdict,
-            _comment(f"NetworkRuleConfig {label} ({family.label})"),
-            ct_states=states,
+            _comment(f"NetworkRuleConfig {proto.value} {family.label}: {_names(docs)}"),
             family=family,
-            l4proto=l4,
-            dports=dports,
+            l4proto=L4PROTO[proto],
+            documents=tuple(docs),
         )
         if block:
-            if not nets:
-                continue  # nobody of this family is allowed: the drop policy decides
-            out.append(replace(base, saddr=() if _is_everything(nets) else nets))
-        else:
-            if _is_everything(nets):
-                continue  # everybody of this family is allowed: nothing to drop
+            if nets:
+                out.append(replace(base, saddr=() if _is_everything(nets) else nets))
+        elif not _is_everything(nets):
             out.append(replace(base, saddr=nets, saddr_negate=bool(nets)))
     return out
 
@@ -257,8 +378,8 @@ def build_ruleset(policy: FirewallPolicy, link: LinkState) -> Ruleset:
                 limit=(ICMP_RATE_PER_SECOND, ICMP_BURST),
             ),
         ]
-    for rule in policy.rules:
-        ingress += _rule_variants(rule, policy.default_action, new_only=False)
+    document_rules = _document_rules(policy)
+    ingress += document_rules
 
     prerouting: list[Rule] = [
         Rule(Verdict.ACCEPT, TAG_TRUSTED, iifnames=trusted),
@@ -269,8 +390,8 @@ def build_ruleset(policy: FirewallPolicy, link: LinkState) -> Ruleset:
         prerouting.append(
             Rule(Verdict.ACCEPT, TAG_WIREGUARD, ct_states=("new",), l4proto="udp", dports=wg_ports)
         )
-    for rule in policy.rules:
-        prerouting += _rule_variants(rule, policy.default_action, new_only=True)
+    # Talos judges only new connections here; the input chain sees the rest.
+    prerouting += [replace(r, ct_states=("new",)) for r in document_rules]
     if block:
         prerouting += [
             Rule(Verdict.DROP, "gatekeeper: new TCP", ct_states=("new",), l4proto="tcp"),
