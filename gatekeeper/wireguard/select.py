@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 from gatekeeper.wireguard import iplink
 from gatekeeper.wireguard.backend import Backend, WireGuardError
+from gatekeeper.wireguard.kernel import KernelBackend
 from gatekeeper.wireguard.userspace import UserspaceBackend
 
 PREFERENCES = ("auto", "kernel", "userspace")
 
-# The kernel backend lands in gatekeeper/wireguard/kernel.py; plugging it in means replacing
-# this line with `from gatekeeper.wireguard.kernel import KernelBackend as KERNEL_BACKEND`.
-KERNEL_BACKEND: Callable[[], Backend] | None = None
+# None would leave only wireguard-go (auto falls back to it, 'kernel' refuses).
+KERNEL_BACKEND: Callable[[], Backend] | None = KernelBackend
 
 
 def kernel_wireguard() -> tuple[bool, str]:
