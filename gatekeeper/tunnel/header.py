@@ -1,0 +1,82 @@
+"""The `x-siderolink-ipv6-addr` header and the tunnel's virtual addresses (sans-I/O).
+
+A tunnel peer is named by a virtual IPv6 address:port in the installation's `…:9304::/64`
+prefix (spec sections 4 and 5). Gatekeeper derives it from the machine's overlay address: the
+tunnel prefix followed by the same low 64 bits, port 50889. It is therefore stable across
+re-provisions and server restarts (a restarted server re-admits the same streams without a
+new Provision), and needs no extra registry column. The value is an identifier, not a
+secret, just as in the reference: a stream carries only WireGuard datagrams, which the
+server's device authenticates with the machine's key, so a stranger who guesses it can at
+worst displace a stream (which the machine's relay notices and reports), never read or
+inject overlay traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+PEER_HEADER = "x-siderolink-ipv6-addr"
+VIRTUAL_PORT = 50889
+_MAX_HEADER = 64  # "[" + 39 + "]:" + 5 is 47; anything much longer is not an address
+
+
+class HeaderError(ValueError):
+    """The header is missing or is not `[IPv6]:port`; the message says which."""
+
+
+def format_addr_port(address: ipaddress.IPv6Address, port: int) -> str:
+    """`[addr]:port` with the address in RFC 5952 form (lowercase, longest zero run `::`)."""
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return f"[{address}]:{port}"
+
+
+def parse_addr_port(value: str) -> tuple[ipaddress.IPv6Address, int]:
+    """Parse `[IPv6]:port` in any spelling the address allows; HeaderError when it is not."""
+    shown = value[:_MAX_HEADER] + ("…" if len(value) > _MAX_HEADER else "")
+    if len(value) > _MAX_HEADER:
+        raise HeaderError(f"{PEER_HEADER} value {shown!r} is too long for [IPv6]:port")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host.startswith("[") or not host.endswith("]"):
+        raise HeaderError(f"{PEER_HEADER} value {shown!r} is not [IPv6]:port")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise HeaderError(f"{PEER_HEADER} value {shown!r} has no valid port (1-65535)")
+    inner = host[1:-1]
+    if "%" in inner:
+        raise HeaderError(f"{PEER_HEADER} value {shown!r} carries a zone, which it may not")
+    try:
+        address = ipaddress.IPv6Address(inner)
+    except ValueError:
+        raise HeaderError(f"{PEER_HEADER} value {shown!r} holds no IPv6 address") from None
+    return address, int(port_text)
+
+
+def canonical_peer(value: str | None) -> str:
+    """The header value in canonical form; HeaderError when it is missing or unparsable."""
+    if value is None or value == "":
+        raise HeaderError(f"the {PEER_HEADER} header is required")
+    address, port = parse_addr_port(value)
+    return format_addr_port(address, port)
+
+
+def header_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The first `x-siderolink-ipv6-addr` value in gRPC metadata (pairs), as text or None."""
+    for key, value in metadata or ():
+        if key == PEER_HEADER:
+            if isinstance(value, bytes):
+                return value.decode("utf-8", "replace")
+            return str(value)
+    return None
+
+
+def tunnel_addr_port(
+    tunnel_prefix: ipaddress.IPv6Network,
+    node_address: ipaddress.IPv6Address,
+    port: int = VIRTUAL_PORT,
+) -> str:
+    """The virtual `[addr]:port` of the machine at `node_address` (module doc: why derived)."""
+    virtual = ipaddress.IPv6Address(
+        tunnel_prefix.network_address.packed[:8] + node_address.packed[8:]
+    )
+    return format_addr_port(virtual, port)

@@ -1,0 +1,346 @@
+"""The server end of WireGuard over gRPC: `CreateStream` and one UDP relay socket per peer.
+
+The server's WireGuard device is another process (wireguard-go) or the kernel, so packets
+cannot be handed to it in memory. Instead every admitted tunnel peer gets its own UDP socket
+on loopback, connected to the device's listen port. Datagrams that arrive on the peer's
+stream are sent from that socket, so the device sees them coming from `127.0.0.1:<relay>` and
+takes that as the peer's endpoint (the Provisioner also sets it up front); whatever the device
+sends to that endpoint lands on the same socket and goes onto the peer's stream. The socket
+is connected, so only the device's own datagrams are read from it.
+
+Fairness: everything runs on one event loop. Each stream reads a message, hands its datagrams
+to the device and yields; a stream over its rate waits (HTTP/2 flow control then slows its
+sender); each peer's outgoing queue is bounded (drop oldest), so a machine that reads slowly
+loses its own oldest packets and holds up nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gatekeeper.pb.siderolink import wireguard_pb2, wireguard_pb2_grpc
+from gatekeeper.tunnel import batching
+from gatekeeper.tunnel.errors import PEER_NOT_ALLOWED, PEER_REPLACED
+from gatekeeper.tunnel.guard import DEFAULT_MAX_DATAGRAM, Cut, StreamGuard, TokenBucket
+from gatekeeper.tunnel.header import HeaderError, canonical_peer, header_from_metadata
+from gatekeeper.tunnel.queue import DEFAULT_QUEUE_SIZE, DropOldestQueue
+
+log = logging.getLogger(__name__)
+
+# Per peer, in datagrams: about 1 Gbit/s of full-size packets, far above what one machine's
+# management link needs, and a ceiling on what a flooding stream can make us do.
+DEFAULT_RATE = 100_000.0
+DEFAULT_BURST = 2_000.0
+# Datagrams read from one relay socket per wake-up, so one busy device peer cannot hold the
+# loop while other streams wait.
+_READ_BUDGET = 256
+_RECV_SIZE = 65535
+
+_REPLACED = "replaced"
+_REVOKED = "revoked"
+_CLIENT_DONE = "client-done"
+_CUT = "cut"
+_STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class _Stream:
+    """One CreateStream call attached to a peer; `end()` tells its writer to stop."""
+
+    def __init__(self, batching_on: bool, who: str) -> None:
+        self.batching = batching_on
+        self.who = who
+        self.wake = asyncio.Event()
+        self.reason: str | None = None
+        self.cut: Cut | None = None
+
+    def end(self, reason: str, cut: Cut | None = None) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.cut = cut
+        self.wake.set()
+
+
+@dataclass(eq=False)
+class _Peer:
+    virtual: str
+    sock: socket.socket
+    endpoint: str
+    outgoing: DropOldestQueue[bytes]
+    stream: _Stream | None = None
+    to_device: int = 0
+    from_device: int = 0
+    no_stream_drops: int = 0
+    streams: int = 0
+    closed: bool = field(default=False)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    virtual: str
+    endpoint: str
+    connected: bool
+    batching: bool
+    to_device: int
+    from_device: int
+    dropped: int
+    streams: int
+
+
+class TunnelHub:
+    """Admitted tunnel peers, their relay sockets and their streams.
+
+    Create it inside the running event loop that serves gRPC; `allow`/`revoke` are called
+    from that loop (the Provisioner runs in the Provision handler).
+    """
+
+    def __init__(
+        self,
+        device_port: int,
+        *,
+        device_host: str = "127.0.0.1",
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+        rate: float = DEFAULT_RATE,
+        burst: float = DEFAULT_BURST,
+    ) -> None:
+        if not 0 < device_port <= 65535:
+            raise ValueError(f"device port {device_port} is out of range 1-65535")
+        self.device = (device_host, device_port)
+        self.queue_size = queue_size
+        self.max_datagram = max_datagram
+        self.rate = rate
+        self.burst = burst
+        self._loop = asyncio.get_running_loop()
+        self._family = socket.AF_INET6 if ":" in device_host else socket.AF_INET
+        self._peers: dict[str, _Peer] = {}
+
+    # -- the Provisioner's side ---------------------------------------------------------
+
+    def allow(self, virtual_addr_port: str) -> str:
+        virtual = canonical_peer(virtual_addr_port)
+        peer = self._peers.get(virtual)
+        if peer is not None:
+            return peer.endpoint
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.device[0], 0))
+            sock.connect(self.device)
+            host, port = sock.getsockname()[:2]
+        except OSError:
+            sock.close()
+            raise
+        endpoint = f"[{host}]:{port}" if self._family == socket.AF_INET6 else f"{host}:{port}"
+        peer = _Peer(virtual, sock, endpoint, DropOldestQueue(self.queue_size))
+        self._loop.add_reader(sock.fileno(), self._on_readable, peer)
+        self._peers[virtual] = peer
+        log.info("tunnel peer %s admitted, relay %s", virtual, endpoint)
+        return endpoint
+
+    def revoke(self, virtual_addr_port: str) -> None:
+        try:
+            virtual = canonical_peer(virtual_addr_port)
+        except HeaderError:
+            return
+        peer = self._peers.pop(virtual, None)
+        if peer is None:
+            return
+        self._close_peer(peer)
+        log.info("tunnel peer %s removed", virtual)
+
+    def close(self) -> None:
+        for peer in list(self._peers.values()):
+            self._close_peer(peer)
+        self._peers.clear()
+
+    def _close_peer(self, peer: _Peer) -> None:
+        peer.closed = True
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(peer.sock.fileno())
+        peer.sock.close()
+        peer.outgoing.clear()
+        if peer.stream is not None:
+            peer.stream.end(_REVOKED)
+
+    # -- observing ----------------------------------------------------------------------
+
+    def allowed(self) -> list[str]:
+        return sorted(self._peers)
+
+    def info(self, virtual_addr_port: str) -> PeerInfo | None:
+        peer = self._peers.get(canonical_peer(virtual_addr_port))
+        if peer is None:
+            return None
+        return PeerInfo(
+            virtual=peer.virtual,
+            endpoint=peer.endpoint,
+            connected=peer.stream is not None,
+            batching=bool(peer.stream and peer.stream.batching),
+            to_device=peer.to_device,
+            from_device=peer.from_device,
+            dropped=peer.outgoing.dropped + peer.no_stream_drops,
+            streams=peer.streams,
+        )
+
+    # -- datagrams from the device ------------------------------------------------------
+
+    def _on_readable(self, peer: _Peer) -> None:
+        stream = peer.stream
+        for _ in range(_READ_BUDGET):
+            try:
+                data = peer.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                # ECONNREFUSED: an earlier datagram found no device listening. Keep reading.
+                continue
+            peer.from_device += 1
+            if stream is None:
+                peer.no_stream_drops += 1
+            else:
+                peer.outgoing.push(data)
+        if stream is not None and peer.outgoing:
+            stream.wake.set()
+
+    # -- streams ------------------------------------------------------------------------
+
+    def attach(self, virtual: str, batching_on: bool, who: str) -> tuple[_Peer, _Stream] | None:
+        peer = self._peers.get(virtual)
+        if peer is None:
+            return None
+        stream = _Stream(batching_on, who)
+        old, peer.stream = peer.stream, stream
+        peer.streams += 1
+        if old is not None:
+            log.info("tunnel peer %s: stream from %s replaces %s", virtual, who, old.who)
+            old.end(_REPLACED)
+        return peer, stream
+
+    def detach(self, peer: _Peer, stream: _Stream) -> None:
+        if peer.stream is stream:
+            peer.stream = None
+
+    def to_device(self, peer: _Peer, datagrams: list[bytes]) -> None:
+        if peer.closed:
+            return
+        sock = peer.sock
+        for d in datagrams:
+            try:
+                sock.send(d)
+            except (BlockingIOError, ConnectionRefusedError):
+                # Like any UDP path: a full buffer or an absent device loses the datagram.
+                continue
+            except OSError:
+                return
+            peer.to_device += 1
+
+
+class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
+    """`/sidero.link.WireGuardOverGRPCService/CreateStream` over a `TunnelHub`."""
+
+    def __init__(self, hub: TunnelHub) -> None:
+        self.hub = hub
+
+    async def CreateStream(
+        self,
+        request_iterator: AsyncIterator[wireguard_pb2.PeerPacket],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        metadata = context.invocation_metadata()
+        who = context.peer()
+        try:
+            virtual = canonical_peer(header_from_metadata(metadata))
+        except HeaderError as exc:
+            log.warning("tunnel stream from %s refused: %s", who, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        attached = self.hub.attach(virtual, batching.announced(metadata), who)
+        if attached is None:
+            log.warning("tunnel stream from %s for %s refused: not a tunnel peer", who, virtual)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, PEER_NOT_ALLOWED[1])
+        assert attached is not None
+        peer, stream = attached
+        log.info(
+            "tunnel peer %s: stream open from %s%s",
+            virtual,
+            who,
+            " (batching)" if stream.batching else "",
+        )
+        reader = asyncio.create_task(self._read(peer, stream, request_iterator))
+        try:
+            if stream.batching:
+                await context.send_initial_metadata(batching.offer())
+            await self._write(peer, stream, context)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self.hub.detach(peer, stream)
+        log.info("tunnel peer %s: stream from %s ended (%s)", virtual, who, stream.reason)
+        if stream.reason == _REPLACED:
+            await context.abort(grpc.StatusCode.ABORTED, PEER_REPLACED[1])
+        if stream.reason == _CUT and stream.cut is not None:
+            log.warning("tunnel peer %s: stream from %s cut off: %s", virtual, who, stream.cut)
+            await context.abort(_STATUS[stream.cut.code], stream.cut.message)
+        # Revoked, or the client half-closed: a clean end (status OK).
+
+    async def _write(
+        self, peer: _Peer, stream: _Stream, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        queue = peer.outgoing
+        while stream.reason is None:
+            items = batching.take(queue, batching=stream.batching)
+            if not items:
+                stream.wake.clear()
+                await stream.wake.wait()
+                continue
+            data, batch = batching.fields(items, batching=stream.batching)
+            await context.write(wireguard_pb2.PeerPacket(Data=data, batch=batch))
+
+    async def _read(
+        self,
+        peer: _Peer,
+        stream: _Stream,
+        packets: AsyncIterator[wireguard_pb2.PeerPacket],
+    ) -> None:
+        hub = self.hub
+        guard = StreamGuard(max_datagram=hub.max_datagram)
+        bucket = TokenBucket(hub.rate, hub.burst)
+        loop = asyncio.get_running_loop()
+        try:
+            async for packet in packets:
+                got, refused = batching.datagrams(
+                    packet.Data, packet.batch, batching=stream.batching
+                )
+                good, cut = guard.admit(got)
+                cut = cut or guard.refuse(refused)
+                hub.to_device(peer, good)
+                if cut is not None:
+                    stream.end(_CUT, cut)
+                    return
+                wait = bucket.delay(len(good), loop.time())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport broke; the writer must not wait forever
+            log.debug("tunnel peer %s: read failed: %s", peer.virtual, exc)
+        stream.end(_CLIENT_DONE)
+
+
+def add_to_server(hub: TunnelHub, server: grpc.aio.Server) -> TunnelService:
+    service = TunnelService(hub)
+    wireguard_pb2_grpc.add_WireGuardOverGRPCServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        service, server
+    )
+    return service
