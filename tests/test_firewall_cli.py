@@ -38,7 +38,7 @@ def test_check_reports_the_first_error_on_one_line(
     assert main(["firewall", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f'gatekeeper firewall: {bad}: document 1 (NetworkRuleConfig "web"), portSelector.ports: '
+        f'gatekeeper firewall: {bad} document 1 (NetworkRuleConfig "web"): portSelector.ports: '
         "invalid port range: 80-80, overlaps with 70-90\n"
     )
     assert main(["firewall", "check", "--json", str(bad)]) == 1

@@ -77,51 +77,51 @@ def test_default_action_defaults_to_accept() -> None:
     [
         (
             _rule("portSelector: {ports: [80], protocol: tcp}\n", name=""),
-            "rules.yaml: document 1 (NetworkRuleConfig), name: name is required",
+            "rules.yaml document 1 (NetworkRuleConfig): name: name is required",
         ),
         (
             _rule("portSelector: {protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports: '
             "portSelector.ports is required",
         ),
         (
             _rule("portSelector: {ports: [80, 80-79], protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports: '
             "invalid port range: 80-79",
         ),
         (
             _rule("portSelector: {ports: ['80-90', '85-100'], protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports: '
             "invalid port range: 85-100, overlaps with 80-90",
         ),
         (
             _rule("portSelector: {ports: [80, 80], protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports: '
             "invalid port range: 80-80, overlaps with 80-80",
         ),
         (
             _rule("portSelector: {ports: [70000], protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports[0]: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports[0]: '
             'invalid port range: "70000"',
         ),
         (
             _rule("portSelector: {ports: [80, 'http'], protocol: tcp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.ports[1]: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.ports[1]: '
             'invalid port range: "http"',
         ),
         (
             _rule("portSelector: {ports: [80], protocol: sctp}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.protocol: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.protocol: '
             "sctp does not belong to Protocol values",
         ),
         (
             _rule("portSelector: {ports: [80], protocol: tcp}\ningress: [{subnet: 10.0.0.0/33}]\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), ingress[0].subnet: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): ingress[0].subnet: '
             "invalid subnet: 10.0.0.0/33",
         ),
         (
             _rule("portSelector: {ports: [80], protocol: tcp}\ningress: [{except: 10.0.0.0/8}]\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), ingress[0].subnet: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): ingress[0].subnet: '
             "invalid subnet: invalid Prefix",
         ),
         (
@@ -129,23 +129,22 @@ def test_default_action_defaults_to_accept() -> None:
                 "portSelector: {ports: [80], protocol: tcp}\n"
                 "ingress: [{subnet: 10.0.0.0/8, except: nope}]\n"
             ),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), ingress[0].except: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): ingress[0].except: '
             "invalid except: nope",
         ),
         (
             _rule("portSelector: {ports: [80], protocol: tcp, prots: 1}\n"),
-            'rules.yaml: document 1 (NetworkRuleConfig "web"), portSelector.prots: '
+            'rules.yaml document 1 (NetworkRuleConfig "web"): portSelector.prots: '
             'unknown field "prots"',
         ),
         (
             "apiVersion: v1alpha1\nkind: NetworkDefaultActionConfig\ningress: drop\n",
-            "rules.yaml: document 1 (NetworkDefaultActionConfig), ingress: "
+            "rules.yaml document 1 (NetworkDefaultActionConfig): ingress: "
             "drop does not belong to DefaultAction values",
         ),
         (
             "apiVersion: v1\nkind: NetworkDefaultActionConfig\ningress: block\n",
-            "rules.yaml: document 1 (NetworkDefaultActionConfig), apiVersion: "
-            'unsupported apiVersion "v1", want v1alpha1',
+            "rules.yaml document 1 (NetworkDefaultActionConfig): apiVersion must be v1alpha1",
         ),
     ],
 )
@@ -157,12 +156,12 @@ def test_error_names_the_document_number() -> None:
     good = _rule("portSelector: {ports: [22], protocol: tcp}\n", name="ssh")
     bad = _rule("portSelector: {ports: [22], protocol: tcp}\ningress: [{subnet: x}]\n")
     message = _error(f"{good}---\n{bad}")
-    assert message.startswith('rules.yaml: document 2 (NetworkRuleConfig "web"), ingress[0].subnet')
+    assert message.startswith('rules.yaml document 2 (NetworkRuleConfig "web"): ingress[0].subnet')
 
 
 def test_duplicates_are_rejected() -> None:
     rule = _rule("portSelector: {ports: [22], protocol: tcp}\n")
-    assert "duplicate name, already defined in rules.yaml: document 1" in _error(
+    assert "duplicate name, already defined in rules.yaml document 1" in _error(
         f"{rule}---\n{rule}"
     )
     action = "apiVersion: v1alpha1\nkind: NetworkDefaultActionConfig\ningress: block\n"
@@ -170,7 +169,7 @@ def test_duplicates_are_rejected() -> None:
 
 
 def test_invalid_yaml_is_one_line() -> None:
-    assert _error("kind: [unclosed\n").startswith("rules.yaml: invalid YAML at line")
+    assert _error("kind: [unclosed\n").startswith("rules.yaml document 1: invalid YAML")
 
 
 def test_files_and_directories(tmp_path: Path) -> None:

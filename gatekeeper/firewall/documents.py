@@ -5,7 +5,8 @@ The messages after the location are Talos's own (`name is required`, `invalid po
 values`), so an operator moving documents between Talos and Gatekeeper sees the same words.
 Every error is one line: file, document number (1-based), kind and name, field, message.
 
-Other kinds (SideroLinkConfig, …) in the same files are skipped: they belong to other readers.
+The YAML envelope (mapping, kind, apiVersion v1alpha1) is checked by gatekeeper.config.documents,
+shared with the other document readers; other kinds (SideroLinkConfig, …) are skipped here.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from gatekeeper.config.documents import parse_documents
+from gatekeeper.config.errors import ConfigError
 from gatekeeper.firewall.policy import (
     DefaultAction,
     FirewallPolicy,
@@ -31,7 +32,6 @@ from gatekeeper.firewall.policy import (
 
 DEFAULT_ACTION_KIND = "NetworkDefaultActionConfig"
 RULE_KIND = "NetworkRuleConfig"
-API_VERSION = "v1alpha1"
 
 _RULE_FIELDS = {"apiVersion", "kind", "name", "portSelector", "ingress"}
 _DEFAULT_ACTION_FIELDS = {"apiVersion", "kind", "ingress"}
@@ -39,11 +39,7 @@ _PORT_SELECTOR_FIELDS = {"ports", "protocol"}
 _INGRESS_FIELDS = {"subnet", "except"}
 
 
-# libyaml's loader when the wheel has it: ten times faster on a thousand documents.
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class FirewallDocumentError(ValueError):
+class FirewallDocumentError(ConfigError):
     """A firewall document is invalid; the message is one line naming where and what."""
 
 
@@ -56,10 +52,10 @@ class _Where:
 
     def fail(self, at_field: str | None, message: str) -> FirewallDocumentError:
         what = self.kind if self.name is None else f"{self.kind} {_go_quote(self.name)}"
-        at = f", {at_field}" if at_field else ""
-        text = f"{self.source}: document {self.index} ({what}){at}: {message}"
-        # One line whatever the document holds: values may carry newlines.
-        return FirewallDocumentError(text.replace("\r", "\\r").replace("\n", "\\n"))
+        at = f"{at_field}: " if at_field else ""
+        return FirewallDocumentError(
+            f"{at}{message}", f"{self.source} document {self.index} ({what})"
+        )
 
 
 def _go_quote(value: object) -> str:
@@ -68,38 +64,20 @@ def _go_quote(value: object) -> str:
 
 
 def split_documents(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
-    """The YAML documents of one file with their 1-based numbers; empty documents skipped."""
+    """The YAML documents of one file with their 1-based numbers (the shared envelope check:
+    every document a mapping with kind and apiVersion v1alpha1)."""
     try:
-        raw_docs = list(yaml.load_all(text, Loader=_SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise FirewallDocumentError(f"{source}: invalid YAML{line}: {problem}") from None
-    docs: list[tuple[int, dict[str, Any]]] = []
-    for number, doc in enumerate(raw_docs, start=1):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise FirewallDocumentError(
-                f"{source}: document {number}: expected a mapping, got {type(doc).__name__}"
-            )
-        docs.append((number, doc))
-    return docs
+        return parse_documents(text, source)
+    except FirewallDocumentError:
+        raise
+    except ConfigError as exc:
+        raise FirewallDocumentError(exc.message, exc.where) from None
 
 
 def _check_fields(where: _Where, doc: Mapping[Any, Any], allowed: set[str], prefix: str) -> None:
     for key in doc:
         if key not in allowed:
             raise where.fail(f"{prefix}{key}", f'unknown field "{key}"')
-
-
-def _check_api_version(where: _Where, doc: Mapping[Any, Any]) -> None:
-    version = doc.get("apiVersion")
-    if version != API_VERSION:
-        raise where.fail(
-            "apiVersion", f"unsupported apiVersion {_go_quote(version)}, want v1alpha1"
-        )
 
 
 def parse_port_range(value: object) -> PortRange:
@@ -138,7 +116,6 @@ def _parse_prefix(value: object) -> Network:
 
 def parse_rule(where: _Where, doc: Mapping[Any, Any]) -> NetworkRule:
     _check_fields(where, doc, _RULE_FIELDS, "")
-    _check_api_version(where, doc)
     name = doc.get("name")
     if name is not None and not isinstance(name, str):
         raise where.fail("name", f"name must be a string, got {_go_quote(name)}")
@@ -211,13 +188,12 @@ def parse_rule(where: _Where, doc: Mapping[Any, Any]) -> NetworkRule:
         ports=tuple(ports),
         protocol=protocol,
         ingress=tuple(ingress),
-        origin=f"{where.source}: document {where.index}",
+        origin=f"{where.source} document {where.index}",
     )
 
 
 def parse_default_action(where: _Where, doc: Mapping[Any, Any]) -> DefaultAction:
     _check_fields(where, doc, _DEFAULT_ACTION_FIELDS, "")
-    _check_api_version(where, doc)
     raw = doc.get("ingress")
     if raw is None:
         return DefaultAction.ACCEPT
@@ -255,16 +231,16 @@ class PolicyBuilder:
                         None, f"duplicate document, already defined in {self.default_action_origin}"
                     )
                 self.default_action = action
-                self.default_action_origin = f"{source}: document {index}"
+                self.default_action_origin = f"{source} document {index}"
             # Any other kind belongs to another reader.
 
     def add_file(self, path: Path) -> None:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise FirewallDocumentError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise FirewallDocumentError(f"cannot read: {exc.strerror or exc}", str(path)) from None
         except UnicodeDecodeError:
-            raise FirewallDocumentError(f"{path}: not UTF-8 text") from None
+            raise FirewallDocumentError("not UTF-8 text", str(path)) from None
         self.add_text(text, str(path))
 
     def build(self) -> FirewallPolicy:
