@@ -265,6 +265,9 @@ class TunnelClient:
 
     async def _negotiate(self, call: Any, negotiated: asyncio.Event) -> None:
         metadata = await call.initial_metadata()
+        if call.done():
+            # A refusal comes as trailers only; the receiving task reports it.
+            await asyncio.Event().wait()
         on = self.batching_on and batching.announced(metadata)
         if on:
             negotiated.set()
