@@ -14,7 +14,13 @@ from gatekeeper import __version__
 
 # Subcommands that live in their own modules register themselves through add_parser(); a
 # module that is missing (a partial install) just leaves its subcommand out.
-PLUGINS = ("gatekeeper.cli.firewall", "gatekeeper.cli.maint")
+PLUGINS = (
+    "gatekeeper.cli.firewall",
+    "gatekeeper.cli.maint",
+    "gatekeeper.cli.token",
+    "gatekeeper.cli.machines",
+    "gatekeeper.cli.logs",
+)
 
 
 def setup_logging(level: str) -> None:
@@ -64,6 +70,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.server.app import ServerError, ServerOptions, serve
+    from gatekeeper.server.fleet import FleetOptions
 
     try:
         token = _read_token(args)
@@ -81,6 +88,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
         wireguard_port=args.wireguard_port,
         endpoints=args.endpoint,
         backend=args.wireguard_backend,
+        fleet=FleetOptions(
+            max_machines=args.max_machines,
+            metrics_listen=args.metrics_listen,
+            events_port=args.events_port,
+            logs_port=args.logs_port,
+            isolation=not args.no_isolation,
+        ),
     )
     try:
         asyncio.run(serve(options))
@@ -169,6 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]
+    )
+    server.add_argument(
+        "--max-machines",
+        type=int,
+        metavar="N",
+        help="registration limit: new machines beyond N get RESOURCE_EXHAUSTED",
+    )
+    server.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here"
+    )
+    server.add_argument(
+        "--events-port",
+        type=_positive_port,
+        default=8090,
+        help="EventSinkService port on the overlay address (0: off; default 8090)",
+    )
+    server.add_argument(
+        "--logs-port",
+        type=_positive_port,
+        default=8092,
+        help="machine log receiver (JSON lines over TCP) on the overlay address (0: off; "
+        "default 8092)",
+    )
+    server.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="do not install the nftables table that stops machine-to-machine traffic",
     )
     server.set_defaults(func=_cmd_server)
 

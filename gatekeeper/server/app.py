@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import grpc
 
 from gatekeeper.overlay import overlay_prefix, server_address
 from gatekeeper.pb.siderolink import provision_pb2_grpc
-from gatekeeper.server.provisioning import Provisioner, TokenCheck
+from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
+from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.service import ProvisionService
 from gatekeeper.server.sqlite_registry import SqliteRegistry
+from gatekeeper.server.tokens import TokenPolicy
 from gatekeeper.wireguard.backend import Device
 from gatekeeper.wireguard.keys import PrivateKey
 from gatekeeper.wireguard.select import select_backend
@@ -42,6 +45,7 @@ class ServerOptions:
     endpoints: list[str] = field(default_factory=list)
     backend: str = "auto"
     endpoint_sync_every: float = 5.0
+    fleet: FleetOptions = field(default_factory=FleetOptions)
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -62,6 +66,7 @@ class Server:
         self.provisioner: Provisioner | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self.fleet = Fleet(options.state_dir, options.fleet)
 
     async def start(self) -> None:
         opts = self.options
@@ -99,15 +104,22 @@ class Server:
             prefix=prefix,
             server_public_key=identity.private_key.public_key(),
             endpoints=opts.endpoints,
-            tokens=TokenCheck(opts.join_token),
+            tokens=TokenPolicy(
+                opts.join_token, self.registry.token, self.registry.tokens, time.time
+            ),
+            max_machines=opts.fleet.max_machines,
         )
         restored = self.provisioner.restore_peers()
-        if not opts.join_token:
+        if self.provisioner.tokens.open():
             log.warning("no join token configured: any machine that reaches this server may join")
+        try:
+            await self.fleet.start(registry=self.registry, device=self.device, prefix=prefix)
+        except FleetError as exc:
+            raise ServerError(str(exc)) from None
 
-        self.grpc = grpc.aio.server()
+        self.grpc = grpc.aio.server(options=provision_server_options())
         provision_pb2_grpc.add_ProvisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProvisionService(self.provisioner), self.grpc
+            ProvisionService(self.fleet.guard(self.provisioner)), self.grpc
         )
         if opts.tls_cert and opts.tls_key:
             creds = server_credentials(opts.tls_cert, opts.tls_key)
@@ -146,6 +158,7 @@ class Server:
                 await self._sync_task
         if self.grpc:
             await self.grpc.stop(grace=1)
+        await self.fleet.close()
         if self.provisioner:
             with contextlib.suppress(Exception):
                 self.provisioner.sync_endpoints()

@@ -6,7 +6,6 @@ No gRPC here: the service adapter (`service.py`) turns requests into `ProvisionI
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import time
@@ -15,7 +14,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
-from gatekeeper.server.registry import AddressTaken, MachineRecord, Registry, machine_key
+from gatekeeper.server.registry import (
+    AddressTaken,
+    MachineRecord,
+    RegistrationLimit,
+    Registry,
+    TokenRefused,
+    machine_key,
+)
+from gatekeeper.server.tokens import TokenDenied, TokenPolicy
 from gatekeeper.wireguard.backend import Device, PeerConfig
 from gatekeeper.wireguard.keys import InvalidKey, PublicKey
 
@@ -67,22 +74,6 @@ class ProvisionOutput:
     grpc_peer_addr_port: str = ""
 
 
-class TokenCheck:
-    """One fixed join token, compared in constant time; None means nobody needs a token."""
-
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode() if token else None
-
-    @property
-    def required(self) -> bool:
-        return self._token is not None
-
-    def allows(self, presented: str | None) -> bool:
-        if self._token is None:
-            return True
-        return hmac.compare_digest(self._token, (presented or "").encode())
-
-
 class Provisioner:
     def __init__(
         self,
@@ -92,7 +83,8 @@ class Provisioner:
         prefix: ipaddress.IPv6Network,
         server_public_key: PublicKey,
         endpoints: Sequence[str],
-        tokens: TokenCheck,
+        tokens: TokenPolicy,
+        max_machines: int | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -101,11 +93,14 @@ class Provisioner:
         self.server_public_key = server_public_key
         self.endpoints = tuple(endpoints)
         self.tokens = tokens
+        self.max_machines = max_machines
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
-        if not self.tokens.allows(req.join_token):
-            raise Rejected(Code.PERMISSION_DENIED, "invalid join token")
+        try:
+            admission = self.tokens.admit(req.join_token)
+        except TokenDenied as exc:
+            raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
         try:
             key = PublicKey.from_base64(req.node_public_key, "node_public_key")
         except InvalidKey as exc:
@@ -123,6 +118,10 @@ class Provisioner:
 
         mkey = machine_key(uuid, req.unique_token)
         existing = self.registry.get(mkey)
+        if admission.refusal and not (
+            existing and admission.allows_existing(existing.join_token_id)
+        ):
+            raise Rejected(Code.PERMISSION_DENIED, f"join token {admission.refusal.value}")
         try:
             address = existing.address if existing else self._allocate()
         except AddressSpaceExhausted:
@@ -135,6 +134,7 @@ class Provisioner:
             endpoint=existing.endpoint if existing else None,
             talos_version=req.talos_version or "",
             created=existing.created if existing else time.time(),
+            join_token_id=existing.join_token_id if existing else admission.token_id,
         )
         self.device.set_peer(
             PeerConfig(
@@ -144,10 +144,16 @@ class Provisioner:
             )
         )
         try:
-            self.registry.claim(record)
+            self.registry.claim(record, token_id=admission.token_id, max_machines=self.max_machines)
         except AddressTaken:
             self.device.remove_peer(key)
             raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
+        except TokenRefused as exc:
+            self.device.remove_peer(key)
+            raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
+        except RegistrationLimit:
+            self.device.remove_peer(key)
+            raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
         except BaseException:
             self.device.remove_peer(key)
             raise

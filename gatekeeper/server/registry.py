@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from gatekeeper.server.tokens import TokenRecord, TokenState
 from gatekeeper.wireguard.keys import PrivateKey
 
 
@@ -23,6 +24,18 @@ class RegistryError(RuntimeError):
 
 class AddressTaken(RegistryError):
     """The address is held by another machine (lost a race with another server)."""
+
+
+class RegistrationLimit(RegistryError):
+    """A new machine would exceed the server's registration limit."""
+
+
+class TokenRefused(RegistryError):
+    """The join token cannot admit a new machine (any more): revoked, expired, used up, gone."""
+
+    def __init__(self, state: TokenState | None) -> None:
+        super().__init__(f"join token {state.value if state else 'unknown'}")
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class MachineRecord:
     talos_version: str = ""
     created: float = 0.0
     updated: float = 0.0
+    # The registry token the machine first joined with (None: fixed token or open server).
+    join_token_id: str | None = None
 
 
 def machine_key(node_uuid: str, unique_token: str | None) -> str:
@@ -60,11 +75,31 @@ class Registry(Protocol):
 
     def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None: ...
 
-    def claim(self, record: MachineRecord) -> None:
+    def claim(
+        self,
+        record: MachineRecord,
+        *,
+        token_id: str | None = None,
+        max_machines: int | None = None,
+        now: float | None = None,
+    ) -> None:
         """Insert or replace the machine's record, durably, before the caller answers.
 
-        Raises AddressTaken when another machine holds `record.address`.
+        Raises AddressTaken when another machine holds `record.address`. When the record is
+        new (no row for its machine key), in the same compare-and-set write: RegistrationLimit
+        if `max_machines` machines exist already; with `token_id`, one use of that token is
+        consumed, or TokenRefused when at `now` it is revoked, expired or used up.
         """
+        ...
+
+    def add_token(self, token: TokenRecord) -> None: ...
+
+    def token(self, token_id: str) -> TokenRecord | None: ...
+
+    def tokens(self) -> list[TokenRecord]: ...
+
+    def revoke_token(self, token_id: str, when: float) -> bool:
+        """Mark a token revoked; False when there is no such token or it was revoked already."""
         ...
 
     def update_endpoints(self, endpoints: Mapping[str, str]) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from gatekeeper.overlay import swap_endpoints
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
-from gatekeeper.server.provisioning import Code, Provisioner, ProvisionInput, Rejected
+from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,14 @@ def request_input(request: provision_pb2.ProvisionRequest, peer: str) -> Provisi
     )
 
 
+class Provisions(Protocol):
+    """The Provisioner, or the guard that audits and rate-limits around it."""
+
+    def provision(self, req: ProvisionInput) -> ProvisionOutput: ...
+
+
 class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
-    def __init__(self, provisioner: Provisioner) -> None:
+    def __init__(self, provisioner: Provisions) -> None:
         self.provisioner = provisioner
 
     async def Provision(

@@ -13,9 +13,12 @@ from pathlib import Path
 from gatekeeper.server.registry import (
     AddressTaken,
     MachineRecord,
+    RegistrationLimit,
     RegistryError,
     ServerIdentity,
+    TokenRefused,
 )
+from gatekeeper.server.tokens import TokenRecord, TokenState
 from gatekeeper.wireguard.keys import PrivateKey
 
 SCHEMA = """
@@ -35,15 +38,30 @@ CREATE TABLE IF NOT EXISTS machines (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    max_uses INTEGER,
+    uses INTEGER NOT NULL DEFAULT 0,
+    revoked REAL
+);
 """
 
+# Columns added after the first release, applied to registries that lack them.
+_MIGRATIONS = (("machines", "join_token_id", "TEXT"),)
+
 _COLUMNS = (
-    "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, updated"
+    "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
+    "updated, join_token_id"
 )
+_TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
 
 def _record(row: tuple[object, ...]) -> MachineRecord:
-    key, uuid, address, public_key, endpoint, tunnel, version, created, updated = row
+    key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id = row
     return MachineRecord(
         machine_key=str(key),
         node_uuid=str(uuid),
@@ -54,6 +72,21 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
         talos_version=str(version),
         created=float(created),  # type: ignore[arg-type]
         updated=float(updated),  # type: ignore[arg-type]
+        join_token_id=None if token_id is None else str(token_id),
+    )
+
+
+def _token(row: tuple[object, ...]) -> TokenRecord:
+    token_id, name, secret_hash, created, expires, max_uses, uses, revoked = row
+    return TokenRecord(
+        token_id=str(token_id),
+        name=str(name),
+        secret_hash=str(secret_hash),
+        created=float(created),  # type: ignore[arg-type]
+        expires=None if expires is None else float(expires),  # type: ignore[arg-type]
+        max_uses=None if max_uses is None else int(max_uses),  # type: ignore[call-overload]
+        uses=int(uses),  # type: ignore[call-overload]
+        revoked=None if revoked is None else float(revoked),  # type: ignore[arg-type]
     )
 
 
@@ -70,11 +103,18 @@ class SqliteRegistry:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot open the registry {self.path}: {exc}") from None
         # The file holds the server's private key.
         os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        for table, column, decl in _MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def identity(self, create: Callable[[], ServerIdentity]) -> ServerIdentity:
         with self._lock:
@@ -104,30 +144,71 @@ class SqliteRegistry:
             ).fetchone()
         return None if row is None else _record(row)
 
-    def claim(self, record: MachineRecord) -> None:
-        now = time.time()
+    def claim(
+        self,
+        record: MachineRecord,
+        *,
+        token_id: str | None = None,
+        max_machines: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        now = time.time() if now is None else now
         with self._lock:
+            # IMMEDIATE takes the write lock up front: the checks below and the write are one
+            # transaction even against `gatekeeper token revoke` in another process.
+            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._claim(record, token_id, max_machines, now)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _claim(
+        self, record: MachineRecord, token_id: str | None, max_machines: int | None, now: float
+    ) -> None:
+        known = self._db.execute(
+            "SELECT 1 FROM machines WHERE machine_key = ?", (record.machine_key,)
+        ).fetchone()
+        if known is None:
+            if max_machines is not None:
+                (count,) = self._db.execute("SELECT count(*) FROM machines").fetchone()
+                if count >= max_machines:
+                    raise RegistrationLimit(f"registration limit of {max_machines} reached")
+            if token_id is not None:
+                row = self._db.execute(
+                    f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+                ).fetchone()
+                if row is None:
+                    raise TokenRefused(None)
+                state = _token(row).state(now)
+                if state is not TokenState.ACTIVE:
+                    raise TokenRefused(state)
                 self._db.execute(
-                    f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
-                    "address = excluded.address, public_key = excluded.public_key, "
-                    "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
-                    "talos_version = excluded.talos_version, updated = excluded.updated",
-                    (
-                        record.machine_key,
-                        record.node_uuid,
-                        str(record.address),
-                        record.public_key,
-                        record.endpoint,
-                        int(record.tunnel),
-                        record.talos_version,
-                        record.created or now,
-                        now,
-                    ),
+                    "UPDATE tokens SET uses = uses + 1 WHERE token_id = ?", (token_id,)
                 )
-            except sqlite3.IntegrityError:
-                raise AddressTaken(f"{record.address} belongs to another machine") from None
+        try:
+            self._db.execute(
+                f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
+                "address = excluded.address, public_key = excluded.public_key, "
+                "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
+                "talos_version = excluded.talos_version, updated = excluded.updated",
+                (
+                    record.machine_key,
+                    record.node_uuid,
+                    str(record.address),
+                    record.public_key,
+                    record.endpoint,
+                    int(record.tunnel),
+                    record.talos_version,
+                    record.created or now,
+                    now,
+                    token_id if known is None and token_id else record.join_token_id,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise AddressTaken(f"{record.address} belongs to another machine") from None
 
     def update_endpoints(self, endpoints: Mapping[str, str]) -> None:
         if not endpoints:
@@ -148,6 +229,44 @@ class SqliteRegistry:
     def remove(self, machine_key: str) -> bool:
         with self._lock:
             cur = self._db.execute("DELETE FROM machines WHERE machine_key = ?", (machine_key,))
+        return cur.rowcount > 0
+
+    def add_token(self, token: TokenRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    token.token_id,
+                    token.name,
+                    token.secret_hash,
+                    token.created,
+                    token.expires,
+                    token.max_uses,
+                    token.uses,
+                    token.revoked,
+                ),
+            )
+
+    def token(self, token_id: str) -> TokenRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+            ).fetchone()
+        return None if row is None else _token(row)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created"
+            ).fetchall()
+        return [_token(row) for row in rows]
+
+    def revoke_token(self, token_id: str, when: float) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL",
+                (when, token_id),
+            )
         return cur.rowcount > 0
 
     def integrity_check(self) -> str:

@@ -1,0 +1,110 @@
+"""`gatekeeper logs UUID [--follow]` and `gatekeeper events [--follow] [--machine UUID]`.
+
+Both read the journals the server keeps in its state directory (bounded: see
+`gatekeeper.server.journal`), so they work while the server runs or not; `--follow` keeps
+printing new entries as the server appends them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, machines_by_uuid, open_registry
+from gatekeeper.server.events import EVENTS_JOURNAL
+from gatekeeper.server.fleet import events_dir, logs_dir
+from gatekeeper.server.journal import read_journal
+from gatekeeper.server.registry import machine_key
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    logs = subparsers.add_parser(
+        "logs",
+        help="print a machine's logs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    logs.add_argument("node_uuid", metavar="UUID")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--json", action="store_true", help="one stored JSON object per line")
+    add_state_dir(logs)
+    logs.set_defaults(func=cmd_logs)
+
+    events = subparsers.add_parser(
+        "events",
+        help="print machine events",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    events.add_argument("--machine", metavar="UUID", help="only this machine's events")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--json", action="store_true", help="one stored JSON object per line")
+    add_state_dir(events)
+    events.set_defaults(func=cmd_events)
+
+
+def _journal_for(state_dir: str, node_uuid: str) -> Path:
+    registry = open_registry(state_dir)
+    try:
+        found = machines_by_uuid(registry, node_uuid)
+    finally:
+        registry.close()
+    if len(found) > 1:
+        raise CliError(
+            f"{len(found)} machines share UUID {node_uuid[:64]!r} (different unique tokens)"
+        )
+    # A removed machine's logs stay until rotated away: try the key of a machine without a
+    # unique token, which is what the record would have said.
+    key = found[0].machine_key if found else machine_key(node_uuid.strip(), None)
+    path = logs_dir(Path(state_dir)) / f"{key}.jsonl"
+    if not found and not path.exists():
+        raise CliError(f"no machine with UUID {node_uuid[:64]!r} and no logs from one")
+    return path
+
+
+def format_log(entry: dict[str, Any]) -> str:
+    when = entry.get("talos-time") or entry.get("received") or "-"
+    level = entry.get("talos-level") or "-"
+    facility = entry.get("facility")
+    where = f"{facility}.{level}" if facility else level
+    return f"{when} {where}: {entry.get('msg', '')}"
+
+
+def format_event(entry: dict[str, Any]) -> str:
+    data = entry.get("data")
+    body = json.dumps(data, sort_keys=True) if data is not None else entry.get("type", "")
+    return f"{entry.get('time', '-')} {entry.get('machine', '-')} {entry.get('type', '-')}: {body}"
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    try:
+        path = _journal_for(args.state_dir, args.node_uuid)
+    except CliError as exc:
+        return fail("logs", str(exc))
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        for entry in read_journal(path, follow=args.follow):
+            _print(json.dumps(entry) if args.json else format_log(entry))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    if not (state / "registry.sqlite3").exists():
+        return fail("events", f"no registry in {state}: is that the server's --state-dir?")
+    wanted = args.machine.strip().lower() if args.machine else None
+    path = events_dir(state) / f"{EVENTS_JOURNAL}.jsonl"
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        for entry in read_journal(path, follow=args.follow):
+            if wanted and str(entry.get("machine", "")).lower() != wanted:
+                continue
+            _print(json.dumps(entry) if args.json else format_event(entry))
+    sys.stdout.flush()
+    return 0

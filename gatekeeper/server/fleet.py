@@ -1,0 +1,183 @@
+"""What a server needs to hold a fleet, started and stopped as one piece by `app.Server`.
+
+- the audit log and per-source failure limit around Provision (`guard.py`);
+- machine isolation in the server's namespace (`isolation.py`);
+- the admin socket for the CLI (`admin.py`);
+- events (gRPC) and machine logs (TCP) on the server's overlay address only;
+- Prometheus metrics on `metrics_listen`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable
+from gatekeeper.server.admin import AdminServer
+from gatekeeper.server.attribution import Attributor
+from gatekeeper.server.audit import AUDIT_NAME, AuditLog
+from gatekeeper.server.events import EventSinkService, add_event_sink, events_server_options
+from gatekeeper.server.guard import ProvisionGuard
+from gatekeeper.server.isolation import install_isolation, remove_isolation
+from gatekeeper.server.journal import EVENT_MAX_BYTES, LOG_MAX_BYTES, Journal
+from gatekeeper.server.logreceiver import LogReceiver
+from gatekeeper.server.metrics import MetricsServer, ServerMetrics, serve_metrics
+from gatekeeper.server.provisioning import Provisioner
+from gatekeeper.server.registry import Registry
+from gatekeeper.wireguard.backend import Device
+
+log = logging.getLogger(__name__)
+
+# A machine counts as connected while its last handshake is younger than the machine's own
+# link-down threshold (spec section 3: 180 + 5 + 90 s).
+CONNECTED_WITHIN = 275.0
+EVENTS_PORT = 8090
+LOGS_PORT = 8092
+# Provision requests are a few hundred bytes; anything far larger is refused by gRPC before
+# it is parsed.
+PROVISION_MAX_MESSAGE = 16 << 10
+
+
+def provision_server_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", PROVISION_MAX_MESSAGE),
+        ("grpc.max_send_message_length", PROVISION_MAX_MESSAGE),
+    ]
+
+
+class FleetError(RuntimeError):
+    """A fleet feature cannot start; the message says why in one line."""
+
+
+@dataclass
+class FleetOptions:
+    max_machines: int | None = None
+    metrics_listen: str | None = None
+    # 0 turns the listener off.
+    events_port: int = EVENTS_PORT
+    logs_port: int = LOGS_PORT
+    isolation: bool = True
+
+
+def logs_dir(state_dir: Path) -> Path:
+    return state_dir / "logs"
+
+
+def events_dir(state_dir: Path) -> Path:
+    return state_dir / "events"
+
+
+def connected_count(device: Device, now: float) -> int:
+    return sum(
+        1
+        for s in device.peers()
+        if s.last_handshake is not None and now - s.last_handshake < CONNECTED_WITHIN
+    )
+
+
+class Fleet:
+    def __init__(self, state_dir: Path, options: FleetOptions) -> None:
+        self.state_dir = state_dir
+        self.options = options
+        self.metrics = ServerMetrics()
+        self.audit = AuditLog(state_dir / AUDIT_NAME)
+        self.admin: AdminServer | None = None
+        self.events_server: grpc.aio.Server | None = None
+        self.log_receiver: LogReceiver | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._journals: list[Journal] = []
+        self._isolated = False
+        self.events_port = 0
+        self.logs_port = 0
+
+    def guard(self, provisioner: Provisioner) -> ProvisionGuard:
+        return ProvisionGuard(provisioner, audit=self.audit, metrics=self.metrics)
+
+    async def start(
+        self,
+        *,
+        registry: Registry,
+        device: Device,
+        prefix: ipaddress.IPv6Network,
+    ) -> None:
+        opts = self.options
+        if opts.isolation:
+            try:
+                install_isolation(prefix, device.name)
+            except (FirewallUnavailable, FirewallApplyError) as exc:
+                raise FleetError(
+                    f"cannot isolate machines from each other: {exc} "
+                    "(--no-isolation skips this, leaving only WireGuard's allowed IPs)"
+                ) from None
+            self._isolated = True
+        self.admin = AdminServer(self.state_dir, device)
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            raise FleetError(str(exc)) from None
+        self.metrics.watch_fleet(
+            registered=lambda: len(registry.machines()),
+            connected=lambda: connected_count(device, time.time()),
+        )
+        if opts.metrics_listen:
+            try:
+                self.metrics_server = serve_metrics(self.metrics, opts.metrics_listen)
+            except (OSError, ValueError) as exc:
+                raise FleetError(str(exc)) from None
+        address = str(prefix.network_address + 1)
+        attributor = Attributor(registry, prefix)
+        if opts.events_port:
+            journal = Journal(events_dir(self.state_dir), max_bytes=EVENT_MAX_BYTES)
+            self._journals.append(journal)
+            self.events_server = grpc.aio.server(options=events_server_options())
+            add_event_sink(self.events_server, EventSinkService(attributor, journal, self.metrics))
+            try:
+                self.events_port = self.events_server.add_insecure_port(
+                    f"[{address}]:{opts.events_port}"
+                )
+            except RuntimeError:
+                self.events_port = 0
+            if not self.events_port:
+                raise FleetError(f"cannot listen for events on [{address}]:{opts.events_port}")
+            await self.events_server.start()
+        if opts.logs_port:
+            journal = Journal(logs_dir(self.state_dir), max_bytes=LOG_MAX_BYTES)
+            self._journals.append(journal)
+            self.log_receiver = LogReceiver(attributor, journal, self.metrics)
+            try:
+                self.logs_port = await self.log_receiver.start(address, opts.logs_port)
+            except OSError as exc:
+                raise FleetError(
+                    f"cannot listen for machine logs on [{address}]:{opts.logs_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        log.info(
+            "fleet: isolation %s, events %s, logs %s, metrics %s",
+            "on" if self._isolated else "off",
+            f"[{address}]:{self.events_port}" if self.events_port else "off",
+            f"[{address}]:{self.logs_port}" if self.logs_port else "off",
+            opts.metrics_listen or "off",
+        )
+
+    async def close(self) -> None:
+        if self.events_server is not None:
+            await self.events_server.stop(grace=0.5)
+        if self.log_receiver is not None:
+            await self.log_receiver.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.admin is not None:
+            await self.admin.close()
+        for journal in self._journals:
+            journal.close()
+        if self._isolated:
+            with contextlib.suppress(FirewallUnavailable, FirewallApplyError):
+                remove_isolation()
+            self._isolated = False

@@ -1,0 +1,101 @@
+"""Around every Provision: the per-source failure limit, the audit line and the metrics.
+
+The provisioner decides; this layer only watches its decisions. It holds no gRPC either:
+`service.py` hands it `ProvisionInput` (with the caller's address) and maps `Rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from gatekeeper.server.audit import AuditLog
+from gatekeeper.server.metrics import ServerMetrics
+from gatekeeper.server.provisioning import (
+    Code,
+    Provisioner,
+    ProvisionInput,
+    ProvisionOutput,
+    Rejected,
+)
+from gatekeeper.server.ratelimit import FailureLimiter, source_of
+
+log = logging.getLogger(__name__)
+
+_OUTCOME = {
+    Code.PERMISSION_DENIED: "denied",
+    Code.INVALID_ARGUMENT: "invalid",
+    Code.RESOURCE_EXHAUSTED: "exhausted",
+    Code.INTERNAL: "error",
+}
+# Failures a legitimate machine does not produce in bulk: they spend the source's budget.
+_COUNTED = (Code.PERMISSION_DENIED, Code.INVALID_ARGUMENT)
+RATE_LIMITED = "too many failed provisions from this address; retry later"
+
+
+class ProvisionGuard:
+    def __init__(
+        self,
+        provisioner: Provisioner,
+        *,
+        audit: AuditLog | None = None,
+        metrics: ServerMetrics | None = None,
+        limiter: FailureLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.provisioner = provisioner
+        self.audit = audit
+        self.metrics = metrics
+        self.limiter = limiter or FailureLimiter()
+        self.clock = clock
+        # Sources already told about being limited: one audit line per episode, not per call.
+        self._limited_noted: set[str] = set()
+
+    def provision(self, req: ProvisionInput) -> ProvisionOutput:
+        source = source_of(req.peer)
+        if self.limiter.blocked(source):
+            self._count("rate_limited")
+            if source not in self._limited_noted and len(self._limited_noted) < 10_000:
+                self._limited_noted.add(source)
+                self._audit(req, "rate_limited", reason=RATE_LIMITED)
+                log.warning("provisions from %s are rate limited", source)
+            raise Rejected(Code.RESOURCE_EXHAUSTED, RATE_LIMITED)
+        self._limited_noted.discard(source)
+        try:
+            out = self.provisioner.provision(req)
+        except Rejected as exc:
+            if exc.code in _COUNTED:
+                self.limiter.failure(source)
+            outcome = _OUTCOME.get(exc.code, "error")
+            self._count(outcome)
+            self._audit(req, outcome, reason=exc.message)
+            raise
+        except Exception:
+            self._count("error")
+            self._audit(req, "error", reason="internal error")
+            raise
+        self._count("ok")
+        self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
+        return out
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.provisions.labels(outcome).inc()
+
+    def _audit(self, req: ProvisionInput, outcome: str, **fields: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.write(
+                self.clock(),
+                "provision",
+                outcome,
+                **{"from": req.peer},
+                node_uuid=req.node_uuid.strip()[:128] or None,
+                token=self.provisioner.tokens.describe(req.join_token),
+                **fields,
+            )
+        except OSError as exc:
+            # Losing an audit line must not take provisioning down with it.
+            log.error("cannot write the audit log: %s", exc)

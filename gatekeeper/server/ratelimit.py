@@ -1,0 +1,73 @@
+"""Per-source limits on failed provisions, so a flood of bad tokens costs almost nothing.
+
+A source (an IPv6 /64 or an IPv4 address: one host can change its low 64 bits at will) has a
+budget of `burst` failures that refills at `per_second`. While the budget is empty, its
+requests are refused before any token is hashed or the registry is read. Refusals do not
+spend budget, so a source that stops comes back by itself. The table is bounded: when full,
+the least recently seen sources are forgotten (a forgotten source starts with a full budget,
+which only helps the attacker by `burst` attempts).
+
+Pure logic with an injected clock; the gRPC adapter supplies the peer string.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import time
+from collections.abc import Callable
+
+
+def source_of(peer: str) -> str:
+    """gRPC's peer string (`ipv6:[addr]:port`, `ipv4:a.b.c.d:port`) -> the limiter's key."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]").split("%")[0]
+        try:
+            addr = ipaddress.IPv6Address(host)
+        except ValueError:
+            return peer
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
+
+
+class FailureLimiter:
+    def __init__(
+        self,
+        *,
+        burst: float = 20,
+        per_second: float = 0.5,
+        max_sources: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.max_sources = max_sources
+        self.clock = clock
+        # source -> (budget, time of last update), least recently seen first.
+        self._table: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def _budget(self, source: str, now: float) -> float:
+        entry = self._table.get(source)
+        if entry is None:
+            return self.burst
+        budget, then = entry
+        return min(self.burst, budget + (now - then) * self.per_second)
+
+    def blocked(self, source: str) -> bool:
+        return self._budget(source, self.clock()) < 1
+
+    def failure(self, source: str) -> None:
+        now = self.clock()
+        budget = self._budget(source, now) - 1
+        self._table[source] = (budget, now)
+        self._table.move_to_end(source)
+        while len(self._table) > self.max_sources:
+            self._table.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._table)
