@@ -242,3 +242,21 @@ def test_server_crash_and_restart_brings_the_link_back_without_reprovisioning(
     now = machine.status()
     assert now["connected"] and now["provisions"] == first["provisions"]
     assert now["node_address"] == first["node_address"]
+
+
+def test_dead_path_is_noticed_within_a_minute_and_the_link_comes_back(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    sl.wait_connected(machine)
+    # Cut the machine's cable at the server's bridge (a downed eth0 would also lose its
+    # IPv6 address, which is a different failure).
+    sl.server_ns.run(["ip", "link", "set", "v1", "down"])
+    cut = time.monotonic()
+    down = sl.wait_status(machine, lambda s: not s.get("connected"), 60, "down")
+    noticed = time.monotonic() - cut
+    assert noticed <= 60 and down["state"] != "up"
+    assert "link down: nothing received from the server" in machine.log.read_text()
+    sl.server_ns.run(["ip", "link", "set", "v1", "up"])
+    back = sl.wait_connected(machine, timeout=30)
+    assert back["node_address"] == down["node_address"]
+    assert sl.ping(machine, back["server_address"])

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper.agent.machine import MachineError, node_uuid, wait_for_network
+from gatekeeper.agent.maintenance_controller import LinkView, MaintenanceController
 from gatekeeper.agent.probe import send_probe
 from gatekeeper.agent.provision_client import ProvisionError, provision
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, status_document, write_status
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.resolve import resolve_config
+from gatekeeper.firewall.controller import FirewallController
+from gatekeeper.firewall.policy import FirewallPolicy, LinkState
 from gatekeeper.link.lifecycle import (
     SAMPLE_TIMER,
     Action,
@@ -53,6 +56,7 @@ from gatekeeper.link.lifecycle import (
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
+from gatekeeper.wireguard import iplink
 from gatekeeper.wireguard.backend import Backend, Device, PeerConfig, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 from gatekeeper.wireguard.select import select_backend
@@ -72,6 +76,10 @@ class AgentOptions:
     backend: str = "auto"
     network_timeout: float = 60.0
     config_poll: float = 2.0
+    maintenance_port: int = 50000
+    # Documents with NetworkDefaultActionConfig / NetworkRuleConfig (the --config file is read
+    # for them too); None turns the agent's firewall off.
+    firewall_paths: list[Path] | None = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
 
 
@@ -100,6 +108,13 @@ class Agent:
         self.backend: Backend | None = None
         self.backend_reason = ""
         self.spec: LinkSpec | None = None
+        self.link_index = 0
+        self.maintenance = MaintenanceController(options.maintenance_port)
+        self.firewall: FirewallController | None = None
+        if options.firewall_paths is not None:
+            paths = [*([options.config] if options.config else []), *options.firewall_paths]
+            self.firewall = FirewallController(FirewallPolicy(), paths=paths)
+        self.firewall_error: str | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe_seq = 0
@@ -128,6 +143,20 @@ class Agent:
         for action in self.link.handle(event, self.clock()):
             await self.perform(action)
         self.publish()
+        await self.maintenance.reconcile(self.view())
+
+    def view(self) -> LinkView:
+        identity = self.link.identity
+        return LinkView(
+            config=self.link.config,
+            status=self.link.status,
+            spec=self.spec,
+            link_index=self.link_index,
+            public_key=self.public_key.base64(),
+            listen_port=self.options.listen_port,
+            node_uuid=identity.node_uuid if identity else None,
+            config_error=self._last_config_error,
+        )
 
     @property
     def public_key(self) -> PublicKey:
@@ -140,6 +169,8 @@ class Agent:
             backend_reason=self.backend_reason or None,
             public_key=self.public_key.base64(),
             listen_port=self.options.listen_port,
+            firewall=("off" if self.firewall is None else "error" if self.firewall_error else "ok"),
+            firewall_error=self.firewall_error,
             updated=time.time(),
             **extra,
         )
@@ -157,6 +188,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._remove_device()
+        await self.maintenance.close()
         self.publish(state="stopped", connected=False)
 
     # -- actions --------------------------------------------------------------------------
@@ -222,9 +254,28 @@ class Agent:
         s = stats[0]
         return Sample(last_handshake=s.last_handshake, rx_bytes=s.rx_bytes, endpoint=s.endpoint)
 
+    def _reconcile_firewall(self) -> None:
+        """Keep the ingress table equal to the documents; a bad document keeps the old one."""
+        if self.firewall is None:
+            return
+        problem = self.firewall.reload()
+        port = self.options.listen_port
+        result = self.firewall.reconcile(LinkState(wireguard_ports=(port,) if port else ()))
+        problem = problem or result.error
+        if problem != self.firewall_error:
+            if problem:
+                log.error("firewall: %s (the ruleset in force is kept)", problem)
+            else:
+                log.info("firewall in force (%s)", self.firewall.policy.default_action.value)
+            self.firewall_error = problem
+            self.publish()
+        elif result.changed:
+            log.info("firewall re-applied (the kernel table differed from the documents)")
+
     async def _watch_config(self) -> None:
         """Re-read the configuration sources; the lifecycle ignores what did not change."""
         while True:
+            await asyncio.to_thread(self._reconcile_firewall)
             try:
                 config = resolve_config(self.options.cmdline, self.options.config)
                 identity = Identity(
@@ -288,6 +339,8 @@ class Agent:
         )
         self.device.configure(self.key, spec.listen_port, [peer], replace_peers=True)
         self.device.set_addresses([spec.address])
+        info = iplink.link_info(spec.name)
+        self.link_index = info.index if info else 0
         self.spec = spec
 
     def _remove_device(self) -> None:

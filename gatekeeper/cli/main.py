@@ -45,6 +45,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.agent.daemon import AgentOptions, run_agent
+    from gatekeeper.link.lifecycle import Timing
 
     options = AgentOptions(
         cmdline=Path(args.cmdline),
@@ -54,6 +55,9 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         run_dir=Path(args.run_dir),
         backend=args.wireguard_backend,
         network_timeout=args.network_timeout,
+        maintenance_port=args.maintenance_port,
+        timing=Timing.for_link_timeout(args.link_timeout),
+        firewall_paths=None if args.no_firewall else [Path(p) for p in args.firewall_config],
     )
     asyncio.run(run_agent(options))
     return 0
@@ -153,6 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds to wait for a route to the API before trying anyway",
+    )
+    agent.add_argument(
+        "--maintenance-port",
+        type=_positive_port,
+        default=50000,
+        help="maintenance API port, served only on the SideroLink address (default 50000)",
+    )
+    agent.add_argument(
+        "--link-timeout",
+        type=float,
+        default=45.0,
+        help="seconds without any answer from the server (despite probes) before the link is "
+        "declared down and the next endpoint tried (default 45)",
+    )
+    agent.add_argument(
+        "--firewall-config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="NetworkDefaultActionConfig/NetworkRuleConfig documents (file or folder; repeat); "
+        "the --config file is read for them too. The overlay links and the WireGuard port are "
+        "always admitted.",
+    )
+    agent.add_argument(
+        "--no-firewall", action="store_true", help="leave the nftables ingress firewall alone"
     )
     agent.set_defaults(func=_cmd_agent)
 

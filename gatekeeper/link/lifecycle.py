@@ -42,6 +42,15 @@ class Timing:
     probe_after: float = 10.0
     dead_after: float = 45.0
 
+    @classmethod
+    def for_link_timeout(cls, dead_after: float) -> Timing:
+        """Scale probing and sampling with the time a silent link is given before it is down."""
+        return cls(
+            dead_after=dead_after,
+            probe_after=max(0.5, dead_after * 2 / 9),
+            sample_every=max(0.25, min(5.0, dead_after / 9)),
+        )
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -292,6 +301,14 @@ class Link:
     def _current(self, attempt: int, state: State) -> bool:
         """An outcome counts only for the work in flight; older ones are stale."""
         return attempt == self._attempt and self.status.state is state
+
+    @property
+    def config(self) -> SideroLinkConfig | None:
+        return self._config
+
+    @property
+    def identity(self) -> Identity | None:
+        return self._identity
 
     @property
     def spec(self) -> LinkSpec | None:
