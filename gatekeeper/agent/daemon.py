@@ -25,6 +25,7 @@ from gatekeeper.agent.maintenance_controller import LinkView, MaintenanceControl
 from gatekeeper.agent.probe import send_probe
 from gatekeeper.agent.provision_client import ProvisionError, provision
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, status_document, write_status
+from gatekeeper.agent.telemetry import Telemetry
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.resolve import resolve_config
 from gatekeeper.firewall.controller import FirewallController
@@ -119,6 +120,8 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe_seq = 0
         self._last_config_error: str | None = None
+        # talos.events.sink= / talos.logging.kernel=: status events and kernel log lines.
+        self.telemetry = Telemetry(options.cmdline)
 
     # -- running --------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class Agent:
         log.info("agent starting, WireGuard key %s (in memory only)", self.public_key.fingerprint())
         self.publish()
         self._spawn(self._watch_config())
+        self._spawn(self.telemetry.run())
         stopper = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -178,6 +182,7 @@ class Agent:
             write_status(self.options.run_dir, doc)
         except OSError as exc:
             log.warning("cannot write status to %s: %s", self.options.run_dir, exc)
+        self.telemetry.status(doc)
 
     async def close(self) -> None:
         for handle in self._timers.values():

@@ -1,0 +1,318 @@
+"""The machine's telemetry: its own status events and its kernel log, sent over the overlay.
+
+Honours two kernel command line parameters, as Talos does:
+- `talos.events.sink=[fdae:…::1]:8090`: `events.EventSinkService/Publish` (plaintext gRPC);
+- `talos.logging.kernel=tcp://[fdae:…::1]:8092`: kernel log lines from /dev/kmsg, one JSON
+  object per line (`msg`, `talos-time`, `talos-level`, `facility`, `seq`, `clock`,
+  `priority`).
+
+Both usually point at the server's overlay address, reachable only once the link is up, so
+senders retry (backoff 1 s to 10 s) and queues are bounded (the oldest entries go first).
+Status events are `google.protobuf.Struct` payloads built from the status document, sent when
+the state, the connection or the address changes. Secrets never reach the status document.
+
+Parsing (command line, kmsg records) is pure; the I/O is in `Telemetry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+from google.protobuf import any_pb2, struct_pb2
+
+from gatekeeper.config.cmdline import cmdline_values, read_cmdline
+from gatekeeper.config.errors import ConfigError
+from gatekeeper.pb.events import events_pb2, events_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EVENTS_SINK = "talos.events.sink"
+KERNEL_LOGS = "talos.logging.kernel"
+KMSG = Path("/dev/kmsg")
+EVENT_QUEUE = 100
+LOG_QUEUE = 1000
+RETRY_MIN, RETRY_MAX = 1.0, 10.0
+PUBLISH_DEADLINE = 5.0
+CMDLINE_POLL = 10.0
+# The status fields that make an event when they change, and the ones an event carries.
+_TRIGGERS = ("state", "connected", "node_address", "link_name")
+_CARRIED = (*_TRIGGERS, "endpoint", "tunnel", "server_address", "last_error", "provisions")
+
+LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+FACILITIES = (
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
+    "uucp", "cron", "authpriv", "ftp", "ntp", "security", "console", "solaris-cron",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sinks:
+    events: str | None = None  # host:port for a gRPC target
+    kernel_logs: tuple[str, int] | None = None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535 or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def sinks_from_cmdline(text: str) -> tuple[Sinks, list[str]]:
+    """The sinks named on the command line (first occurrence wins), and why any was ignored."""
+    problems: list[str] = []
+    events = None
+    values = cmdline_values(text, EVENTS_SINK)
+    if values:
+        try:
+            host, port = _host_port(values[0])
+            events = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except ValueError as exc:
+            problems.append(f"{EVENTS_SINK}: {exc}")
+    logs = None
+    values = cmdline_values(text, KERNEL_LOGS)
+    if values:
+        url = urlsplit(values[0])
+        try:
+            if url.scheme != "tcp":
+                raise ValueError(f"scheme {url.scheme or '(none)'!r} is not supported, use tcp://")
+            logs = _host_port(url.netloc)
+        except ValueError as exc:
+            problems.append(f"{KERNEL_LOGS}: {exc}")
+    return Sinks(events, logs), problems
+
+
+def rfc3339_nano(ts: float) -> str:
+    whole = int(ts)
+    stamp = datetime.datetime.fromtimestamp(whole, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{round((ts - whole) * 1e9):09d}Z"
+
+
+def parse_kmsg(record: bytes, boot_time: float) -> dict[str, Any] | None:
+    """One /dev/kmsg record (`prio,seq,usec,flags;text` + continuation lines) -> a log line."""
+    header, sep, body = record.partition(b";")
+    if not sep:
+        return None
+    fields = header.split(b",")
+    try:
+        prio, seq, usec = int(fields[0]), int(fields[1]), int(fields[2])
+    except (ValueError, IndexError):
+        return None
+    # Continuation lines (" KEY=value") are metadata, not message text.
+    text = body.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    level = LEVELS[prio & 7]
+    facility = prio >> 3
+    return {
+        "msg": text,
+        "talos-time": rfc3339_nano(boot_time + usec / 1e6),
+        "talos-level": level,
+        "facility": FACILITIES[facility] if facility < len(FACILITIES) else str(facility),
+        "seq": seq,
+        "clock": usec,
+        "priority": level,
+    }
+
+
+def status_event(doc: dict[str, Any]) -> events_pb2.EventRequest:
+    payload = struct_pb2.Struct()
+    payload.update({k: doc.get(k) for k in _CARRIED})
+    data = any_pb2.Any()
+    data.Pack(payload)
+    return events_pb2.EventRequest(data=data, id=str(uuid.uuid4()))
+
+
+class Telemetry:
+    def __init__(self, cmdline: Path, *, kmsg: Path = KMSG) -> None:
+        self.cmdline = cmdline
+        self.kmsg = kmsg
+        self.sinks = Sinks()
+        self._events: collections.deque[events_pb2.EventRequest] = collections.deque(
+            maxlen=EVENT_QUEUE
+        )
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=LOG_QUEUE)
+        self._wake_events = asyncio.Event()
+        self._wake_lines = asyncio.Event()
+        self._last_trigger: tuple[Any, ...] | None = None
+        # Set when the link comes up: senders waiting out a backoff try again at once.
+        self._nudge = asyncio.Event()
+        self._problems: list[str] = []
+
+    def status(self, doc: dict[str, Any]) -> None:
+        """Called with every published status document; queues an event when it matters."""
+        trigger = tuple(doc.get(k) for k in _TRIGGERS)
+        if trigger == self._last_trigger:
+            return
+        self._last_trigger = trigger
+        if doc.get("connected"):
+            self._nudge.set()
+        if self.sinks.events:
+            self._events.append(status_event(doc))
+            self._wake_events.set()
+
+    def _reload(self) -> None:
+        try:
+            text = read_cmdline(self.cmdline)
+        except ConfigError as exc:
+            log.debug("telemetry: %s", exc)
+            return
+        sinks, problems = sinks_from_cmdline(text)
+        if problems != self._problems:
+            for problem in problems:
+                log.warning("telemetry: ignoring %s", problem)
+            self._problems = problems
+        if sinks != self.sinks:
+            log.info(
+                "telemetry: events to %s, kernel logs to %s",
+                sinks.events or "nowhere",
+                f"tcp://[{sinks.kernel_logs[0]}]:{sinks.kernel_logs[1]}"
+                if sinks.kernel_logs
+                else "nowhere",
+            )
+            self.sinks = sinks
+            self._wake_events.set()
+            self._wake_lines.set()
+
+    async def run(self) -> None:
+        self._reload()
+        tasks = [
+            asyncio.create_task(self._watch_cmdline()),
+            asyncio.create_task(self._send_events()),
+            asyncio.create_task(self._read_kmsg()),
+            asyncio.create_task(self._send_lines()),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _backoff(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._nudge.wait(), delay)
+        self._nudge.clear()
+
+    async def _watch_cmdline(self) -> None:
+        while True:
+            await asyncio.sleep(CMDLINE_POLL)
+            self._reload()
+
+    async def _send_events(self) -> None:
+        delay = RETRY_MIN
+        channel: grpc.aio.Channel | None = None
+        target = None
+        try:
+            while True:
+                if not self._events or not self.sinks.events:
+                    self._wake_events.clear()
+                    await self._wake_events.wait()
+                    continue
+                if channel is None or target != self.sinks.events:
+                    if channel is not None:
+                        await channel.close(None)
+                    target = self.sinks.events
+                    channel = grpc.aio.insecure_channel(target)
+                stub = events_pb2_grpc.EventSinkServiceStub(channel)  # type: ignore[no-untyped-call]
+                try:
+                    await stub.Publish(self._events[0], timeout=PUBLISH_DEADLINE)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                        # Not (yet) a registered machine on the overlay: the next status
+                        # change will bring a fresh event; this one is dropped.
+                        self._events.popleft()
+                    log.debug("telemetry: event not sent: %s", exc.code().name)
+                    await self._backoff(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+                    continue
+                self._events.popleft()
+                delay = RETRY_MIN
+        finally:
+            if channel is not None:
+                await channel.close(None)
+
+    async def _read_kmsg(self) -> None:
+        try:
+            fd = os.open(self.kmsg, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            log.info("telemetry: kernel log not readable (%s): not sending it", exc.strerror)
+            return
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(fd, readable.set)
+        boot_time = time.time() - time.monotonic()
+        try:
+            while True:
+                for line in self._drain(fd, boot_time):
+                    self._lines.append(line)
+                    self._wake_lines.set()
+                readable.clear()
+                await readable.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    @staticmethod
+    def _drain(fd: int, boot_time: float) -> Iterable[bytes]:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    continue  # records were overwritten before we read them: skip ahead
+                raise
+            if not record:
+                return
+            entry = parse_kmsg(record, boot_time)
+            if entry is not None:
+                yield json.dumps(entry).encode() + b"\n"
+
+    async def _send_lines(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            if not self._lines or not self.sinks.kernel_logs:
+                self._wake_lines.clear()
+                await self._wake_lines.wait()
+                continue
+            host, port = self.sinks.kernel_logs
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            except (OSError, TimeoutError) as exc:
+                log.debug("telemetry: log sink not reachable: %s", exc)
+                await self._backoff(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            delay = RETRY_MIN
+            try:
+                while self.sinks.kernel_logs == (host, port):
+                    while self._lines:
+                        writer.write(self._lines[0])
+                        self._lines.popleft()
+                    await writer.drain()
+                    self._wake_lines.clear()
+                    await self._wake_lines.wait()
+            except (OSError, ConnectionError) as exc:
+                log.debug("telemetry: log sink connection lost: %s", exc)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
