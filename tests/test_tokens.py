@@ -167,6 +167,7 @@ def test_limiter_blocks_a_flooding_source_and_forgives_it() -> None:
     lim.failure("x")
     lim.failure("y")
     assert len(lim) == 2  # bounded table
+    assert source_of("ipv6:%5Bfd00::1234%5D:5555") == "fd00::/64"  # as gRPC really writes it
     assert source_of("ipv4:10.0.0.7:80") == "10.0.0.7"
     assert source_of("ipv6:[::ffff:10.0.0.7]:80") == "10.0.0.7"
 

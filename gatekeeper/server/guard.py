@@ -19,7 +19,7 @@ from gatekeeper.server.provisioning import (
     ProvisionOutput,
     Rejected,
 )
-from gatekeeper.server.ratelimit import FailureLimiter, source_of
+from gatekeeper.server.ratelimit import FailureLimiter, clean_peer, source_of
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ProvisionGuard:
                 self.clock(),
                 "provision",
                 outcome,
-                **{"from": req.peer},
+                **{"from": clean_peer(req.peer)},
                 node_uuid=req.node_uuid.strip()[:128] or None,
                 token=self.provisioner.tokens.describe(req.join_token),
                 **fields,

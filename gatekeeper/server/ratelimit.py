@@ -16,10 +16,17 @@ import collections
 import ipaddress
 import time
 from collections.abc import Callable
+from urllib.parse import unquote
+
+
+def clean_peer(peer: str) -> str:
+    """gRPC percent-encodes its peer strings (`ipv6:%5Bfd00::1%5D:5000`): decode them."""
+    return unquote(peer)
 
 
 def source_of(peer: str) -> str:
     """gRPC's peer string (`ipv6:[addr]:port`, `ipv4:a.b.c.d:port`) -> the limiter's key."""
+    peer = clean_peer(peer)
     kind, _, rest = peer.partition(":")
     if kind == "ipv6":
         host = rest.rpartition(":")[0].strip("[]").split("%")[0]

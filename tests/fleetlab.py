@@ -1,0 +1,67 @@
+"""Helpers for the fleet tests: the CLI against a lab server's state, raw Provision batches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
+
+TESTS = Path(__file__).parent
+
+_BATCH = """
+import json, sys, grpc
+sys.path.insert(0, {tests!r})
+import wirecompat
+out = []
+for args in json.loads(sys.argv[2]):
+    try:
+        out.append({{"ok": wirecompat.raw_provision(sys.argv[1], **args)}})
+    except grpc.RpcError as e:
+        out.append({{"code": e.code().name, "details": e.details()}})
+print(json.dumps(out))
+"""
+
+
+def provisions(machine: Machine, target: str, requests: list[dict[str, Any]]) -> list[Any]:
+    """Several Provision calls from inside a machine's namespace, in order, in one process."""
+    done = subprocess.run(
+        machine.ns.exec_argv(
+            [
+                sys.executable,
+                "-c",
+                _BATCH.format(tests=str(TESTS)),
+                target,
+                json.dumps(requests),
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"provision batch failed: {done.stderr.strip()[-2000:]}")
+    result: list[Any] = json.loads(done.stdout)
+    return result
+
+
+def gk(sl: SideroLinkLab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`gatekeeper ARGS --state-dir <the lab server's>` from the root namespace."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gatekeeper", *args, "--state-dir", str(sl.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"gatekeeper {' '.join(args)} failed: {done.stderr}")
+    return done
+
+
+def api_target(sl: SideroLinkLab) -> str:
+    return f"[{sl.server_underlay}]:8090"
