@@ -43,6 +43,8 @@ RETRY_DELAY = (5.0, 10.0)
 # than a WireGuard handshake retry cycle and than the agent's probe interval, so a healthy
 # link (which answers probes) never trips it.
 STALE_AFTER = 40.0
+# How long a new stream waits for the server's headers before its first write.
+FIRST_ANSWER_WAIT = 0.25
 _READ_BUDGET = 256
 _RECV_SIZE = 65535
 
@@ -207,30 +209,28 @@ class TunnelClient:
         while True:
             self._set(state="connecting", detail=self.api.target(), batching=False)
             try:
-                reason = await self._one_stream()
+                code, details = await self._one_stream()
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code().name, (exc.details() or "").splitlines()[:1]
-                text = f"{code}: {details[0]}" if details else code
-                if is_fatal(code, exc.details()):
-                    message = f"tunnel stream to {self.api.target()} refused: {text}"
-                    log.warning("%s; not reopening it", message)
-                    self._set(state="failed", detail=message, batching=False)
-                    if self.on_fatal is not None:
-                        self.on_fatal(message)
-                    return
-                reason = text
             except Exception as exc:  # the loop must outlive one odd failure
                 log.exception("tunnel stream failed unexpectedly")
-                reason = f"unexpected error: {exc}"
+                code, details = "UNKNOWN", f"unexpected error: {exc}"
+            first = (details or "").splitlines()[:1]
+            text = f"{code}: {first[0]}" if first else code
+            if is_fatal(code, details):
+                message = f"tunnel stream to {self.api.target()} refused: {text}"
+                log.warning("%s; not reopening it", message)
+                self._set(state="failed", detail=message, batching=False)
+                if self.on_fatal is not None:
+                    self.on_fatal(message)
+                return
             delay = delay_rng.uniform(*self.retry_delay)
-            log.info("tunnel stream ended (%s); reopening in %.1f s", reason, delay)
-            self._set(state="retrying", detail=f"{reason}; reopening in {delay:.1f} s")
+            log.info("tunnel stream ended (%s); reopening in %.1f s", text, delay)
+            self._set(state="retrying", detail=f"{text}; reopening in {delay:.1f} s")
             await asyncio.sleep(delay)
 
-    async def _one_stream(self) -> str:
-        """Run one stream until it ends; the reason when it ended without an error status."""
+    async def _one_stream(self) -> tuple[str, str | None]:
+        """Run one stream until it ends; its status (code name, details)."""
         assert self._channel is not None
         stub = wireguard_pb2_grpc.WireGuardOverGRPCServiceStub(self._channel)  # type: ignore[no-untyped-call]
         metadata: list[tuple[str, str]] = [(PEER_HEADER, self.header)]
@@ -240,21 +240,31 @@ class TunnelClient:
         self._last_rx = self._last_tx = 0.0
         self._set(streams=self._state.streams + 1)
         negotiated = asyncio.Event()
+        answered = asyncio.Event()
         tasks = {
-            asyncio.create_task(self._negotiate(call, negotiated)),
-            asyncio.create_task(self._send(call, negotiated)),
+            asyncio.create_task(self._negotiate(call, negotiated, answered)),
+            asyncio.create_task(self._send(call, negotiated, answered)),
             asyncio.create_task(self._receive(call)),
             asyncio.create_task(self._watch_stale()),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                exc = task.exception()
+            errors = [task.exception() for task in done]
+            for exc in errors:
                 if isinstance(exc, _Ended):
-                    return str(exc)
+                    return exc.code, exc.details
+            if any(isinstance(exc, grpc.aio.AioRpcError) for exc in errors):
+                # A write into a call the server just refused fails with a generic error;
+                # the call's own status says what really happened.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    code = await asyncio.wait_for(call.code(), 2.0)
+                    return code.name, await call.details()
+            for exc in errors:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    return exc.code().name, exc.details()
                 if exc is not None:
                     raise exc
-            return "stream ended by the server"
+            return "OK", "stream ended"
         finally:
             for task in tasks:
                 task.cancel()
@@ -263,8 +273,11 @@ class TunnelClient:
                     await task
             call.cancel()
 
-    async def _negotiate(self, call: Any, negotiated: asyncio.Event) -> None:
+    async def _negotiate(
+        self, call: Any, negotiated: asyncio.Event, answered: asyncio.Event
+    ) -> None:
         metadata = await call.initial_metadata()
+        answered.set()
         if call.done():
             # A refusal comes as trailers only; the receiving task reports it.
             await asyncio.Event().wait()
@@ -275,7 +288,14 @@ class TunnelClient:
         log.info("tunnel stream open to %s%s", self.api.target(), " (batching)" if on else "")
         await asyncio.Event().wait()  # stay pending: only errors and the other tasks end a stream
 
-    async def _send(self, call: Any, negotiated: asyncio.Event) -> None:
+    async def _send(self, call: Any, negotiated: asyncio.Event, answered: asyncio.Event) -> None:
+        # A Gatekeeper server answers (accepts or refuses) at once; a reference server sends
+        # its headers only with its first datagram, so do not wait for it long. Writing into
+        # a call that is being refused loses the refusal's status (grpc reports INTERNAL).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(answered.wait(), FIRST_ANSWER_WAIT)
+        if call.done():
+            await asyncio.Event().wait()  # refused: the receiving task reports why
         queue = self._queue
         while True:
             on = negotiated.is_set()
@@ -292,7 +312,8 @@ class TunnelClient:
         while True:
             packet = await call.read()
             if packet is grpc.aio.EOF:  # type: ignore[attr-defined]
-                raise _Ended("stream ended by the server")
+                code = await call.code()
+                raise _Ended(code.name, await call.details() or "stream ended by the server")
             # The server batches only towards a client that offered, so accept what we offered.
             got, _refused = batching.datagrams(packet.Data, packet.batch, batching=self.batching_on)
             self._last_rx = time.monotonic()
@@ -306,8 +327,13 @@ class TunnelClient:
             now = time.monotonic()
             waiting_since = self._last_tx if self._last_tx > self._last_rx else 0.0
             if waiting_since and now - waiting_since >= self.stale_after:
-                raise _Ended(f"nothing came back for {now - waiting_since:.0f} s")
+                raise _Ended("OK", f"nothing came back for {now - waiting_since:.0f} s")
 
 
 class _Ended(Exception):
-    """A stream ended without an error status (EOF, or judged stale)."""
+    """A stream ended at its end of data (with its status), or was judged stale."""
+
+    def __init__(self, code: str, details: str | None) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details

@@ -278,8 +278,9 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
         )
         reader = asyncio.create_task(self._read(peer, stream, request_iterator))
         try:
-            if stream.batching:
-                await context.send_initial_metadata(batching.offer())
+            # Headers at once (with the batching echo when offered): the client learns that
+            # the stream was accepted before it writes into it.
+            await context.send_initial_metadata(batching.offer() if stream.batching else ())
             await self._write(peer, stream, context)
         finally:
             reader.cancel()
