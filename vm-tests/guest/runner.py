@@ -1,0 +1,185 @@
+"""In the guest: bring up the underlay, run `gatekeeper agent` as the machine's service, report.
+
+Started by /sbin/gk-init with its output on the serial console. Every report is one line,
+`@@GK {"event": ..., "uptime": ...}`, which the host reads from the console log; the agent's
+own log lines go through here too (prefixed `agent|`), so two writers never mix a line.
+
+Kernel command line parameters (besides siderolink.api=, which is the agent's business):
+  gk.ip=ADDR/PREFIX      the underlay address of eth0
+  gk.node_uuid=UUID      the node UUID when the machine has no SMBIOS (QEMU microvm has none)
+  gk.checks=a,b          extra checks once the link is up: contract, firewall
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PREFIX = "@@GK "
+RUN_DIR = Path("/run/gatekeeper")
+PRODUCT_UUID = Path("/sys/class/dmi/id/product_uuid")
+_lock = threading.Lock()
+
+
+def uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def say(event: str, **fields: Any) -> None:
+    line = json.dumps({"event": event, "uptime": uptime(), **fields}, sort_keys=True)
+    with _lock:
+        sys.stdout.write(PREFIX + line + "\n")
+        sys.stdout.flush()
+
+
+def params() -> dict[str, str]:
+    found = {}
+    for word in Path("/proc/cmdline").read_text().split():
+        key, sep, value = word.partition("=")
+        if key.startswith("gk.") and sep:
+            found[key[3:]] = value
+    return found
+
+
+def setup_network(address: str | None) -> None:
+    """lo and eth0 up, eth0 addressed: with iproute2's ip, which starts faster under TCG than
+    importing pyroute2 here (the agent imports it anyway). Full path: busybox has an `ip` too."""
+    ip = "/usr/sbin/ip"
+    commands = [[ip, "link", "set", "lo", "up"]]
+    if address:
+        # nodad: duplicate-address detection would hold the address back for seconds.
+        commands.append([ip, "addr", "add", address, "dev", "eth0", "nodad"])
+    commands.append([ip, "link", "set", "eth0", "up"])
+    for argv in commands:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            say("error", error=f"{' '.join(argv)}: {done.stderr.strip()}")
+    say("network", address=address)
+
+
+def relay(stream: Any, label: str) -> None:
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip()
+        with _lock:
+            sys.stdout.write(f"{label}| {line}\n")
+            sys.stdout.flush()
+
+
+def start_agent(node_uuid: str | None) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "gatekeeper", "agent", "--run-dir", str(RUN_DIR)]
+    if node_uuid and not PRODUCT_UUID.exists():
+        argv += ["--node-uuid", node_uuid]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    threading.Thread(target=relay, args=(proc.stdout, "agent"), daemon=True).start()
+    say("agent-started", pid=proc.pid)
+    return proc
+
+
+def read_status() -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads((RUN_DIR / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc
+
+
+def run_contract() -> None:
+    from gatekeeper.wireguard import contract
+    from gatekeeper.wireguard.kernel import KernelBackend
+
+    passed: list[str] = []
+    failed: dict[str, str] = {}
+    started = time.monotonic()
+    for check in contract.CHECKS:
+        name = check.__name__.removeprefix("check_")
+        try:
+            check(KernelBackend(), "gkc0")
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            passed.append(name)
+    say("contract", passed=passed, failed=failed, seconds=round(time.monotonic() - started, 2))
+
+
+def run_firewall_show() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gatekeeper", "firewall", "show", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        shown: Any = json.loads(done.stdout)
+    except ValueError:
+        shown = None
+    say(
+        "firewall",
+        returncode=done.returncode,
+        show=shown,
+        stderr=done.stderr.strip()[-400:],
+    )
+
+
+def report_selection() -> None:
+    from gatekeeper.wireguard.select import kernel_wireguard
+
+    available, why = kernel_wireguard()
+    say("kernel-wireguard", available=available, reason=why)
+
+
+def run_checks(names: list[str]) -> None:
+    report_selection()
+    for name in names:
+        try:
+            if name == "contract":
+                run_contract()
+            elif name == "firewall":
+                run_firewall_show()
+            elif name:
+                say("error", error=f"unknown check {name!r}")
+        except Exception as exc:  # report, never stop reporting
+            say("check-error", check=name, error=f"{type(exc).__name__}: {exc}")
+
+
+def main() -> None:
+    say("runner", python=sys.version.split()[0])
+    options = params()
+    with contextlib.suppress(OSError):
+        modules = Path("/proc/modules").read_text()
+        say("modules", wireguard=any(m.startswith("wireguard ") for m in modules.splitlines()))
+    setup_network(options.get("ip"))
+    agent = start_agent(options.get("node_uuid"))
+    checks = [c for c in options.get("checks", "").split(",") if c]
+    last: tuple[Any, ...] = ()
+    checked = False
+    reported_exit = False
+    while True:
+        status = read_status()
+        key = tuple(
+            status.get(k)
+            for k in ("state", "connected", "backend", "last_error", "node_address", "tunnel")
+        )
+        if status and key != last:
+            last = key
+            say("status", status=status)
+        if status.get("connected") and not checked:
+            checked = True
+            run_checks(checks)
+            say("ready")
+        if agent.poll() is not None and not reported_exit:
+            reported_exit = True
+            say("agent-exited", returncode=agent.returncode)
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from vmtests.cli import main
+
+sys.exit(main())
