@@ -75,6 +75,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     from gatekeeper.server.app import ServerError, ServerOptions, serve
     from gatekeeper.server.fleet import FleetOptions
+    from gatekeeper.tunnel.peers import TunnelMode
 
     try:
         token = _read_token(args)
@@ -99,6 +100,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             logs_port=args.logs_port,
             isolation=not args.no_isolation,
         ),
+        tunnel_mode=TunnelMode(args.tunnel_mode),
     )
     try:
         asyncio.run(serve(options))
@@ -212,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]
+    )
+    server.add_argument(
+        "--tunnel-mode",
+        default="off",
+        choices=["off", "allow", "always"],
+        help="WireGuard over gRPC: off; allow = for machines that ask (grpc_tunnel=true); "
+        "always = for every machine (when UDP to --wireguard-port is blocked)",
     )
     server.add_argument(
         "--max-machines",

@@ -21,6 +21,8 @@ from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.service import ProvisionService
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenPolicy
+from gatekeeper.tunnel.peers import TunnelMode
+from gatekeeper.tunnel.server import TunnelHub, add_to_server
 from gatekeeper.wireguard.backend import Device
 from gatekeeper.wireguard.keys import PrivateKey
 from gatekeeper.wireguard.select import select_backend
@@ -46,6 +48,8 @@ class ServerOptions:
     backend: str = "auto"
     endpoint_sync_every: float = 5.0
     fleet: FleetOptions = field(default_factory=FleetOptions)
+    # WireGuard over gRPC: off, allow (machines that ask), always (every machine).
+    tunnel_mode: TunnelMode = TunnelMode.OFF
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -64,6 +68,7 @@ class Server:
         self.device: Device | None = None
         self.grpc: grpc.aio.Server | None = None
         self.provisioner: Provisioner | None = None
+        self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
         self.fleet = Fleet(options.state_dir, options.fleet)
@@ -98,6 +103,9 @@ class Server:
         self.device.set_addresses(
             [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
         )
+        if opts.tunnel_mode is not TunnelMode.OFF:
+            # Tunnel peers' datagrams reach the device through relay sockets on loopback.
+            self.tunnels = TunnelHub(self.device.listen_port())
         self.provisioner = Provisioner(
             registry=self.registry,
             device=self.device,
@@ -108,6 +116,8 @@ class Server:
                 opts.join_token, self.registry.token, self.registry.tokens, time.time
             ),
             max_machines=opts.fleet.max_machines,
+            tunnel_mode=opts.tunnel_mode,
+            tunnels=self.tunnels,
         )
         restored = self.provisioner.restore_peers()
         if self.provisioner.tokens.open():
@@ -121,6 +131,8 @@ class Server:
         provision_pb2_grpc.add_ProvisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
             ProvisionService(self.fleet.guard(self.provisioner)), self.grpc
         )
+        if self.tunnels is not None:
+            add_to_server(self.tunnels, self.grpc)  # same port, same TLS as Provision
         if opts.tls_cert and opts.tls_key:
             creds = server_credentials(opts.tls_cert, opts.tls_key)
             self.port = self.grpc.add_secure_port(opts.listen, creds)
@@ -132,7 +144,7 @@ class Server:
         self._sync_task = asyncio.create_task(self._sync_endpoints())
         log.info(
             "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
-            "%d machines restored",
+            "%d machines restored, tunnel %s",
             opts.listen,
             "TLS" if opts.tls_cert else "plaintext",
             opts.wireguard_interface,
@@ -140,6 +152,7 @@ class Server:
             prefix,
             identity.private_key.public_key().fingerprint(),
             restored,
+            opts.tunnel_mode.value,
         )
 
     async def _sync_endpoints(self) -> None:
@@ -159,6 +172,8 @@ class Server:
         if self.grpc:
             await self.grpc.stop(grace=1)
         await self.fleet.close()
+        if self.tunnels:
+            self.tunnels.close()
         if self.provisioner:
             with contextlib.suppress(Exception):
                 self.provisioner.sync_endpoints()

@@ -23,6 +23,8 @@ from gatekeeper.server.registry import (
     machine_key,
 )
 from gatekeeper.server.tokens import TokenDenied, TokenPolicy
+from gatekeeper.tunnel.header import tunnel_addr_port, tunnel_prefix_for
+from gatekeeper.tunnel.peers import TunnelMode, TunnelPeers
 from gatekeeper.wireguard.backend import Device, PeerConfig
 from gatekeeper.wireguard.keys import InvalidKey, PublicKey
 
@@ -85,6 +87,8 @@ class Provisioner:
         endpoints: Sequence[str],
         tokens: TokenPolicy,
         max_machines: int | None = None,
+        tunnel_mode: TunnelMode = TunnelMode.OFF,
+        tunnels: TunnelPeers | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -94,6 +98,10 @@ class Provisioner:
         self.endpoints = tuple(endpoints)
         self.tokens = tokens
         self.max_machines = max_machines
+        # Tunnel peers need somewhere to relay to: without a hub the mode is off.
+        self.tunnel_mode = tunnel_mode if tunnels is not None else TunnelMode.OFF
+        self.tunnels = tunnels
+        self.tunnel_prefix = tunnel_prefix_for(prefix)
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
@@ -131,7 +139,8 @@ class Provisioner:
             node_uuid=uuid,
             address=address,
             public_key=key.base64(),
-            endpoint=existing.endpoint if existing else None,
+            endpoint=existing.endpoint if existing and not existing.tunnel else None,
+            tunnel=self.tunnel_mode.decide(req.wants_tunnel),
             talos_version=req.talos_version or "",
             created=existing.created if existing else time.time(),
             join_token_id=existing.join_token_id if existing else admission.token_id,
@@ -160,6 +169,7 @@ class Provisioner:
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
+        virtual = self._tunnel_peer(record, key, was_tunnel=bool(existing and existing.tunnel))
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             uuid,
@@ -172,7 +182,39 @@ class Provisioner:
             server_public_key=self.server_public_key.base64(),
             node_address_prefix=f"{address}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
+            grpc_peer_addr_port=virtual,
         )
+
+    def _tunnel_peer(self, record: MachineRecord, key: PublicKey, *, was_tunnel: bool) -> str:
+        """Admit (or drop) the machine's tunnel stream; its virtual `[addr]:port` or "".
+
+        In tunnel mode the device's endpoint for the machine is the hub's relay socket, so
+        WireGuard's replies reach the machine's stream.
+        """
+        virtual = tunnel_addr_port(self.tunnel_prefix, record.address)
+        if self.tunnels is None:
+            return ""
+        if not record.tunnel:
+            if was_tunnel:
+                self.tunnels.revoke(virtual)
+            return ""
+        relay = self.tunnels.allow(virtual)
+        self.device.set_peer(
+            PeerConfig(
+                public_key=key,
+                allowed_ips=(ipaddress.IPv6Network(f"{record.address}/128"),),
+                endpoint=relay,
+                persistent_keepalive=SERVER_KEEPALIVE,
+            )
+        )
+        return virtual
+
+    def _restore_endpoint(self, record: MachineRecord) -> str | None:
+        if not record.tunnel:
+            return record.endpoint
+        if self.tunnels is None or self.tunnel_mode is TunnelMode.OFF:
+            return None  # its stream will be refused and the machine provisions again
+        return self.tunnels.allow(tunnel_addr_port(self.tunnel_prefix, record.address))
 
     def _allocate(self) -> ipaddress.IPv6Address:
         return allocate_node_address(
@@ -187,7 +229,7 @@ class Provisioner:
                 PeerConfig(
                     public_key=PublicKey.from_base64(r.public_key),
                     allowed_ips=(ipaddress.IPv6Network(f"{r.address}/128"),),
-                    endpoint=r.endpoint,
+                    endpoint=self._restore_endpoint(r),
                     persistent_keepalive=SERVER_KEEPALIVE,
                 )
                 for r in records
@@ -201,7 +243,13 @@ class Provisioner:
         changed: dict[str, str] = {}
         for stats in self.device.peers():
             record = by_key.get(stats.public_key.base64())
-            if record and stats.endpoint and stats.endpoint != record.endpoint:
+            # A tunnel peer's endpoint is a relay socket of this process: not worth keeping.
+            if (
+                record
+                and not record.tunnel
+                and stats.endpoint
+                and stats.endpoint != record.endpoint
+            ):
                 changed[record.machine_key] = stats.endpoint
         self.registry.update_endpoints(changed)
         return len(changed)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from gatekeeper.overlay import TUNNEL_SUFFIX
+
 PEER_HEADER = "x-siderolink-ipv6-addr"
 VIRTUAL_PORT = 50889
 _MAX_HEADER = 64  # "[" + 39 + "]:" + 5 is 47; anything much longer is not an address
@@ -68,6 +70,13 @@ def header_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
                 return value.decode("utf-8", "replace")
             return str(value)
     return None
+
+
+def tunnel_prefix_for(overlay: ipaddress.IPv6Network) -> ipaddress.IPv6Network:
+    """The tunnel's /64 beside an overlay prefix: the same bytes with byte 7 = 0x04."""
+    packed = bytearray(overlay.network_address.packed)
+    packed[7] = TUNNEL_SUFFIX
+    return ipaddress.IPv6Network((bytes(packed[:8]) + bytes(8), 64))
 
 
 def tunnel_addr_port(

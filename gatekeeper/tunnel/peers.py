@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Protocol
 
 
@@ -17,3 +18,24 @@ class TunnelPeers(Protocol):
     def revoke(self, virtual_addr_port: str) -> None:
         """Forget the peer: its stream ends, later streams get `peer not allowed`."""
         ...
+
+
+class TunnelMode(StrEnum):
+    """Who gets the tunnel (spec section 4: the server decides)."""
+
+    OFF = "off"  # never: every machine uses direct UDP, whatever it asks
+    ALLOW = "allow"  # machines that ask for it (the wireguard_over_grpc hint)
+    ALWAYS = "always"  # every machine, asked or not
+
+    def decide(self, wants_tunnel: bool) -> bool:
+        if self is TunnelMode.ALWAYS:
+            return True
+        return self is TunnelMode.ALLOW and wants_tunnel
+
+
+def parse_tunnel_mode(text: str) -> TunnelMode:
+    try:
+        return TunnelMode(text.strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in TunnelMode)
+        raise ValueError(f"tunnel mode {text[:40]!r} is not one of {choices}") from None
