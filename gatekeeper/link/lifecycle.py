@@ -133,6 +133,13 @@ class LinkFailed:
 
 
 @dataclass(frozen=True)
+class TunnelFailed:
+    """The tunnel's stream was refused for good (`peer not allowed` or `peer replaced`)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
 class Sample:
     """Counters read from the device for the server peer."""
 
@@ -154,6 +161,7 @@ Event = (
     | ProvisionFailed
     | LinkConfigured
     | LinkFailed
+    | TunnelFailed
     | Sample
     | TimerFired
 )
@@ -292,6 +300,18 @@ class Link:
                 return self._on_link_configured(now)
             case LinkFailed(attempt, error) if self._current(attempt, State.CONFIGURING):
                 return self._on_provision_failed(f"configuring the link failed: {error}", now)
+            case TunnelFailed(error) if self.status.tunnel and self.status.state in (
+                State.CONNECTING,
+                State.UP,
+            ):
+                # The server forgot this tunnel peer, or another stream took it over: only a
+                # new Provision can tell which tunnel (if any) this machine should use now.
+                self._set(now, connected=False, last_error=error)
+                return [
+                    Log("warning", f"tunnel down: {error}; provisioning again"),
+                    Cancel(SAMPLE_TIMER),
+                    *self._provision(now),
+                ]
             case Sample() as sample if self.status.state in (State.CONNECTING, State.UP):
                 return self._on_sample(sample, now)
             case TimerFired(name) if name == RETRY_TIMER and self.status.state is State.BACKOFF:
