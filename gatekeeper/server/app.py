@@ -14,11 +14,10 @@ from pathlib import Path
 import grpc
 
 from gatekeeper.overlay import overlay_prefix, server_address
-from gatekeeper.pb.siderolink import provision_pb2_grpc
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
-from gatekeeper.server.service import ProvisionService
+from gatekeeper.server.service import ProvisionService, add_provision_service
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenPolicy
 from gatekeeper.tunnel.peers import TunnelMode
@@ -128,9 +127,7 @@ class Server:
             raise ServerError(str(exc)) from None
 
         self.grpc = grpc.aio.server(options=provision_server_options())
-        provision_pb2_grpc.add_ProvisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ProvisionService(self.fleet.guard(self.provisioner)), self.grpc
-        )
+        add_provision_service(self.grpc, ProvisionService(self.fleet.guard(self.provisioner)))
         if self.tunnels is not None:
             add_to_server(self.tunnels, self.grpc)  # same port, same TLS as Provision
         if opts.tls_cert and opts.tls_key:

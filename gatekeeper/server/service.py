@@ -6,9 +6,11 @@ import logging
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gatekeeper.overlay import swap_endpoints
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
+from gatekeeper.server.guard import RATE_LIMITED
 from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,13 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
         try:
             out = self.provisioner.provision(req)
         except Rejected as exc:
-            log.warning(
-                "provision from %s (node %s) rejected: %s",
-                req.peer,
-                req.node_uuid[:64] or "-",
-                exc.message,
-            )
+            if exc.message != RATE_LIMITED:  # the guard logs a flood once, not per request
+                log.warning(
+                    "provision from %s (node %s) rejected: %s",
+                    req.peer,
+                    req.node_uuid[:64] or "-",
+                    exc.message,
+                )
             await context.abort(_STATUS[exc.code], exc.message)
         except Exception:
             # Internals stay in our log; the caller learns only that it was not its fault.
@@ -68,3 +71,33 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
             server_address=out.server_address,
             grpc_peer_addr_port=out.grpc_peer_addr_port,
         )
+
+    async def provision_bytes(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> provision_pb2.ProvisionResponse:
+        try:
+            request = provision_pb2.ProvisionRequest.FromString(raw)
+        except DecodeError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ProvisionRequest"
+            )
+        return await self.Provision(request, context)
+
+
+def add_provision_service(server: grpc.aio.Server, service: ProvisionService) -> None:
+    """Register Provision taking raw bytes, so that undecodable input is INVALID_ARGUMENT.
+
+    (The generated helper decodes first and answers UNKNOWN with the parser's own words.)
+    """
+    handler = grpc.unary_unary_rpc_method_handler(
+        service.provision_bytes,
+        request_deserializer=None,
+        response_serializer=provision_pb2.ProvisionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "sidero.link.ProvisionService", {"Provision": handler}
+            ),
+        )
+    )
