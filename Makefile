@@ -5,24 +5,42 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := wireguard-go wireguard-tools nftables libnftables1 iproute2 iputils-ping iperf3
+# vm-tests: QEMU, and what builds its image (the kernel and busybox come via apt-get download).
+VM_PACKAGES := qemu-system-x86 debootstrap kmod e2fsprogs
 
-.PHONY: demo test setup system-packages proto lint
+.PHONY: demo test vm-test setup system-packages vm-packages proto lint
 
 demo: setup
 	$(VENV)/bin/gatekeeper demo
 
-test: setup
+test: setup vm-packages
 	$(PY) -m gatekeeper.pb.generate --check
-	$(VENV)/bin/ruff check gatekeeper tests bench
-	$(VENV)/bin/ruff format --check gatekeeper tests bench
+	$(VENV)/bin/ruff check gatekeeper tests bench vm-tests
+	$(VENV)/bin/ruff format --check gatekeeper tests bench vm-tests
 	$(VENV)/bin/mypy gatekeeper
+	MYPYPATH=vm-tests $(VENV)/bin/mypy --strict vm-tests/vmtests vm-tests/guest/runner.py
 	$(PY) -m pytest -ra
+
+# The VM run alone (tests/test_vm*.py run it too): builds the image under vm-tests/.cache/,
+# keeps each run's console log under vm-tests/logs/.
+vm-test: setup vm-packages
+	PYTHON=$(PY) vm-tests/run || [ $$? = 77 ]  # 77: skipped, the reason is printed
 
 # Regenerate gatekeeper/pb from proto/ (tests fail when it is stale).
 proto: setup
 	$(PY) -m gatekeeper.pb.generate
 
 setup: system-packages $(VENV)/.installed
+
+vm-packages:
+	@missing=""; for p in $(VM_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "vm-tests need Debian packages:$$missing (they will be skipped)"; exit 0; fi; \
+		echo "installing Debian packages for vm-tests:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+			|| echo "could not install$$missing: the VM tests will be skipped"; \
+	fi
 
 system-packages:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \

@@ -7,6 +7,7 @@ system comes from debootstrap, pointed at the first Debian mirror the host's apt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -50,14 +51,10 @@ def mirror_from_sources(
             ):
                 return fields.get("uris", "").split()[0]
     for line in sources_list.splitlines():
-        words = line.split("#", 1)[0].split()
-        if len(words) >= 4 and words[0] == "deb":
-            rest = [w for w in words[1:] if not w.startswith("[")]
-            # Options in [ ... ] may span several words.
-            if "]" in line:
-                rest = line.split("]", 1)[1].split("#", 1)[0].split()
-            if len(rest) >= 3 and rest[1] == codename and "main" in rest[2:]:
-                return rest[0]
+        # deb [option=value ...] URI SUITE COMPONENT...
+        words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+        if len(words) >= 4 and words[0] == "deb" and words[2] == codename and "main" in words[3:]:
+            return words[1]
     return None
 
 
@@ -95,13 +92,32 @@ def _apt(argv: list[str], what: str, timeout: float) -> str:
     return done.stdout
 
 
+_refreshed = False
+
+
+def _refresh_lists() -> bool:
+    """apt-get update, once per process: a fresh machine may have no or stale package lists."""
+    global _refreshed
+    if _refreshed or os.geteuid() != 0:
+        return False
+    _refreshed = True
+    with contextlib.suppress(Skip):
+        _apt(["apt-get", "update", "-qq"], "refreshing the package lists", 300)
+    return True
+
+
 def kernel_package() -> str:
     """The versioned kernel package the linux-image-amd64 meta-package points at now."""
-    out = _apt(["apt-cache", "depends", "linux-image-amd64"], "looking up the kernel package", 60)
-    for line in out.splitlines():
-        match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
-        if match:
-            return match.group(1)
+    for _ in range(2):
+        out = _apt(
+            ["apt-cache", "depends", "linux-image-amd64"], "looking up the kernel package", 60
+        )
+        for line in out.splitlines():
+            match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+            if match:
+                return match.group(1)
+        if not _refresh_lists():
+            break
     raise Skip(
         "no kernel package: apt knows no linux-image-amd64 (run apt-get update, or check "
         "the apt sources)"
@@ -109,11 +125,14 @@ def kernel_package() -> str:
 
 
 def package_version(name: str) -> str:
-    out = _apt(["apt-cache", "policy", name], f"looking up {name}", 60)
-    match = re.search(r"Candidate:\s*(\S+)", out)
-    if not match or match.group(1) == "(none)":
-        raise Skip(f"no Debian package {name} available (run apt-get update)")
-    return match.group(1)
+    for _ in range(2):
+        out = _apt(["apt-cache", "policy", name], f"looking up {name}", 60)
+        match = re.search(r"Candidate:\s*(\S+)", out)
+        if match and match.group(1) != "(none)":
+            return match.group(1)
+        if not _refresh_lists():
+            break
+    raise Skip(f"no Debian package {name} available (run apt-get update)")
 
 
 def download(name: str, version: str, dest: Path) -> Path:
@@ -123,11 +142,13 @@ def download(name: str, version: str, dest: Path) -> Path:
     if found:
         return found[0]
     # apt's sandbox user cannot write root-owned cache folders; download where it may.
-    _apt(
-        ["sh", "-c", 'cd "$1" && apt-get download -q "$2"', "sh", str(dest), f"{name}={version}"],
-        f"downloading {name} {version}",
-        600,
-    )
+    argv = ["sh", "-c", 'cd "$1" && apt-get download -q "$2"', "sh", str(dest)]
+    try:
+        _apt([*argv, f"{name}={version}"], f"downloading {name} {version}", 600)
+    except Skip:
+        if not _refresh_lists():
+            raise
+        _apt([*argv, f"{name}={version}"], f"downloading {name} {version}", 600)
     found = [p for p in dest.glob(f"{name}_*.deb") if _deb_version(p) == version]
     if not found:
         raise Skip(f"apt-get download {name}={version} left no .deb in {dest}")

@@ -86,8 +86,12 @@ def features() -> dict[str, str | None]:
         else "the agent does not apply the firewall yet",
         "tunnel": None,
     }
-    if "does not support yet" in source and "tunnel mode" in source:
+    from gatekeeper.cli import main as cli_main
+
+    if "TunnelClient" not in source:
         found["tunnel"] = "the agent does not support tunnel mode (grpc_tunnel=true) yet"
+    elif "--tunnel-mode" not in inspect.getsource(cli_main):
+        found["tunnel"] = "the server has no --tunnel-mode yet"
     return found
 
 
@@ -107,7 +111,8 @@ class Run:
 
     def start(self) -> Vm:
         lab = self.lab
-        lab.start_server()
+        # allow: the server tunnels exactly the machines that ask (grpc_tunnel=true).
+        lab.start_server(*(["--tunnel-mode", "allow"] if self.tunnel else []))
         ns = lab.server_ns
         ns.run(["ip", "tuntap", "add", TAP, "mode", "tap"])
         ns.run(["ip", "link", "set", TAP, "master", "br0", "up"])
