@@ -146,10 +146,19 @@ def test_with_batching_take_what_is_queued_now_and_never_wait() -> None:
     assert batching.take(q, batching=True) == [b"a" * 10]  # alone: no waiting for company
     for i in range(100):
         q.push(bytes([i]) * 1000)
-    first = batching.take(q, batching=True, max_count=64)
+    first = batching.take(q, batching=True, max_count=64, max_bytes=1 << 20)
     assert len(first) == 64 and first[0][0] == 0 and first[-1][0] == 63
     rest = batching.take(q, batching=True, max_count=64, max_bytes=5000)
     assert [d[0] for d in rest] == [64, 65, 66, 67, 68]
+
+
+def test_default_batch_fits_the_server_s_16_kib_messages() -> None:
+    q: DropOldestQueue[bytes] = DropOldestQueue()
+    for _ in range(100):
+        q.push(bytes(1312))
+    taken = batching.take(q, batching=True)
+    framing = 3 * len(taken)  # tag and length of each repeated bytes entry
+    assert len(taken) == 11 and sum(map(len, taken)) + framing < 16 * 1024
 
 
 def test_an_oversized_datagram_still_travels_alone() -> None:

@@ -54,9 +54,12 @@ from gatekeeper.link.lifecycle import (
     SendProbe,
     TimerFired,
     Timing,
+    TunnelFailed,
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
+from gatekeeper.tunnel.client import TunnelClient, TunnelError
+from gatekeeper.tunnel.header import HeaderError, canonical_peer
 from gatekeeper.wireguard import iplink
 from gatekeeper.wireguard.backend import Backend, Device, PeerConfig, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
@@ -110,6 +113,8 @@ class Agent:
         self.backend_reason = ""
         self.spec: LinkSpec | None = None
         self.link_index = 0
+        # The relay between `siderolinktun` and CreateStream, while in tunnel mode.
+        self.tunnel: TunnelClient | None = None
         self.maintenance = MaintenanceController(options.maintenance_port)
         self.firewall: FirewallController | None = None
         if options.firewall_paths is not None:
@@ -175,6 +180,7 @@ class Agent:
             listen_port=self.options.listen_port,
             firewall=("off" if self.firewall is None else "error" if self.firewall_error else "ok"),
             firewall_error=self.firewall_error,
+            tunnel_stream=self._tunnel_status(),
             updated=time.time(),
             **extra,
         )
@@ -192,6 +198,7 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._stop_tunnel()
         self._remove_device()
         await self.maintenance.close()
         self.publish(state="stopped", connected=False)
@@ -209,6 +216,7 @@ class Agent:
             case ConfigureLink(attempt, spec):
                 await self._configure(attempt, spec)
             case RemoveLink():
+                await self._stop_tunnel()
                 self._remove_device()
             case Schedule(name, delay):
                 self._schedule(name, delay)
@@ -317,18 +325,57 @@ class Agent:
 
     async def _configure(self, attempt: int, spec: LinkSpec) -> None:
         try:
-            await asyncio.to_thread(self._apply_spec, spec)
-        except (WireGuardError, OSError) as exc:
+            relay = await self._ensure_tunnel(spec)
+            await asyncio.to_thread(self._apply_spec, spec, relay)
+        except (WireGuardError, OSError, TunnelError, HeaderError) as exc:
             await self.events.put(LinkFailed(attempt, str(exc)))
         else:
             await self.events.put(LinkConfigured(attempt))
 
-    def _apply_spec(self, spec: LinkSpec) -> None:
-        if spec.grpc_peer_addr_port:
-            raise WireGuardError(
-                "the server put this machine in tunnel mode (WireGuard over gRPC), "
-                "which this agent does not support yet"
-            )
+    async def _ensure_tunnel(self, spec: LinkSpec) -> str | None:
+        """In tunnel mode, a running relay for this spec; its endpoint for the device's peer.
+
+        The relay dials the same host, port and TLS choice as the API. One that still runs
+        for the same API and header is kept, so re-configuring the link (next endpoint, same
+        reply again) does not drop the stream.
+        """
+        config = self.link.config
+        if not spec.grpc_peer_addr_port or config is None:
+            await self._stop_tunnel()
+            return None
+        header = canonical_peer(spec.grpc_peer_addr_port)
+        current = self.tunnel
+        if current and current.running and current.api == config.api and current.header == header:
+            return current.local_endpoint
+        await self._stop_tunnel()
+        self.tunnel = TunnelClient(
+            config.api,
+            header,
+            on_fatal=lambda error: self.events.put_nowait(TunnelFailed(error)),
+            on_status=lambda _status: self.publish(),
+        )
+        return await self.tunnel.start()
+
+    async def _stop_tunnel(self) -> None:
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            await tunnel.close()
+
+    def _tunnel_status(self) -> dict[str, Any] | None:
+        if self.tunnel is None:
+            return None
+        s = self.tunnel.status
+        return {
+            "state": s.state,
+            "detail": s.detail,
+            "batching": s.batching,
+            "sent": s.sent,
+            "received": s.received,
+            "dropped": s.dropped,
+            "streams": s.streams,
+        }
+
+    def _apply_spec(self, spec: LinkSpec, relay: str | None = None) -> None:
         if self.device is not None and self.device.name != spec.name:
             self._remove_device()
         if self.device is None:
@@ -339,7 +386,8 @@ class Agent:
         peer = PeerConfig(
             public_key=PublicKey.from_base64(spec.server_public_key),
             allowed_ips=(ipaddress.IPv6Network(f"{spec.server_address}/128"),),
-            endpoint=resolve_endpoint(spec.endpoint),
+            # Tunnel mode: the server is reached through the local relay socket.
+            endpoint=relay if relay else resolve_endpoint(spec.endpoint),
             persistent_keepalive=spec.keepalive,
         )
         self.device.configure(self.key, spec.listen_port, [peer], replace_peers=True)

@@ -23,9 +23,11 @@ from gatekeeper.tunnel.queue import DropOldestQueue
 BATCH_HEADER = "x-gatekeeper-batch"
 BATCH_VERSION = "1"
 # Past these the per-message cost is already amortised; bigger messages only add latency
-# for the first datagram and memory on both ends.
+# for the first datagram and memory on both ends. The byte bound keeps a message (payload plus
+# a few bytes of framing per datagram) under the 16 KiB message limit of the server's gRPC
+# port, which the tunnel shares with Provision: eleven full-size (1312-byte) datagrams.
 MAX_BATCH_COUNT = 64
-MAX_BATCH_BYTES = 128 * 1024
+MAX_BATCH_BYTES = 15 * 1024
 
 Metadata = Iterable[tuple[str, str | bytes]]
 
