@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # A machine counts as connected while its last handshake is younger than the machine's own
 # link-down threshold (spec section 3: 180 + 5 + 90 s).
 CONNECTED_WITHIN = 275.0
+# A machine handshakes within seconds of its Provision answer; this covers slow ones.
+JOIN_WINDOW = 30.0
 EVENTS_PORT = 8090
 LOGS_PORT = 8092
 # Provision requests are a few hundred bytes; anything far larger is refused by gRPC before
@@ -92,13 +94,20 @@ class Fleet:
         self.events_server: grpc.aio.Server | None = None
         self.log_receiver: LogReceiver | None = None
         self.metrics_server: MetricsServer | None = None
+        self.provision_guard: ProvisionGuard | None = None
         self._journals: list[Journal] = []
         self._isolated = False
         self.events_port = 0
         self.logs_port = 0
 
     def guard(self, provisioner: Provisioner) -> ProvisionGuard:
-        return ProvisionGuard(provisioner, audit=self.audit, metrics=self.metrics)
+        self.provision_guard = ProvisionGuard(provisioner, audit=self.audit, metrics=self.metrics)
+        return self.provision_guard
+
+    def joining(self, within: float = JOIN_WINDOW) -> bool:
+        """Did a machine provision recently (so its endpoint may just have appeared)?"""
+        guard = self.provision_guard
+        return guard is not None and time.monotonic() - guard.last_ok < within
 
     async def start(
         self,

@@ -49,6 +49,9 @@ class ProvisionGuard:
         self.metrics = metrics
         self.limiter = limiter or FailureLimiter()
         self.clock = clock
+        # When a provision last succeeded (monotonic): the server reads its device for new
+        # endpoints while machines are joining, not on an idle timer.
+        self.last_ok = time.monotonic()
         # Sources already told about being limited: one audit line per episode, not per call.
         self._limited_noted: set[str] = set()
 
@@ -75,6 +78,7 @@ class ProvisionGuard:
             self._count("error")
             self._audit(req, "error", reason="internal error")
             raise
+        self.last_ok = time.monotonic()
         self._count("ok")
         self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
         return out
