@@ -117,6 +117,8 @@ class Fleet:
         prefix: ipaddress.IPv6Network,
     ) -> None:
         opts = self.options
+        if opts.max_machines is not None and opts.max_machines < 1:
+            raise FleetError(f"--max-machines must be at least 1, not {opts.max_machines}")
         if opts.isolation:
             try:
                 install_isolation(prefix, device.name)
