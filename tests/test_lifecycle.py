@@ -11,6 +11,7 @@ from gatekeeper.config.siderolink import SideroLinkConfig, parse_api_url
 from gatekeeper.link.lifecycle import (
     RETRY_TIMER,
     SAMPLE_TIMER,
+    UDP_RETRY_TIMER,
     Cancel,
     ConfigChanged,
     ConfigRejected,
@@ -32,6 +33,7 @@ from gatekeeper.link.lifecycle import (
     State,
     TimerFired,
     Timing,
+    TunnelMode,
     WaitForNetwork,
 )
 
@@ -70,6 +72,7 @@ def test_unconfigured_until_a_config_arrives() -> None:
     link = Link(timing=TIMING)
     assert link.handle(ConfigChanged(None, ID), 0) == [
         Cancel(RETRY_TIMER),
+        Cancel(UDP_RETRY_TIMER),
         Log("info", "SideroLink is not configured"),
     ]
     assert link.status.state is State.UNCONFIGURED
@@ -246,3 +249,72 @@ def test_any_event_sequence_keeps_the_machine_consistent(seq: list[object]) -> N
         assert s.connected == (s.state is State.UP) or (s.state is not State.UP and not s.connected)
         if s.state is State.UNCONFIGURED:
             assert not s.connected
+
+
+TUNNEL_REPLY = Provisioned(**{**REPLY.__dict__, "grpc_peer_addr_port": "[fdae::9304:1]:50889"})
+
+
+def auto_link() -> tuple[Link, Provision]:
+    link = Link(timing=TIMING, tunnel_mode=TunnelMode.AUTO)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    assert isinstance(p, Provision) and not p.tunnel  # UDP first
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
+    link.handle(LinkConfigured(c.attempt), 2)  # type: ignore[attr-defined]
+    assert link.status.path == "udp"
+    return link, p
+
+
+def test_auto_asks_for_the_tunnel_when_udp_never_handshakes_and_retries_udp_later() -> None:
+    link, _ = auto_link()
+    t, actions = 2.0, []
+    while not of(actions, Provision):
+        t += 5
+        actions = link.handle(Sample(None, 0), t)
+    assert t - 2 <= TIMING.udp_fallback_after + TIMING.sample_every
+    (p,) = of(actions, Provision)
+    assert p.tunnel  # type: ignore[attr-defined]
+    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
+    assert retry.delay == TIMING.udp_retry_after  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
+    assert c.spec.name == "siderolinktun"  # type: ignore[attr-defined]
+    assert link.status.path == "tunnel" and "no WireGuard handshake over UDP" in (
+        link.status.path_reason or ""
+    )
+    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    link.handle(Sample(1000.0, 100), t + 1)
+    assert link.status.connected
+    # Later: UDP again, and a longer stay in the tunnel if UDP fails once more.
+    (again,) = of(link.handle(TimerFired(UDP_RETRY_TIMER), t + 600), Provision)
+    assert not again.tunnel  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(again.attempt, REPLY), t + 601), ConfigureLink)  # type: ignore[attr-defined]
+    assert link.status.path == "udp" and "trying UDP again" in (link.status.path_reason or "")
+    link.handle(LinkConfigured(c.attempt), t + 601)  # type: ignore[attr-defined]
+    t2, actions = t + 601, []
+    while not of(actions, Provision):
+        t2 += 5
+        actions = link.handle(Sample(None, 0), t2)
+    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
+    assert retry.delay == 2 * TIMING.udp_retry_after  # type: ignore[attr-defined]
+
+
+def test_auto_stays_on_udp_when_it_works() -> None:
+    link, _ = auto_link()
+    link.handle(Sample(1000.0, 92), 3)
+    for t in range(5, 300, 5):
+        actions = link.handle(Sample(1000.0, 92 + t), t)
+        assert not of(actions, Provision)
+    assert link.status.path == "udp" and link.status.connected
+
+
+def test_off_never_asks_and_a_declined_tunnel_is_reported() -> None:
+    link = Link(timing=TIMING, tunnel_mode=TunnelMode.ON)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    assert p.tunnel  # type: ignore[attr-defined]
+    link.handle(ProvisionSucceeded(p.attempt, REPLY), 2)  # type: ignore[attr-defined]
+    assert link.status.path == "udp" and link.status.path_reason == "the server declined the tunnel"
+    off = Link(timing=TIMING)
+    off.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(off.handle(NetworkReady(), 1), Provision)
+    assert not p.tunnel  # type: ignore[attr-defined]

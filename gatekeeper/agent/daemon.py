@@ -55,6 +55,7 @@ from gatekeeper.link.lifecycle import (
     TimerFired,
     Timing,
     TunnelFailed,
+    TunnelMode,
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
@@ -81,6 +82,7 @@ class AgentOptions:
     network_timeout: float = 60.0
     config_poll: float = 2.0
     maintenance_port: int = 50000
+    tunnel_mode: TunnelMode = TunnelMode.AUTO
     # Documents with NetworkDefaultActionConfig / NetworkRuleConfig (the --config file is read
     # for them too); None turns the agent's firewall off.
     firewall_paths: list[Path] | None = field(default_factory=list)
@@ -106,7 +108,11 @@ class Agent:
         self.clock = clock
         # Ephemeral: generated at start, kept across re-provisions, never written anywhere.
         self.key = PrivateKey.generate()
-        self.link = Link(listen_port=options.listen_port, timing=options.timing)
+        self.link = Link(
+            listen_port=options.listen_port,
+            timing=options.timing,
+            tunnel_mode=options.tunnel_mode,
+        )
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.device: Device | None = None
         self.backend: Backend | None = None

@@ -46,6 +46,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     from gatekeeper.agent.daemon import AgentOptions, run_agent
     from gatekeeper.link.lifecycle import Timing
+    from gatekeeper.link.lifecycle import TunnelMode as LinkTunnelMode
 
     options = AgentOptions(
         cmdline=Path(args.cmdline),
@@ -57,6 +58,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         network_timeout=args.network_timeout,
         maintenance_port=args.maintenance_port,
         timing=Timing.for_link_timeout(args.link_timeout),
+        tunnel_mode=LinkTunnelMode(args.tunnel),
         firewall_paths=None if args.no_firewall else [Path(p) for p in args.firewall_config],
     )
     asyncio.run(run_agent(options))
@@ -172,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=45.0,
         help="seconds without any answer from the server (despite probes) before the link is "
         "declared down and the next endpoint tried (default 45)",
+    )
+    agent.add_argument(
+        "--tunnel",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="WireGuard over gRPC: auto = UDP first, ask for the tunnel when no handshake "
+        "succeeds over UDP and try UDP again later (default); on = always ask; off = only "
+        "when the API URL has grpc_tunnel=true. The server decides in the end.",
     )
     agent.add_argument(
         "--firewall-config",

@@ -41,12 +41,19 @@ class Timing:
     connecting_sample_every: float = 0.1
     probe_after: float = 10.0
     dead_after: float = 45.0
+    # Tunnel "auto": how long a fresh UDP link may stay without a handshake before the
+    # tunnel is asked for, and how long the tunnel is used before UDP is tried again
+    # (doubling while UDP keeps failing, up to the cap).
+    udp_fallback_after: float = 15.0
+    udp_retry_after: float = 600.0
+    udp_retry_max: float = 7200.0
 
     @classmethod
     def for_link_timeout(cls, dead_after: float) -> Timing:
         """Scale probing and sampling with the time a silent link is given before it is down."""
         return cls(
             dead_after=dead_after,
+            udp_fallback_after=min(15.0, dead_after / 3),
             probe_after=max(0.5, dead_after * 2 / 9),
             sample_every=max(0.25, min(5.0, dead_after / 9)),
         )
@@ -223,6 +230,15 @@ Action = (
 
 RETRY_TIMER = "retry"
 SAMPLE_TIMER = "sample"
+UDP_RETRY_TIMER = "udp-retry"
+
+
+class TunnelMode(StrEnum):
+    """The machine's wish for WireGuard over gRPC; the server decides in the end."""
+
+    OFF = "off"  # ask only when the API URL says grpc_tunnel=true (as Talos does)
+    ON = "on"  # always ask
+    AUTO = "auto"  # UDP first; ask when no handshake succeeds over UDP, retry UDP later
 
 
 class State(StrEnum):
@@ -256,14 +272,28 @@ class Status:
     next_retry_in: float | None = None
     provisions: int = 0
     since: float = 0.0
+    # Which path carries WireGuard ("udp" or "tunnel") and why, for tunnel "auto".
+    path: str | None = None
+    path_reason: str | None = None
 
 
 class Link:
     """The lifecycle of one SideroLink link. Feed events, perform the returned actions."""
 
-    def __init__(self, *, listen_port: int | None = None, timing: Timing | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        listen_port: int | None = None,
+        timing: Timing | None = None,
+        tunnel_mode: TunnelMode = TunnelMode.OFF,
+    ) -> None:
         self.listen_port = listen_port
         self.timing = timing or Timing()
+        self.tunnel_mode = TunnelMode(tunnel_mode)
+        # AUTO: the tunnel is asked for after UDP failed; the wait before trying UDP again.
+        self._fallback = False
+        self._fallback_reason: str | None = None
+        self._udp_retry_delay = self.timing.udp_retry_after
         self.status = Status()
         self._config: SideroLinkConfig | None = None
         self._identity: Identity | None = None
@@ -316,6 +346,12 @@ class Link:
                 return self._on_sample(sample, now)
             case TimerFired(name) if name == RETRY_TIMER and self.status.state is State.BACKOFF:
                 return self._provision(now)
+            case TimerFired(name) if (
+                name == UDP_RETRY_TIMER
+                and self._fallback
+                and self.status.state in (State.CONNECTING, State.UP)
+            ):
+                return self._retry_udp(now)
         return []
 
     def _current(self, attempt: int, state: State) -> bool:
@@ -352,7 +388,9 @@ class Link:
         self._config, self._identity = config, identity
         self._attempt += 1  # outcomes of work started for the old config are now stale
         self._failures = 0
-        actions: list[Action] = [Cancel(RETRY_TIMER)]
+        self._fallback, self._fallback_reason = False, None
+        self._udp_retry_delay = self.timing.udp_retry_after
+        actions: list[Action] = [Cancel(RETRY_TIMER), Cancel(UDP_RETRY_TIMER)]
         if config is None:
             self._reply = None
             if self._link_present:
@@ -382,7 +420,46 @@ class Link:
         return [Provision(self._attempt, self._config, self._identity, tunnel=self._wants_tunnel())]
 
     def _wants_tunnel(self) -> bool:
-        return self._config is not None and self._config.api.grpc_tunnel
+        if self._config is not None and self._config.api.grpc_tunnel:
+            return True
+        if self.tunnel_mode is TunnelMode.ON:
+            return True
+        return self.tunnel_mode is TunnelMode.AUTO and self._fallback
+
+    def _path_reason(self, reply: Provisioned) -> str:
+        asked = self._wants_tunnel()
+        if reply.tunnel:
+            if self._fallback and self._fallback_reason:
+                return self._fallback_reason
+            return "asked for by this machine" if asked else "the server's choice"
+        if asked:
+            return "the server declined the tunnel"
+        if self.tunnel_mode is TunnelMode.AUTO and self._fallback_reason:
+            return self._fallback_reason
+        return "direct WireGuard over UDP"
+
+    def _fall_back_to_tunnel(self, now: float) -> list[Action]:
+        after = self.timing.udp_fallback_after
+        self._fallback = True
+        self._fallback_reason = (
+            f"no WireGuard handshake over UDP within {after:.0f} s; using the gRPC tunnel"
+        )
+        self._set(now, connected=False, last_error=self._fallback_reason)
+        return [
+            Log("warning", f"{self._fallback_reason}, provisioning again"),
+            Cancel(SAMPLE_TIMER),
+            Schedule(UDP_RETRY_TIMER, self._udp_retry_delay),
+            *self._provision(now),
+        ]
+
+    def _retry_udp(self, now: float) -> list[Action]:
+        self._fallback = False
+        self._fallback_reason = (
+            f"trying UDP again after {self._udp_retry_delay:.0f} s over the tunnel"
+        )
+        # If UDP still fails, the next stay in the tunnel is longer.
+        self._udp_retry_delay = min(self._udp_retry_delay * 2, self.timing.udp_retry_max)
+        return [Log("info", self._fallback_reason), Cancel(SAMPLE_TIMER), *self._provision(now)]
 
     def _on_provision_failed(self, error: str, now: float) -> list[Action]:
         delay = min(
@@ -409,6 +486,8 @@ class Link:
             server_public_key=reply.server_public_key,
             endpoints=reply.endpoints,
             tunnel=reply.tunnel,
+            path="tunnel" if reply.tunnel else "udp",
+            path_reason=self._path_reason(reply),
             last_error=None,
         )
         return self._configure(now)
@@ -467,6 +546,13 @@ class Link:
         every = self.timing.connecting_sample_every if fresh else self.timing.sample_every
         actions.append(Schedule(SAMPLE_TIMER, every))
         silent = now - self._last_progress
+        if (
+            self.tunnel_mode is TunnelMode.AUTO
+            and self.status.state is State.CONNECTING
+            and not self._reply.tunnel
+            and silent >= self.timing.udp_fallback_after
+        ):
+            return actions + self._fall_back_to_tunnel(now)
         if silent >= self.timing.dead_after:
             return actions + self._on_dead(now, silent)
         if silent >= self.timing.probe_after and now - self._last_probe >= self.timing.probe_after:
