@@ -127,8 +127,19 @@ def test_batching_needs_the_offer_and_the_echo() -> None:
     assert not batching.announced([("x-gatekeeper-batch", "2")])
     assert not batching.announced([("other", "1")]) and not batching.announced(None)
     # The server echoes only to a client that offered.
-    assert batching.answer(batching.offer()) == batching.offer()
+    assert batching.answer(batching.offer(), 61440) == (
+        ("x-gatekeeper-batch", "1"),
+        ("x-gatekeeper-batch-bytes", "61440"),
+    )
     assert batching.answer([(PEER_HEADER, "[::1]:1")]) == ()
+
+
+def test_announced_batch_budget_is_clamped_and_defaults_small() -> None:
+    assert batching.batch_bytes(batching.answer(batching.offer(), 61440)) == 61440
+    assert batching.batch_bytes([("x-gatekeeper-batch-bytes", b"100")]) == 1500
+    assert batching.batch_bytes([("x-gatekeeper-batch-bytes", str(1 << 30))]) == 1 << 20
+    assert batching.batch_bytes([("x-gatekeeper-batch-bytes", "lots")]) == 15 * 1024
+    assert batching.batch_bytes(batching.offer()) == 15 * 1024  # an older Gatekeeper server
 
 
 def test_without_batching_one_datagram_per_message() -> None:
@@ -237,3 +248,16 @@ def test_fatal_endings_are_exactly_the_spec_s_two() -> None:
     assert not is_fatal("PERMISSION_DENIED", "invalid join token")
     assert not is_fatal("UNAVAILABLE", "peer replaced")
     assert not is_fatal("ABORTED", None)
+
+
+def test_tunnel_raises_only_the_message_limits_that_are_set() -> None:
+    from gatekeeper.tunnel.server import TUNNEL_MESSAGE_LIMIT, server_options
+
+    options = [("grpc.max_receive_message_length", 16384), ("grpc.so_reuseport", 0)]
+    assert server_options(options) == [
+        ("grpc.max_receive_message_length", TUNNEL_MESSAGE_LIMIT),
+        ("grpc.so_reuseport", 0),
+    ]
+    assert server_options([("grpc.max_send_message_length", 1 << 22)]) == [
+        ("grpc.max_send_message_length", 1 << 22)
+    ]

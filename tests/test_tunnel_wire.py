@@ -93,7 +93,9 @@ def test_a_second_stream_replaces_the_first(server: LoopbackTunnelServer) -> Non
 
 def test_batches_flow_only_after_both_sides_announced(server: LoopbackTunnelServer) -> None:
     with wirecompat.open_raw_stream(server.target, PEER_A, extra_metadata=OFFER) as stream:
-        assert dict(stream.call.initial_metadata())["x-gatekeeper-batch"] == "1"
+        answer = dict(stream.call.initial_metadata())
+        assert answer["x-gatekeeper-batch"] == "1"
+        assert answer["x-gatekeeper-batch-bytes"] == str(15 * 1024)  # the hub's budget
         stream.send(data(1), batch=[data(2), data(3)])
         stream.send(batch=[data(4)])
         assert received(stream, 4) == [data(1), data(2), data(3), data(4)]

@@ -21,7 +21,8 @@ from gatekeeper.server.service import ProvisionService, add_provision_service
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenPolicy
 from gatekeeper.tunnel.peers import TunnelMode
-from gatekeeper.tunnel.server import TunnelHub, add_to_server
+from gatekeeper.tunnel.server import TUNNEL_BATCH_BYTES, TunnelHub, add_to_server
+from gatekeeper.tunnel.server import server_options as tunnel_server_options
 from gatekeeper.wireguard.backend import Device
 from gatekeeper.wireguard.keys import PrivateKey
 from gatekeeper.wireguard.select import select_backend
@@ -107,7 +108,7 @@ class Server:
         )
         if opts.tunnel_mode is not TunnelMode.OFF:
             # Tunnel peers' datagrams reach the device through relay sockets on loopback.
-            self.tunnels = TunnelHub(self.device.listen_port())
+            self.tunnels = TunnelHub(self.device.listen_port(), batch_bytes=TUNNEL_BATCH_BYTES)
         self.provisioner = Provisioner(
             registry=self.registry,
             device=self.device,
@@ -129,7 +130,11 @@ class Server:
         except FleetError as exc:
             raise ServerError(str(exc)) from None
 
-        self.grpc = grpc.aio.server(options=provision_server_options())
+        options = provision_server_options()
+        if self.tunnels is not None:
+            # Tunnel messages carry batches of datagrams (gatekeeper.tunnel.batching).
+            options = tunnel_server_options(options)
+        self.grpc = grpc.aio.server(options=options)
         add_provision_service(self.grpc, ProvisionService(self.fleet.guard(self.provisioner)))
         if self.tunnels is not None:
             add_to_server(self.tunnels, self.grpc)  # same port, same TLS as Provision

@@ -5,7 +5,10 @@ pays a fixed cost per gRPC message, so Gatekeeper may also fill `PeerPacket.batc
 `repeated bytes`), but only once both ends said they understand it:
 
 - the client asks with request metadata `x-gatekeeper-batch: 1`;
-- a server that understands echoes `x-gatekeeper-batch: 1` in its initial metadata.
+- a server that understands echoes `x-gatekeeper-batch: 1` in its initial metadata, with
+  `x-gatekeeper-batch-bytes: N`, the most datagram bytes it takes (and sends) per message:
+  its gRPC port's message limit, which it shares with Provision. Without that header a
+  client stays under 15 KiB, which fits the smallest limit a Gatekeeper server uses.
 
 The server batches only towards a client that asked; the client batches only after it saw the
 echo. Until then (and always with a reference peer) every message holds one datagram in
@@ -21,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from gatekeeper.tunnel.queue import DropOldestQueue
 
 BATCH_HEADER = "x-gatekeeper-batch"
+BATCH_BYTES_HEADER = "x-gatekeeper-batch-bytes"
 BATCH_VERSION = "1"
 # Past these the per-message cost is already amortised; bigger messages only add latency
 # for the first datagram and memory on both ends. The byte bound keeps a message (payload plus
@@ -28,6 +32,10 @@ BATCH_VERSION = "1"
 # port, which the tunnel shares with Provision: eleven full-size (1312-byte) datagrams.
 MAX_BATCH_COUNT = 64
 MAX_BATCH_BYTES = 15 * 1024
+# What a server may announce is clamped to this range: below it batching is pointless, above
+# it a message takes longer to send than many datagrams are worth waiting for.
+MIN_ANNOUNCED_BYTES = 1500
+MAX_ANNOUNCED_BYTES = 1 << 20
 
 Metadata = Iterable[tuple[str, str | bytes]]
 
@@ -46,17 +54,31 @@ def announced(metadata: Metadata | None) -> bool:
     return False
 
 
-def answer(client_metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
+def answer(
+    client_metadata: Metadata | None, max_bytes: int = MAX_BATCH_BYTES
+) -> tuple[tuple[str, str], ...]:
     """The server's initial metadata: the echo when the client offered, nothing otherwise."""
-    return offer() if announced(client_metadata) else ()
+    if not announced(client_metadata):
+        return ()
+    return (*offer(), (BATCH_BYTES_HEADER, str(max_bytes)))
+
+
+def batch_bytes(server_metadata: Metadata | None) -> int:
+    """The per-message byte budget the server announced, clamped; the default without one."""
+    for key, value in server_metadata or ():
+        if key == BATCH_BYTES_HEADER:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            if text.strip().isdigit():
+                return max(MIN_ANNOUNCED_BYTES, min(int(text.strip()), MAX_ANNOUNCED_BYTES))
+    return MAX_BATCH_BYTES
 
 
 def take(
     queue: DropOldestQueue[bytes],
     *,
     batching: bool,
-    max_count: int = MAX_BATCH_COUNT,
-    max_bytes: int = MAX_BATCH_BYTES,
+    max_count: int | None = None,
+    max_bytes: int | None = None,
 ) -> list[bytes]:
     """The datagrams for the next message: one without batching, else what is queued now.
 
@@ -64,6 +86,8 @@ def take(
     """
     if not queue:
         return []
+    max_count = MAX_BATCH_COUNT if max_count is None else max_count
+    max_bytes = MAX_BATCH_BYTES if max_bytes is None else max_bytes
     first = queue.pop()
     out = [first]
     if not batching:

@@ -102,6 +102,7 @@ class TunnelClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0
+        self._batch_bytes = batching.MAX_BATCH_BYTES
 
     @property
     def local_endpoint(self) -> str:
@@ -283,6 +284,7 @@ class TunnelClient:
             await asyncio.Event().wait()
         on = self.batching_on and batching.announced(metadata)
         if on:
+            self._batch_bytes = batching.batch_bytes(metadata)
             negotiated.set()
         self._set(state="open", detail=self.api.target(), batching=on)
         log.info("tunnel stream open to %s%s", self.api.target(), " (batching)" if on else "")
@@ -299,7 +301,7 @@ class TunnelClient:
         queue = self._queue
         while True:
             on = negotiated.is_set()
-            items = batching.take(queue, batching=on)
+            items = batching.take(queue, batching=on, max_bytes=self._batch_bytes)
             if not items:
                 self._wake.clear()
                 await self._wake.wait()

@@ -44,6 +44,11 @@ DEFAULT_BURST = 2_000.0
 _READ_BUDGET = 256
 _RECV_SIZE = 65535
 
+# The gRPC port's message limit when it carries the tunnel too, and the datagram bytes per
+# message announced to clients (room left for framing): about 46 full-size datagrams.
+TUNNEL_MESSAGE_LIMIT = 64 << 10
+TUNNEL_BATCH_BYTES = 60 << 10
+
 _REPLACED = "replaced"
 _REVOKED = "revoked"
 _CLIENT_DONE = "client-done"
@@ -113,6 +118,7 @@ class TunnelHub:
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         rate: float = DEFAULT_RATE,
         burst: float = DEFAULT_BURST,
+        batch_bytes: int = batching.MAX_BATCH_BYTES,
     ) -> None:
         if not 0 < device_port <= 65535:
             raise ValueError(f"device port {device_port} is out of range 1-65535")
@@ -121,6 +127,8 @@ class TunnelHub:
         self.max_datagram = max_datagram
         self.rate = rate
         self.burst = burst
+        # Datagram bytes per message; it must fit the gRPC server's message size limit.
+        self.batch_bytes = batch_bytes
         self._loop = asyncio.get_running_loop()
         self._family = socket.AF_INET6 if ":" in device_host else socket.AF_INET
         self._peers: dict[str, _Peer] = {}
@@ -280,7 +288,7 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
         try:
             # Headers at once (with the batching echo when offered): the client learns that
             # the stream was accepted before it writes into it.
-            await context.send_initial_metadata(batching.offer() if stream.batching else ())
+            await context.send_initial_metadata(batching.answer(metadata, self.hub.batch_bytes))
             await self._write(peer, stream, context)
         finally:
             reader.cancel()
@@ -300,7 +308,7 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
     ) -> None:
         queue = peer.outgoing
         while stream.reason is None:
-            items = batching.take(queue, batching=stream.batching)
+            items = batching.take(queue, batching=stream.batching, max_bytes=self.hub.batch_bytes)
             if not items:
                 stream.wake.clear()
                 await stream.wake.wait()
@@ -345,3 +353,9 @@ def add_to_server(hub: TunnelHub, server: grpc.aio.Server) -> TunnelService:
         service, server
     )
     return service
+
+
+def server_options(options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """gRPC server options whose message limits (if set) are raised to fit tunnel batches."""
+    raised = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
+    return [(k, max(int(v), TUNNEL_MESSAGE_LIMIT) if k in raised else v) for k, v in options]
