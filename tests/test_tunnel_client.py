@@ -210,3 +210,30 @@ async def test_bad_header_is_refused_before_anything_starts() -> None:
     api = ApiEndpoint(host="127.0.0.1", port=1, tls=False)
     with pytest.raises(ValueError, match="x-siderolink-ipv6-addr"):
         TunnelClient(api, "not an address")
+
+
+async def test_with_a_fixed_device_port_other_local_senders_are_ignored(
+    server: LoopbackTunnelServer,
+) -> None:
+    device_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    device_sock.bind(("127.0.0.1", 0))
+    client = client_for(server, device_port=device_sock.getsockname()[1])
+    relay = await client.start()
+    device_sock.close()
+    device = Device(relay)
+    intruder = Device(relay)
+    try:
+        device.sock.close()  # rebind the stand-in device on the fixed port
+        device.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        device.sock.bind(("127.0.0.1", client.device_port or 0))
+        device.sock.setblocking(False)
+        intruder.send(datagram(6))  # never reaches the stream, replies never go to it
+        device.send(datagram(7))
+        assert await device.recv() == datagram(7)
+        with pytest.raises(TimeoutError):
+            await intruder.recv(timeout=0.3)
+        assert client.status.sent == 1
+    finally:
+        device.close()
+        intruder.close()
+        await client.close()

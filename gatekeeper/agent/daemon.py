@@ -359,6 +359,7 @@ class Agent:
             header,
             on_fatal=lambda error: self.events.put_nowait(TunnelFailed(error)),
             on_status=lambda _status: self.publish(),
+            device_port=spec.listen_port,
         )
         return await self.tunnel.start()
 

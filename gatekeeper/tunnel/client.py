@@ -79,6 +79,7 @@ class TunnelClient:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         batching_on: bool = True,
         bind_host: str = "127.0.0.1",
+        device_port: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.api = api
@@ -89,6 +90,9 @@ class TunnelClient:
         self.stale_after = stale_after
         self.batching_on = batching_on
         self.bind_host = bind_host
+        # The device's listen port when it is fixed: datagrams from any other local port are
+        # ignored, so no other process can make the relay answer to it instead.
+        self.device_port = device_port or None
         self.credentials = credentials
         self._state = TunnelStatus("closed")
         self._sent = 0
@@ -184,7 +188,9 @@ class TunnelClient:
             except OSError:
                 continue
             # Only a local process can reach this socket; the latest sender is the device
-            # (its port changes when the link is recreated).
+            # (with a random listen port, its port changes when the link is recreated).
+            if self.device_port is not None and source[1] != self.device_port:
+                continue
             self._device = source
             self._queue.push(data)
             got += 1
