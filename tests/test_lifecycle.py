@@ -318,3 +318,18 @@ def test_off_never_asks_and_a_declined_tunnel_is_reported() -> None:
     off.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(off.handle(NetworkReady(), 1), Provision)
     assert not p.tunnel  # type: ignore[attr-defined]
+
+
+def test_a_dead_tunnel_provisions_again_instead_of_trying_udp_endpoints() -> None:
+    link = Link(timing=TIMING, tunnel_mode=TunnelMode.ON)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
+    assert link.status.endpoint == "gRPC tunnel via [fd00::1]:8090"
+    link.handle(LinkConfigured(c.attempt), 2)  # type: ignore[attr-defined]
+    link.handle(Sample(1000.0, 92), 3)
+    t, actions = 3, []
+    while link.status.state is State.UP:
+        t += 5
+        actions = link.handle(Sample(1000.0, 92), t)
+    assert of(actions, Provision) and not of(actions, ConfigureLink)

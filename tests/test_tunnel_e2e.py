@@ -122,7 +122,7 @@ def test_allow_mode_tunnels_only_the_machines_that_ask(sl: SideroLinkLab) -> Non
 
 
 def test_tunnel_off_ignores_the_hint(sl: SideroLinkLab) -> None:
-    sl.start_server()  # --tunnel-mode off is the default
+    sl.start_server("--tunnel-mode", "off")
     machine = sl.add_machine(api_url=sl.api_url(grpc_tunnel="true"))
     status = sl.wait_connected(machine, timeout=20)
     assert status["link_name"] == "siderolink" and status["tunnel"] is False

@@ -227,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--tunnel-mode",
-        default="off",
+        default="allow",
         choices=["off", "allow", "always"],
-        help="WireGuard over gRPC: off; allow = for machines that ask (grpc_tunnel=true); "
-        "always = for every machine (when UDP to --wireguard-port is blocked)",
+        help="WireGuard over gRPC: allow = for machines that ask (grpc_tunnel=true, or an "
+        "agent falling back when UDP fails; the default); always = for every machine (when "
+        "UDP to --wireguard-port is blocked); off = never",
     )
     server.add_argument(
         "--max-machines",

@@ -495,7 +495,13 @@ class Link:
     def _configure(self, now: float) -> list[Action]:
         assert self._reply is not None
         spec = self._spec(self._reply)
-        self._set(now, state=State.CONFIGURING, link_name=spec.name, endpoint=spec.endpoint)
+        # In tunnel mode the datagrams go to the API host inside gRPC, not to a UDP endpoint.
+        shown = (
+            f"gRPC tunnel via {self._config.api.target()}"
+            if (self._reply.tunnel and self._config)
+            else spec.endpoint
+        )
+        self._set(now, state=State.CONFIGURING, link_name=spec.name, endpoint=shown)
         return [ConfigureLink(self._attempt, spec)]
 
     def _spec(self, reply: Provisioned) -> LinkSpec:
@@ -566,7 +572,8 @@ class Link:
         reason = f"nothing received from the server for {silent:.0f} s via {was}"
         self._set(now, connected=False, last_error=reason)
         self._endpoint_index += 1
-        if self._endpoint_index < len(self._reply.endpoints):
+        # Another UDP endpoint is worth a try; a dead tunnel is the API host's, so ask again.
+        if not self._reply.tunnel and self._endpoint_index < len(self._reply.endpoints):
             return [
                 Log("warning", f"link down: {reason}; trying the next endpoint"),
                 *self._configure(now),

@@ -52,7 +52,7 @@ class ServerOptions:
     endpoint_sync_idle_every: float = 300.0
     fleet: FleetOptions = field(default_factory=FleetOptions)
     # WireGuard over gRPC: off, allow (machines that ask), always (every machine).
-    tunnel_mode: TunnelMode = TunnelMode.OFF
+    tunnel_mode: TunnelMode = TunnelMode.ALLOW
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
