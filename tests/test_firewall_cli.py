@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.cli.firewall import add_parser, main
+from gatekeeper.cli.firewall import add_parser
+from gatekeeper.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

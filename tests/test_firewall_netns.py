@@ -139,7 +139,7 @@ class FwLab:
     workdir: Path
 
     def gk(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = self.m.exec_argv([sys.executable, "-m", "gatekeeper.cli.firewall", "firewall", *argv])
+        cmd = self.m.exec_argv([sys.executable, "-m", "gatekeeper", "firewall", *argv])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")

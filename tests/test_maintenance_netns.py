@@ -8,7 +8,7 @@ Three namespaces stand for the real places:
 The overlay addresses are plain local /128s (the WireGuard link itself is the lead's
 end-to-end test); the server reaches it with its own overlay address as source, so it
 is an admin, and the lan host reaches it from outside the prefix, so it is a reader. The
-machine runs the real MaintenanceService (python -m gatekeeper.maintenance.standalone), driven
+machine runs the real MaintenanceService (tests/maint_standalone.py), driven
 over stdin; the clients are the real CLI, run inside their namespaces.
 """
 
@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,8 +93,7 @@ class Machine:
             topo.machine.exec_argv(
                 [
                     sys.executable,
-                    "-m",
-                    "gatekeeper.maintenance.standalone",
+                    str(Path(__file__).with_name("maint_standalone.py")),
                     "--prefix",
                     PREFIX,
                     "--port",
@@ -141,7 +141,7 @@ def tcp(ns: Namespace, *targets: str) -> list[str]:
 
 def cli(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ns.exec_argv([sys.executable, "-m", "gatekeeper.cli.maint", *args]),
+        ns.exec_argv([sys.executable, "-m", "gatekeeper", "maint", *args]),
         capture_output=True,
         text=True,
         timeout=30,
@@ -221,7 +221,8 @@ def test_watch_over_the_overlay_sees_the_link_go_down_and_up(topo: Topology) -> 
             [
                 sys.executable,
                 "-m",
-                "gatekeeper.cli.maint",
+                "gatekeeper",
+                "maint",
                 "get",
                 "ss",
                 "-n",

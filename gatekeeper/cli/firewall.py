@@ -232,16 +232,3 @@ def add_parser(subparsers: Any) -> None:
 
     remove = sub.add_parser("remove", parents=[common], help="remove table inet gatekeeper")
     remove.set_defaults(func=run_remove)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m gatekeeper.cli.firewall firewall ...`) until main wires it."""
-    parser = argparse.ArgumentParser(prog="gatekeeper")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

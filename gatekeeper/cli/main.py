@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from gatekeeper import __version__
+from gatekeeper.cli import firewall, logs, machines, maint, token
 
-# Subcommands that live in their own modules register themselves through add_parser(); a
-# module that is missing (a partial install) just leaves its subcommand out.
-PLUGINS = (
-    "gatekeeper.cli.firewall",
-    "gatekeeper.cli.maint",
-    "gatekeeper.cli.token",
-    "gatekeeper.cli.machines",
-    "gatekeeper.cli.logs",
-)
+# Subcommands that live in their own modules, in the order --help lists them.
+PLUGINS = (firewall, maint, token, machines, logs)
 
 
 def setup_logging(level: str) -> None:
@@ -276,17 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-logs", help="copy the server and agent logs to this folder")
     demo.set_defaults(func=_cmd_demo)
 
-    for name in PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        add: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] = (
-            module.add_parser
-        )
-        add(sub)
+    for module in PLUGINS:
+        module.add_parser(sub)
     return parser
 
 

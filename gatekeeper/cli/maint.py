@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -196,19 +195,3 @@ def _watch(
                 sys.stdout.write(json.dumps(doc, indent=4) + "\n")
         sys.stdout.flush()
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: `python -m gatekeeper.cli.maint get ...`."""
-    parser = argparse.ArgumentParser(prog="gatekeeper")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["maint", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """A maintenance API process driven by JSON lines on stdin (for labs, tests and benchmarks).
 
-    ip netns exec m python -m gatekeeper.maintenance.standalone --uuid 0000-... --port 50000
+    ip netns exec m python tests/maint_standalone.py --uuid 0000-... --port 50000
 
 Each stdin line is one command; each gets one JSON line on stdout ({"ok": true, ...} with the
 current binding, or {"ok": false, "error": ...}):
@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gatekeeper.maintenance.standalone")
+    parser = argparse.ArgumentParser(prog="python tests/maint_standalone.py")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--prefix", default=None, help="overlay prefix (admins come from it)")
     parser.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000")
