@@ -16,6 +16,8 @@ from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
 
 pytestmark = pytest.mark.netns
 
+FIREWALL = [sys.executable, "-m", "gatekeeper", "firewall"]
+UNDERLAY_8080 = ["--iif", "eth0", "--src", "fd00:6b:1::1", "--proto", "tcp", "--dport", "8080"]
 BLOCK = "apiVersion: v1alpha1\nkind: NetworkDefaultActionConfig\ningress: block\n"
 LISTENER = textwrap.dedent(
     """
@@ -78,11 +80,9 @@ def test_block_mode_drops_the_underlay_and_keeps_the_overlay(sl: SideroLinkLab) 
     # The link came up through the firewall (WireGuard port admitted, Provision answered) and
     # carries traffic both ways.
     assert sl.ping(machine, status["server_address"])
-    policy = machine.run_dir / "firewall.yaml"
+    # Without -c, `show` compares the kernel with the documents the running agent enforces.
     show = subprocess.run(
-        machine.ns.exec_argv(
-            [sys.executable, "-m", "gatekeeper", "firewall", "show", "--json", "-c", str(policy)]
-        ),
+        machine.ns.exec_argv([*FIREWALL, "show", "--json", "--run-dir", str(machine.run_dir)]),
         capture_output=True,
         text=True,
         check=True,
@@ -90,6 +90,16 @@ def test_block_mode_drops_the_underlay_and_keeps_the_overlay(sl: SideroLinkLab) 
     )
     report = json.loads(show.stdout)
     assert report["in_sync"] is True, show.stdout
+    explained = subprocess.run(
+        machine.ns.exec_argv(
+            [*FIREWALL, "explain", "--json", "--run-dir", str(machine.run_dir), *UNDERLAY_8080]
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert json.loads(explained.stdout)["verdict"] == "drop"
 
 
 def test_a_rule_opens_a_port_to_one_subnet_only(sl: SideroLinkLab) -> None:

@@ -123,8 +123,10 @@ class Agent:
         self.tunnel: TunnelClient | None = None
         self.maintenance = MaintenanceController(options.maintenance_port)
         self.firewall: FirewallController | None = None
+        self.firewall_paths: list[str] = []
         if options.firewall_paths is not None:
             paths = [*([options.config] if options.config else []), *options.firewall_paths]
+            self.firewall_paths = [str(p.absolute()) for p in paths]
             self.firewall = FirewallController(FirewallPolicy(), paths=paths)
         self.firewall_error: str | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -186,6 +188,8 @@ class Agent:
             listen_port=self.options.listen_port,
             firewall=("off" if self.firewall is None else "error" if self.firewall_error else "ok"),
             firewall_error=self.firewall_error,
+            # So that `gatekeeper firewall show` compares with what the agent enforces.
+            firewall_paths=self.firewall_paths if self.firewall else None,
             tunnel_stream=self._tunnel_status(),
             updated=time.time(),
             **extra,

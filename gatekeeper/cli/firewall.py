@@ -1,7 +1,8 @@
 """`gatekeeper firewall`: check, apply, show and explain the ingress firewall.
 
-Documents come from -c/--config (files or directories, repeatable); without it, the defaults
-shipped in the package (gatekeeper/rules/*.yaml). The link state (WireGuard listen port, extra
+Documents come from -c/--config (files or directories, repeatable); without it, the documents
+the running agent uses (its status file names them), or else the defaults shipped in the
+package (gatekeeper/rules/*.yaml). The link state (WireGuard listen port, extra
 trusted interfaces) comes from flags, or else from the live table, so `show` and `apply` keep
 whatever port the agent opened.
 """
@@ -12,8 +13,10 @@ import argparse
 import json
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+from gatekeeper.agent.status_file import read_status
 from gatekeeper.firewall import render
 from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable, Nftables
 from gatekeeper.firewall.documents import FirewallDocumentError, PolicyBuilder, expand_paths
@@ -36,8 +39,21 @@ def default_document_texts() -> list[tuple[str, str]]:
     return sorted(docs)
 
 
-def load_documents(paths: list[str] | None) -> FirewallPolicy:
+def agent_document_paths(run_dir: str) -> list[str] | None:
+    """The document paths of the agent running with this run dir, when there is one."""
+    try:
+        paths = read_status(Path(run_dir)).get("firewall_paths")
+    except (OSError, ValueError):
+        return None
+    return [str(p) for p in paths] if isinstance(paths, list) else None
+
+
+def load_documents(paths: list[str] | None, run_dir: str | None = None) -> FirewallPolicy:
     builder = PolicyBuilder()
+    if not paths and run_dir is not None:
+        paths = agent_document_paths(run_dir)
+        if paths == []:
+            return builder.build()  # the agent runs on the built-in default (accept)
     if not paths:
         for name, text in default_document_texts():
             builder.add_text(text, name)
@@ -146,7 +162,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     try:
-        policy = load_documents(args.config)
+        policy = load_documents(args.config, args.run_dir)
         live = Nftables().list_table()
     except (FirewallDocumentError, FirewallUnavailable, FirewallApplyError) as exc:
         return _fail(args, str(exc))
@@ -157,7 +173,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     try:
-        policy = load_documents(args.config)
+        policy = load_documents(args.config, args.run_dir)
         packet = Packet.make(args.iif, args.src, args.proto, args.dport, args.state)
     except (FirewallDocumentError, PacketError) as exc:
         return _fail(args, str(exc))
@@ -189,7 +205,13 @@ def add_parser(subparsers: Any) -> None:
         "--config",
         action="append",
         metavar="FILE",
-        help="firewall documents (file or directory, repeatable); default: the packaged rules",
+        help="firewall documents (file or directory, repeatable); default: the running "
+        "agent's documents (show, explain), else the packaged rules",
+    )
+    common.add_argument(
+        "--run-dir",
+        default="/run/gatekeeper",
+        help="the agent's run dir, whose status names its documents (default /run/gatekeeper)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     link = argparse.ArgumentParser(add_help=False)
