@@ -12,7 +12,7 @@ from typing import IO, Any
 import pytest
 
 from gatekeeper.lab.netns import Namespace
-from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
+from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab, registry_endpoints
 
 pytestmark = pytest.mark.netns
 
@@ -155,3 +155,18 @@ def test_listener_moves_with_the_overlay_address_without_restart(sl: SideroLinkL
     refused = maint(sl.server_ns, "version", "-n", old)
     assert refused.returncode == 1
     assert machine.proc is not None and machine.proc.pid == pid and machine.proc.poll() is None
+
+
+def test_api_answers_again_after_a_server_crash(sl: SideroLinkLab) -> None:
+    machine, status = connected_machine(sl)
+    address = node_ip(status)
+    wait_answering(sl.server_ns, address)
+    deadline = time.monotonic() + 15
+    while not registry_endpoints(sl.state_dir).get(machine.node_uuid):
+        assert time.monotonic() < deadline, "the server never recorded the machine's endpoint"
+        time.sleep(0.2)
+    sl.stop_server(kill=True)
+    sl.start_server()
+    wait_answering(sl.server_ns, address, timeout=20)
+    after = machine.status()
+    assert node_ip(after) == address and after["provisions"] == status["provisions"]
