@@ -161,7 +161,7 @@ class SideroLinkLab:
             self.start_agent(machine)
         return machine
 
-    def start_agent(self, machine: Machine, *extra: str) -> None:
+    def start_agent(self, machine: Machine, *extra: str, env: dict[str, str] | None = None) -> None:
         argv = gatekeeper_argv(
             "agent",
             "--cmdline",
@@ -175,7 +175,9 @@ class SideroLinkLab:
             *extra,
         )
         # Every machine names its link `siderolink`: give each its own UAPI socket directory.
-        machine.proc = self.lab.spawn(machine.ns, argv, log=machine.log, private_wireguard_run=True)
+        machine.proc = self.lab.spawn(
+            machine.ns, argv, log=machine.log, env=env, private_wireguard_run=True
+        )
 
     def stop_agent(self, machine: Machine) -> None:
         if machine.proc is not None:
