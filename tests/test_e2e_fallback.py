@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -70,3 +71,21 @@ def test_off_stays_on_udp_and_reports_the_dead_link(sl: SideroLinkLab) -> None:
     sl.start_agent(machine, *FAST, "--tunnel", "off")
     status = sl.wait_status(machine, lambda s: s.get("provisions", 0) >= 2, 40, "re-provisioned")
     assert not status["connected"] and status["path"] == "udp"
+
+
+def test_tunnel_survives_a_server_crash(sl: SideroLinkLab) -> None:
+    sl.start_server("--tunnel-mode", "always")
+    machine = sl.add_machine(start=False)
+    block_udp(machine)
+    sl.start_agent(machine)
+    first = sl.wait_connected(machine, timeout=20)
+    assert first["path"] == "tunnel"
+    sl.stop_server(kill=True)
+    sl.start_server("--tunnel-mode", "always")
+    # The agent reopens its stream after the spec's 5-10 s delay; the server knows the
+    # tunnel peer again from its registry, so no new Provision is needed.
+    deadline = time.monotonic() + 40
+    while not sl.ping(machine, SERVER_OVERLAY, wait=1):
+        assert time.monotonic() < deadline, f"no path back: {machine.status()}"
+    after = machine.status()
+    assert after["node_address"] == first["node_address"] and after["link_name"] == "siderolinktun"
