@@ -137,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "line (or a SideroLinkConfig document, which wins) and keep the link up.",
     )
     agent.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
-    agent.add_argument("--config", "-c", help="YAML file with a SideroLinkConfig document")
+    agent.add_argument(
+        "--config",
+        "-c",
+        help="YAML file with a SideroLinkConfig document (firewall documents may share it); "
+        "re-read every 2 s",
+    )
     agent.add_argument("--node-uuid", help="override /sys/class/dmi/id/product_uuid")
     agent.add_argument(
         "--listen-port",
@@ -145,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=51821,
         help="fixed WireGuard listen port (default 51821; 0 picks a random one)",
     )
-    agent.add_argument("--run-dir", default="/run/gatekeeper", help="where status.json goes")
+    agent.add_argument(
+        "--run-dir", default="/run/gatekeeper", help="where status.json goes (gatekeeper status)"
+    )
     agent.add_argument(
         "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]
     )
