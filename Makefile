@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := wireguard-go wireguard-tools nftables libnftables1 iproute2 i
 # vm-tests: QEMU, and what builds its image (the kernel and busybox come via apt-get download).
 VM_PACKAGES := qemu-system-x86 debootstrap kmod e2fsprogs
 
-.PHONY: demo test vm-test setup system-packages vm-packages proto lint
+.PHONY: demo test vm-test setup system-packages vm-packages proto
 
 demo: setup
 	$(VENV)/bin/gatekeeper demo
