@@ -40,3 +40,20 @@ def swap_endpoints(endpoints: list[str]) -> list[str]:
     out = list(endpoints)
     out[0], out[-1] = out[-1], out[0]
     return out
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """`host:port` or `[ipv6]:port` (host may be a DNS name) -> (host, port); ValueError if not.
+
+    The server checks what it advertises and the machine what it receives with this one rule.
+    """
+    host, sep, port_text = endpoint.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if not sep or not bare or not endpoint.isprintable() or " " in endpoint:
+        raise ValueError(f"endpoint {endpoint[:80]!r} is not host:port")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"endpoint {endpoint[:80]!r}: port must be 1..65535")
+    if ":" in bare and not bracketed:
+        raise ValueError(f"endpoint {endpoint[:80]!r}: write IPv6 addresses as [address]:port")
+    return bare, int(port_text)

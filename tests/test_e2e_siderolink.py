@@ -260,3 +260,73 @@ def test_dead_path_is_noticed_within_a_minute_and_the_link_comes_back(sl: Sidero
     back = sl.wait_connected(machine, timeout=30)
     assert back["node_address"] == down["node_address"]
     assert sl.ping(machine, back["server_address"])
+
+
+def test_a_key_of_another_machine_is_refused(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine)
+    target = f"[{sl.server_underlay}]:8090"
+    hijack = raw_provision_in(
+        machine,
+        target,
+        node_uuid="00000000-0000-0000-0000-00000000beef",
+        node_public_key=status["public_key"],
+        join_token=sl.join_token,
+    )
+    assert hijack == {
+        "code": "INVALID_ARGUMENT",
+        "details": "node_public_key belongs to another machine",
+    }
+    assert sl.ping(machine, status["server_address"])
+
+
+def server_cli(sl: SideroLinkLab, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "gatekeeper", "server", "--state-dir", str(sl.state_dir)]
+    return subprocess.run(
+        sl.server_ns.exec_argv([*argv, *args]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_second_server_on_the_same_state_refuses_and_harms_nothing(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine)
+    second = server_cli(
+        sl,
+        "--listen",
+        f"[{sl.server_underlay}]:8099",
+        "--wireguard-interface",
+        sl.server_wg_interface,
+        "--endpoint",
+        f"[{sl.server_underlay}]:51820",
+    )
+    assert second.returncode == 1
+    assert "another gatekeeper server is running" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert status["public_key"] in sl.server_peers()
+    assert sl.ping(machine, status["server_address"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--endpoint", "[fd00:6b:1::1]:0"), "--endpoint: endpoint '[fd00:6b:1::1]:0': port"),
+        (("--endpoint", "fd00::1:51820"), "write IPv6 addresses as [address]:port"),
+        (
+            ("--endpoint", "[fd00:6b:1::1]:51820", "--wireguard-backend", "kernel"),
+            "kernel WireGuard not available",
+        ),
+    ],
+)
+def test_server_start_errors_are_one_line(
+    sl: SideroLinkLab, args: tuple[str, ...], message: str
+) -> None:
+    done = server_cli(sl, "--listen", f"[{sl.server_underlay}]:8099", *args)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("gatekeeper server:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr

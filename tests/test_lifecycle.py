@@ -265,13 +265,26 @@ def auto_link() -> tuple[Link, Provision]:
     return link, p
 
 
-def test_auto_asks_for_the_tunnel_when_udp_never_handshakes_and_retries_udp_later() -> None:
-    link, _ = auto_link()
-    t, actions = 2.0, []
+def silent_until_provision(link: Link, t: float) -> tuple[float, list[object], list[str]]:
+    """Feed samples of a link that receives nothing; acknowledge reconfigurations."""
+    tried = [link.status.endpoint or ""]
+    actions: list[object] = []
     while not of(actions, Provision):
         t += 5
-        actions = link.handle(Sample(None, 0), t)
-    assert t - 2 <= TIMING.udp_fallback_after + TIMING.sample_every
+        actions = link.handle(Sample(None, 0), t)  # type: ignore[assignment]
+        for c in of(actions, ConfigureLink):
+            tried.append(c.spec.endpoint)  # type: ignore[attr-defined]
+            link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+        assert t < 10_000
+    return t, actions, tried
+
+
+def test_auto_asks_for_the_tunnel_when_udp_never_handshakes_and_retries_udp_later() -> None:
+    link, _ = auto_link()
+    t, actions, tried = silent_until_provision(link, 2.0)
+    # Every UDP endpoint gets the short no-handshake wait before the tunnel is asked for.
+    assert tried == list(REPLY.endpoints)
+    assert t - 2 <= len(tried) * (TIMING.udp_fallback_after + TIMING.sample_every)
     (p,) = of(actions, Provision)
     assert p.tunnel  # type: ignore[attr-defined]
     (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
@@ -290,10 +303,7 @@ def test_auto_asks_for_the_tunnel_when_udp_never_handshakes_and_retries_udp_late
     (c,) = of(link.handle(ProvisionSucceeded(again.attempt, REPLY), t + 601), ConfigureLink)  # type: ignore[attr-defined]
     assert link.status.path == "udp" and "trying UDP again" in (link.status.path_reason or "")
     link.handle(LinkConfigured(c.attempt), t + 601)  # type: ignore[attr-defined]
-    t2, actions = t + 601, []
-    while not of(actions, Provision):
-        t2 += 5
-        actions = link.handle(Sample(None, 0), t2)
+    _, actions, _ = silent_until_provision(link, t + 601)
     (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
     assert retry.delay == 2 * TIMING.udp_retry_after  # type: ignore[attr-defined]
 
@@ -333,3 +343,28 @@ def test_a_dead_tunnel_provisions_again_instead_of_trying_udp_endpoints() -> Non
         t += 5
         actions = link.handle(Sample(1000.0, 92), t)
     assert of(actions, Provision) and not of(actions, ConfigureLink)
+
+
+def test_auto_with_a_declined_tunnel_stays_on_udp_and_rotates_endpoints() -> None:
+    link, _ = auto_link()
+    t, actions, _ = silent_until_provision(link, 2.0)
+    (p,) = of(actions, Provision)
+    assert p.tunnel  # type: ignore[attr-defined]
+    # The server (tunnel mode off) answers with UDP again: no new request every 15 s.
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
+    assert link.status.path_reason == "the server declined the tunnel"
+    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    t2, actions, tried = silent_until_provision(link, t)
+    assert tried == list(REPLY.endpoints)  # the ordinary dead-link rotation, after 45 s each
+    assert t2 - t >= 2 * TIMING.dead_after
+    (again,) = of(actions, Provision)
+    assert not again.tunnel  # type: ignore[attr-defined]
+
+
+def test_removing_the_config_after_a_failed_configure_still_removes_the_device() -> None:
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
+    link.handle(LinkFailed(c.attempt, "endpoint host does not resolve"), 3)  # type: ignore[attr-defined]
+    assert RemoveLink() in link.handle(ConfigChanged(None, ID), 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,18 @@ def test_unwritable_state_dir_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"cannot open the registry .*registry.sqlite3") as info:
         SqliteRegistry(blocker / "state")
     assert "\n" not in str(info.value)
+
+
+def test_every_registry_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        reg = SqliteRegistry(tmp_path / "state")
+        reg.identity(lambda: ServerIdentity(PrivateKey.generate(), ""))
+        reg.claim(record("uuid-a", "fdae:41e4:649b:9303::c"))
+        files = sorted((tmp_path / "state").glob("registry.sqlite3*"))
+        assert {f.name for f in files} >= {"registry.sqlite3", "registry.sqlite3-wal"}
+        for f in files:
+            assert f.stat().st_mode & 0o077 == 0, f.name
+        reg.close()
+    finally:
+        os.umask(old)

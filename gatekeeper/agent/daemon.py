@@ -59,6 +59,7 @@ from gatekeeper.link.lifecycle import (
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
+from gatekeeper.overlay import split_endpoint
 from gatekeeper.tunnel.client import TunnelClient, TunnelError
 from gatekeeper.tunnel.header import HeaderError, canonical_peer
 from gatekeeper.wireguard import iplink
@@ -91,11 +92,11 @@ class AgentOptions:
 
 def resolve_endpoint(endpoint: str) -> str:
     """host:port with the host resolved now (DNS may move between reconnects)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
-        raise WireGuardError(f"endpoint {endpoint!r} is not host:port")
-    host = host.strip("[]")
-    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
+    try:
+        host, port = split_endpoint(endpoint)
+    except ValueError as exc:
+        raise WireGuardError(str(exc)) from None
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise WireGuardError(f"endpoint host {host!r} does not resolve")
     addr = ipaddress.ip_address(infos[0][4][0])
@@ -151,7 +152,12 @@ class Agent:
                 if getter not in done:
                     getter.cancel()
                     break
-                await self.step(getter.result())
+                event = getter.result()
+                try:
+                    await self.step(event)
+                except Exception:
+                    # A bug in one step must not end the daemon that keeps the machine reachable.
+                    log.exception("internal error handling %s; carrying on", type(event).__name__)
         finally:
             stopper.cancel()
             await self.close()
@@ -244,7 +250,12 @@ class Agent:
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
 
     def _schedule(self, name: str, delay: float) -> None:
         old = self._timers.pop(name, None)
@@ -298,7 +309,10 @@ class Agent:
     async def _watch_config(self) -> None:
         """Re-read the configuration sources; the lifecycle ignores what did not change."""
         while True:
-            await asyncio.to_thread(self._reconcile_firewall)
+            try:
+                await asyncio.to_thread(self._reconcile_firewall)
+            except Exception:  # the poll must go on: it is how a fixed config gets picked up
+                log.exception("firewall reconcile failed unexpectedly")
             try:
                 config = resolve_config(self.options.cmdline, self.options.config)
                 identity = Identity(
@@ -337,7 +351,7 @@ class Agent:
         try:
             relay = await self._ensure_tunnel(spec)
             await asyncio.to_thread(self._apply_spec, spec, relay)
-        except (WireGuardError, OSError, TunnelError, HeaderError) as exc:
+        except (WireGuardError, OSError, TunnelError, HeaderError, ValueError) as exc:
             await self.events.put(LinkFailed(attempt, str(exc)))
         else:
             await self.events.put(LinkConfigured(attempt))

@@ -74,6 +74,8 @@ class Provisioned:
     server_address: ipaddress.IPv6Address
     endpoints: tuple[str, ...]
     grpc_peer_addr_port: str = ""
+    # Entries of server_endpoint that were not host:port (reported, not used).
+    ignored_endpoints: tuple[str, ...] = ()
 
     @property
     def tunnel(self) -> bool:
@@ -293,6 +295,8 @@ class Link:
         # AUTO: the tunnel is asked for after UDP failed; the wait before trying UDP again.
         self._fallback = False
         self._fallback_reason: str | None = None
+        # AUTO: the server answered a tunnel request with UDP; don't ask again until the retry.
+        self._declined = False
         self._udp_retry_delay = self.timing.udp_retry_after
         self.status = Status()
         self._config: SideroLinkConfig | None = None
@@ -388,7 +392,7 @@ class Link:
         self._config, self._identity = config, identity
         self._attempt += 1  # outcomes of work started for the old config are now stale
         self._failures = 0
-        self._fallback, self._fallback_reason = False, None
+        self._fallback, self._fallback_reason, self._declined = False, None, False
         self._udp_retry_delay = self.timing.udp_retry_after
         actions: list[Action] = [Cancel(RETRY_TIMER), Cancel(UDP_RETRY_TIMER)]
         if config is None:
@@ -424,10 +428,9 @@ class Link:
             return True
         if self.tunnel_mode is TunnelMode.ON:
             return True
-        return self.tunnel_mode is TunnelMode.AUTO and self._fallback
+        return self.tunnel_mode is TunnelMode.AUTO and self._fallback and not self._declined
 
-    def _path_reason(self, reply: Provisioned) -> str:
-        asked = self._wants_tunnel()
+    def _path_reason(self, reply: Provisioned, asked: bool) -> str:
         if reply.tunnel:
             if self._fallback and self._fallback_reason:
                 return self._fallback_reason
@@ -453,7 +456,7 @@ class Link:
         ]
 
     def _retry_udp(self, now: float) -> list[Action]:
-        self._fallback = False
+        self._fallback = self._declined = False
         self._fallback_reason = (
             f"trying UDP again after {self._udp_retry_delay:.0f} s over the tunnel"
         )
@@ -477,6 +480,10 @@ class Link:
         self._failures = 0
         self._reply = reply
         self._endpoint_index = 0
+        asked = self._wants_tunnel()
+        reason = self._path_reason(reply, asked)
+        if asked and not reply.tunnel and self.tunnel_mode is TunnelMode.AUTO:
+            self._declined = True
         self._set(
             now,
             state=State.CONFIGURING,
@@ -487,9 +494,15 @@ class Link:
             endpoints=reply.endpoints,
             tunnel=reply.tunnel,
             path="tunnel" if reply.tunnel else "udp",
-            path_reason=self._path_reason(reply),
+            path_reason=reason,
             last_error=None,
         )
+        if reply.ignored_endpoints:
+            bad = ", ".join(map(repr, reply.ignored_endpoints))
+            return [
+                Log("warning", f"server sent invalid endpoints, ignored: {bad}"),
+                *self._configure(now),
+            ]
         return self._configure(now)
 
     def _configure(self, now: float) -> list[Action]:
@@ -502,6 +515,8 @@ class Link:
             else spec.endpoint
         )
         self._set(now, state=State.CONFIGURING, link_name=spec.name, endpoint=shown)
+        # From here a device may exist (even if configuring it fails): removal must clean it.
+        self._link_present = True
         return [ConfigureLink(self._attempt, spec)]
 
     def _spec(self, reply: Provisioned) -> LinkSpec:
@@ -520,7 +535,6 @@ class Link:
 
     def _on_link_configured(self, now: float) -> list[Action]:
         assert self._reply is not None
-        self._link_present = True
         self._last_rx = -1
         self._last_progress = now
         self._last_probe = now
@@ -556,8 +570,12 @@ class Link:
             self.tunnel_mode is TunnelMode.AUTO
             and self.status.state is State.CONNECTING
             and not self._reply.tunnel
+            and not self._declined
             and silent >= self.timing.udp_fallback_after
         ):
+            # No handshake on a fresh UDP link: try the other endpoints quickly, then the tunnel.
+            if self._endpoint_index + 1 < len(self._reply.endpoints):
+                return actions + self._next_endpoint(now, self._no_handshake(silent))
             return actions + self._fall_back_to_tunnel(now)
         if silent >= self.timing.dead_after:
             return actions + self._on_dead(now, silent)
@@ -566,18 +584,25 @@ class Link:
             actions.append(SendProbe(self._reply.server_address))
         return actions
 
+    def _no_handshake(self, silent: float) -> str:
+        return f"no WireGuard handshake over UDP via {self.status.endpoint} within {silent:.0f} s"
+
+    def _next_endpoint(self, now: float, reason: str) -> list[Action]:
+        self._set(now, connected=False, last_error=reason)
+        self._endpoint_index += 1
+        return [
+            Log("warning", f"link down: {reason}; trying the next endpoint"),
+            *self._configure(now),
+        ]
+
     def _on_dead(self, now: float, silent: float) -> list[Action]:
         assert self._reply is not None
         was = self.status.endpoint
         reason = f"nothing received from the server for {silent:.0f} s via {was}"
-        self._set(now, connected=False, last_error=reason)
-        self._endpoint_index += 1
         # Another UDP endpoint is worth a try; a dead tunnel is the API host's, so ask again.
-        if not self._reply.tunnel and self._endpoint_index < len(self._reply.endpoints):
-            return [
-                Log("warning", f"link down: {reason}; trying the next endpoint"),
-                *self._configure(now),
-            ]
+        if not self._reply.tunnel and self._endpoint_index + 1 < len(self._reply.endpoints):
+            return self._next_endpoint(now, reason)
+        self._set(now, connected=False, last_error=reason)
         # Endpoints used up: provision again with the same key (the server may have moved).
         return [
             Log("warning", f"link down: {reason}; provisioning again"),

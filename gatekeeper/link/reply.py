@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from gatekeeper.link.lifecycle import Provisioned
-from gatekeeper.overlay import swap_endpoints
+from gatekeeper.overlay import split_endpoint, swap_endpoints
 from gatekeeper.wireguard.keys import InvalidKey, PublicKey
 
 
@@ -36,13 +36,23 @@ def parse_reply(
         server = ipaddress.IPv6Address(server_address)
     except ValueError:
         raise BadReply(f"server sent an invalid server_address {server_address[:80]!r}") from None
-    endpoints = tuple(e for e in swap_endpoints(list(server_endpoint)) if e)
+    endpoints, ignored = [], []
+    for endpoint in swap_endpoints(list(server_endpoint)):
+        try:
+            split_endpoint(endpoint)
+        except ValueError:
+            # One bad entry must not cost the machine the good ones.
+            ignored.append(endpoint[:80])
+        else:
+            endpoints.append(endpoint)
     if not endpoints and not grpc_peer_addr_port:
-        raise BadReply("server sent no WireGuard endpoint")
+        detail = f" (ignored invalid: {', '.join(map(repr, ignored))})" if ignored else ""
+        raise BadReply(f"server sent no usable WireGuard endpoint{detail}")
     return Provisioned(
         server_public_key=server_public_key,
         node_address=node,
         server_address=server,
-        endpoints=endpoints,
+        endpoints=tuple(endpoints),
         grpc_peer_addr_port=grpc_peer_addr_port,
+        ignored_endpoints=tuple(ignored),
     )

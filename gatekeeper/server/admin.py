@@ -50,9 +50,14 @@ class AdminServer:
             raise OSError(f"another gatekeeper server is using {self.path.parent}")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._handle, path=str(self.path), limit=MAX_REQUEST
-        )
+        # Root only from the first moment: the socket can remove machines.
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._handle, path=str(self.path), limit=MAX_REQUEST
+            )
+        finally:
+            os.umask(old)
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:

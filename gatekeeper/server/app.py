@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
 
-from gatekeeper.overlay import overlay_prefix, server_address
+from gatekeeper.overlay import overlay_prefix, server_address, split_endpoint
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
@@ -23,7 +25,7 @@ from gatekeeper.server.tokens import TokenPolicy
 from gatekeeper.tunnel.peers import TunnelMode
 from gatekeeper.tunnel.server import TUNNEL_BATCH_BYTES, TunnelHub, add_to_server
 from gatekeeper.tunnel.server import server_options as tunnel_server_options
-from gatekeeper.wireguard.backend import Device
+from gatekeeper.wireguard.backend import Device, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey
 from gatekeeper.wireguard.select import select_backend
 
@@ -74,6 +76,7 @@ class Server:
         self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self._lock: IO[bytes] | None = None
         self.fleet = Fleet(options.state_dir, options.fleet)
 
     async def start(self) -> None:
@@ -83,12 +86,20 @@ class Server:
                 "no WireGuard endpoint to advertise: pass --endpoint HOST:PORT "
                 "(the address machines reach this server's UDP port on)"
             )
+        for endpoint in opts.endpoints:
+            try:
+                split_endpoint(endpoint)
+            except ValueError as exc:
+                raise ServerError(f"--endpoint: {exc}") from None
         if (opts.tls_cert is None) != (opts.tls_key is None):
             raise ServerError("--tls-cert and --tls-key go together")
         try:
             self.registry = SqliteRegistry(opts.state_dir)
         except RegistryError as exc:
             raise ServerError(str(exc)) from None
+        # Before touching any device: a second server on the same state would otherwise take
+        # over (delete) the first one's WireGuard link and cut every machine off.
+        self._lock = acquire_state_lock(opts.state_dir)
         identity = self.registry.identity(
             lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
         )
@@ -99,13 +110,16 @@ class Server:
                 "address depends on it; use the original id or another --state-dir"
             )
         prefix = overlay_prefix(identity.installation_id)
-        backend, why = select_backend(opts.backend)
-        log.info("WireGuard backend: %s (%s)", backend.name, why)
-        self.device = backend.create(opts.wireguard_interface)
-        self.device.configure(identity.private_key, opts.wireguard_port, [], replace_peers=True)
-        self.device.set_addresses(
-            [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
-        )
+        try:
+            backend, why = select_backend(opts.backend)
+            log.info("WireGuard backend: %s (%s)", backend.name, why)
+            self.device = backend.create(opts.wireguard_interface)
+            self.device.configure(identity.private_key, opts.wireguard_port, [], replace_peers=True)
+            self.device.set_addresses(
+                [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
+            )
+        except WireGuardError as exc:
+            raise ServerError(str(exc)) from None
         if opts.tunnel_mode is not TunnelMode.OFF:
             # Tunnel peers' datagrams reach the device through relay sockets on loopback.
             self.tunnels = TunnelHub(self.device.listen_port(), batch_bytes=TUNNEL_BATCH_BYTES)
@@ -170,7 +184,8 @@ class Server:
                 continue
             last = time.monotonic()
             try:
-                self.provisioner.sync_endpoints()
+                # Reading every peer takes a while with thousands: not on the event loop.
+                await asyncio.to_thread(self.provisioner.sync_endpoints)
             except Exception as exc:  # the loop must outlive one bad read
                 log.warning("endpoint sync failed: %s", exc)
 
@@ -191,6 +206,22 @@ class Server:
             self.device.close()
         if self.registry:
             self.registry.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def acquire_state_lock(state_dir: Path) -> IO[bytes]:
+    """An exclusive lock on the state directory, held for the life of the process."""
+    handle = open(state_dir / "server.lock", "ab")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ServerError(
+            f"another gatekeeper server is running with --state-dir {state_dir}"
+        ) from None
+    return handle
 
 
 async def serve(options: ServerOptions) -> None:

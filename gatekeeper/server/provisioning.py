@@ -126,6 +126,10 @@ class Provisioner:
 
         mkey = machine_key(uuid, req.unique_token)
         existing = self.registry.get(mkey)
+        holder = self.registry.by_public_key(key.base64())
+        if holder is not None and holder.machine_key != mkey:
+            # Otherwise anyone with a join token could re-point another machine's peer.
+            raise Rejected(Code.INVALID_ARGUMENT, "node_public_key belongs to another machine")
         if admission.refusal and not (
             existing and admission.allows_existing(existing.join_token_id)
         ):
@@ -151,19 +155,20 @@ class Provisioner:
             # CPU idle with 10,000 such peers, against 0% without).
             PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
         )
+        # A machine provisioning again with the key it has keeps its live peer whatever
+        # happens below; only a peer this request added is taken back.
+        added_peer = not (existing and existing.public_key == record.public_key)
         try:
             self.registry.claim(record, token_id=admission.token_id, max_machines=self.max_machines)
-        except AddressTaken:
-            self.device.remove_peer(key)
-            raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
-        except TokenRefused as exc:
-            self.device.remove_peer(key)
-            raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
-        except RegistrationLimit:
-            self.device.remove_peer(key)
-            raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
-        except BaseException:
-            self.device.remove_peer(key)
+        except BaseException as exc:
+            if added_peer:
+                self.device.remove_peer(key)
+            if isinstance(exc, AddressTaken):
+                raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
+            if isinstance(exc, TokenRefused):
+                raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
+            if isinstance(exc, RegistrationLimit):
+                raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
             raise
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.

@@ -75,6 +75,8 @@ class Registry(Protocol):
 
     def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None: ...
 
+    def by_public_key(self, public_key: str) -> MachineRecord | None: ...
+
     def claim(
         self,
         record: MachineRecord,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import sqlite3
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     uses INTEGER NOT NULL DEFAULT 0,
     revoked REAL
 );
+CREATE INDEX IF NOT EXISTS machines_public_key ON machines (public_key);
 """
 
 # Columns added after the first release, applied to registries that lack them.
@@ -97,6 +99,12 @@ class SqliteRegistry:
         self.path = Path(state_dir) / "registry.sqlite3"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The file holds the server's private key. SQLite gives its -wal and -shm files the
+            # database file's mode, so that mode must be right before SQLite first writes.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: an answered Provision must survive a power cut or SIGKILL.
@@ -106,8 +114,6 @@ class SqliteRegistry:
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot open the registry {self.path}: {exc}") from None
-        # The file holds the server's private key.
-        os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
 
     def _migrate(self) -> None:
@@ -141,6 +147,13 @@ class SqliteRegistry:
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_COLUMNS} FROM machines WHERE address = ?", (str(address),)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def by_public_key(self, public_key: str) -> MachineRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM machines WHERE public_key = ?", (public_key,)
             ).fetchone()
         return None if row is None else _record(row)
 
