@@ -41,7 +41,9 @@ def test_token_lifecycle_uses_expiry_revocation_and_audit(sl: SideroLinkLab) -> 
     sl.start_server()
     m = sl.add_machine(start=False)
     two = gk(sl, "token", "create", "--name", "rack-4", "--max-uses", "2").stdout.strip()
-    short = gk(sl, "token", "create", "--expires-in", "2s").stdout.strip()
+    # Long enough to be used below even on a loaded machine; waited out before the expiry check.
+    short_created = time.monotonic()
+    short = gk(sl, "token", "create", "--expires-in", "10s").stdout.strip()
     two_id, short_id = two.split(".")[0], short.split(".")[0]
     first = str(uuid.uuid4())
     results = provisions(
@@ -69,7 +71,7 @@ def test_token_lifecycle_uses_expiry_revocation_and_audit(sl: SideroLinkLab) -> 
     # The re-provision kept the machine's address.
     assert results[0]["ok"]["node_address_prefix"] == results[3]["ok"]["node_address_prefix"]
 
-    time.sleep(2.1)
+    time.sleep(max(0.0, short_created + 10.5 - time.monotonic()))
     gk(sl, "token", "revoke", two_id)
     results = provisions(m, api_target(sl), [req(short), req(two, first)])
     assert [outcome(r) for r in results] == [

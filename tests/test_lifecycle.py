@@ -33,7 +33,7 @@ from gatekeeper.link.lifecycle import (
     State,
     TimerFired,
     Timing,
-    TunnelMode,
+    TunnelPreference,
     WaitForNetwork,
 )
 
@@ -255,7 +255,7 @@ TUNNEL_REPLY = Provisioned(**{**REPLY.__dict__, "grpc_peer_addr_port": "[fdae::9
 
 
 def auto_link() -> tuple[Link, Provision]:
-    link = Link(timing=TIMING, tunnel_mode=TunnelMode.AUTO)
+    link = Link(timing=TIMING, tunnel_preference=TunnelPreference.AUTO)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     assert isinstance(p, Provision) and not p.tunnel  # UDP first
@@ -318,7 +318,7 @@ def test_auto_stays_on_udp_when_it_works() -> None:
 
 
 def test_off_never_asks_and_a_declined_tunnel_is_reported() -> None:
-    link = Link(timing=TIMING, tunnel_mode=TunnelMode.ON)
+    link = Link(timing=TIMING, tunnel_preference=TunnelPreference.ON)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     assert p.tunnel  # type: ignore[attr-defined]
@@ -331,7 +331,7 @@ def test_off_never_asks_and_a_declined_tunnel_is_reported() -> None:
 
 
 def test_a_dead_tunnel_provisions_again_instead_of_trying_udp_endpoints() -> None:
-    link = Link(timing=TIMING, tunnel_mode=TunnelMode.ON)
+    link = Link(timing=TIMING, tunnel_preference=TunnelPreference.ON)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]

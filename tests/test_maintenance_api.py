@@ -231,7 +231,7 @@ async def test_readers_are_refused_sensitive_types_admins_are_not(
         # The same caller inside the overlay prefix is an admin; the token stays redacted.
         service.overlay_prefix = "127.0.0.0/8"
         reply = await state.Get(get, timeout=5)
-    assert "jointoken=redacted" in reply.resource.spec.yaml_spec
+    assert "jointoken=<redacted>" in reply.resource.spec.yaml_spec
     assert "s3cret" not in reply.SerializeToString().decode("latin-1")
 
 

@@ -112,14 +112,14 @@ def test_proto_spec_uses_upstream_field_numbers() -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("https://sl.example/?jointoken=s3cret", "https://sl.example/?jointoken=redacted"),
+        ("https://sl.example/?jointoken=s3cret", "https://sl.example/?jointoken=<redacted>"),
         (
             "10.5.0.2:3445?jointoken=abc&grpc_tunnel=y",
-            "10.5.0.2:3445?jointoken=redacted&grpc_tunnel=y",
+            "10.5.0.2:3445?jointoken=<redacted>&grpc_tunnel=y",
         ),
         (
             "grpc://u:pw@h:1?JoinToken=a&jointoken=b",
-            "grpc://u:redacted@h:1?JoinToken=redacted&jointoken=redacted",
+            "grpc://u:<redacted>@h:1?JoinToken=<redacted>&jointoken=<redacted>",
         ),
         ("https://sl.example:443", "https://sl.example:443"),
     ],
@@ -130,7 +130,7 @@ def test_join_token_never_reaches_the_store(url: str, shown: str) -> None:
         store, api_endpoint=url, host="h", join_token="s3cret", insecure=False, tunnel=True
     )
     assert r.spec["apiEndpoint"] == shown
-    assert r.spec["joinToken"] == "redacted"
+    assert r.spec["joinToken"] == "<redacted>"
     assert "s3cret" not in to_proto(r, catalog.SIDEROLINK_CONFIG).SerializeToString().decode(
         "latin-1"
     )

@@ -55,7 +55,7 @@ from gatekeeper.link.lifecycle import (
     TimerFired,
     Timing,
     TunnelFailed,
-    TunnelMode,
+    TunnelPreference,
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
@@ -83,7 +83,7 @@ class AgentOptions:
     network_timeout: float = 60.0
     config_poll: float = 2.0
     maintenance_port: int = 50000
-    tunnel_mode: TunnelMode = TunnelMode.AUTO
+    tunnel_preference: TunnelPreference = TunnelPreference.AUTO
     # Documents with NetworkDefaultActionConfig / NetworkRuleConfig (the --config file is read
     # for them too); None turns the agent's firewall off.
     firewall_paths: list[Path] | None = field(default_factory=list)
@@ -112,7 +112,7 @@ class Agent:
         self.link = Link(
             listen_port=options.listen_port,
             timing=options.timing,
-            tunnel_mode=options.tunnel_mode,
+            tunnel_preference=options.tunnel_preference,
         )
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.device: Device | None = None
@@ -215,7 +215,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._stop_tunnel()
-        self._remove_device()
+        await asyncio.to_thread(self._remove_device)
         await self.maintenance.close()
         self.publish(state="stopped", connected=False)
 
@@ -233,7 +233,8 @@ class Agent:
                 await self._configure(attempt, spec)
             case RemoveLink():
                 await self._stop_tunnel()
-                self._remove_device()
+                # Stopping wireguard-go may take seconds: not on the loop serving the API.
+                await asyncio.to_thread(self._remove_device)
             case Schedule(name, delay):
                 self._schedule(name, delay)
             case Cancel(name):

@@ -24,7 +24,8 @@ def setup_logging(level: str) -> None:
     )
 
 
-def _positive_port(text: str) -> int:
+def _port_or_zero(text: str) -> int:
+    """A port, or 0 where the option gives 0 a meaning (random, off)."""
     try:
         port = int(text)
     except ValueError:
@@ -34,12 +35,18 @@ def _positive_port(text: str) -> int:
     return port
 
 
+def _port(text: str) -> int:
+    port = _port_or_zero(text)
+    if port == 0:
+        raise argparse.ArgumentTypeError("port 0 is not allowed here: use 1-65535")
+    return port
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.agent.daemon import AgentOptions, run_agent
-    from gatekeeper.link.lifecycle import Timing
-    from gatekeeper.link.lifecycle import TunnelMode as LinkTunnelMode
+    from gatekeeper.link.lifecycle import Timing, TunnelPreference
 
     options = AgentOptions(
         cmdline=Path(args.cmdline),
@@ -51,7 +58,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         network_timeout=args.network_timeout,
         maintenance_port=args.maintenance_port,
         timing=Timing.for_link_timeout(args.link_timeout),
-        tunnel_mode=LinkTunnelMode(args.tunnel),
+        tunnel_preference=TunnelPreference(args.tunnel),
         firewall_paths=None if args.no_firewall else [Path(p) for p in args.firewall_config],
     )
     asyncio.run(run_agent(options))
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--node-uuid", help="override /sys/class/dmi/id/product_uuid")
     agent.add_argument(
         "--listen-port",
-        type=_positive_port,
+        type=_port_or_zero,
         default=51821,
         help="fixed WireGuard listen port (default 51821; 0 picks a random one)",
     )
@@ -164,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--maintenance-port",
-        type=_positive_port,
+        type=_port,
         default=50000,
         help="maintenance API port, served only on the SideroLink address (default 50000)",
     )
@@ -208,13 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--listen", default="[::]:8090", help="gRPC listen address")
     server.add_argument("--tls-cert", help="PEM certificate (enables TLS, with --tls-key)")
     server.add_argument("--tls-key", help="PEM private key")
-    server.add_argument("--join-token")
-    server.add_argument("--join-token-file")
+    server.add_argument(
+        "--join-token", help="the fixed join token (visible in ps: prefer the file or variable)"
+    )
+    server.add_argument("--join-token-file", help="file holding the fixed join token")
     server.add_argument(
         "--installation-id", default="", help="derives the overlay prefix (spec section 5)"
     )
     server.add_argument("--wireguard-interface", default="siderolink")
-    server.add_argument("--wireguard-port", type=_positive_port, default=51820)
+    server.add_argument(
+        "--wireguard-port",
+        type=_port,
+        default=51820,
+        help="UDP port of the server's WireGuard link (what --endpoint advertises)",
+    )
     server.add_argument(
         "--endpoint",
         action="append",
@@ -244,13 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--events-port",
-        type=_positive_port,
+        type=_port_or_zero,
         default=8090,
         help="EventSinkService port on the overlay address (0: off; default 8090)",
     )
     server.add_argument(
         "--logs-port",
-        type=_positive_port,
+        type=_port_or_zero,
         default=8092,
         help="machine log receiver (JSON lines over TCP) on the overlay address (0: off; "
         "default 8092)",

@@ -5,7 +5,6 @@ Runs in the caller's network namespace (the lab runs it under `ip netns exec`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from gatekeeper.firewall import render
@@ -73,39 +72,3 @@ class Nftables:
             return None
         objects = output.get("nftables", [])
         return [o for o in objects if isinstance(o, dict) and "metainfo" not in o]
-
-    def list_ruleset_text(self) -> str:
-        """The whole ruleset as nft text (for tests that check other tables survive)."""
-        self._nft.set_json_output(False)
-        try:
-            rc, output, error = self._nft.cmd("list ruleset")
-        finally:
-            self._nft.set_json_output(True)
-        if rc != 0:
-            raise FirewallApplyError(f"cannot list the ruleset: {error.strip()}")
-        return str(output)
-
-    def run_text(self, command: str) -> None:
-        """Run one nft command in text syntax (operators' hand edits, tests)."""
-        self._nft.set_json_output(False)
-        try:
-            rc, _, error = self._nft.cmd(command)
-        finally:
-            self._nft.set_json_output(True)
-        if rc != 0:
-            raise FirewallApplyError(f"nft {command!r} failed: {' '.join(str(error).split())}")
-
-
-def check_privilege() -> None:
-    """Fail early with a clear line when we cannot possibly change the ruleset."""
-    if os.geteuid() == 0:
-        return
-    # Without root a process may still hold CAP_NET_ADMIN; probe it in the effective set.
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) & (1 << 12):
-                    return
-    except OSError:
-        return
-    raise FirewallUnavailable(f"changing the firewall {_PRIVILEGE_HINT}")

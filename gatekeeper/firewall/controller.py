@@ -25,11 +25,6 @@ class ReconcileResult:
     error: str | None = None  # why the desired ruleset is not in force
 
 
-def apply_ruleset(ruleset: Ruleset, nft: Nftables | None = None) -> None:
-    """Replace our table with `ruleset` in one transaction (FirewallApplyError keeps the old)."""
-    (nft or Nftables()).apply(render.replace_commands(ruleset))
-
-
 def remove_table(nft: Nftables | None = None) -> None:
     (nft or Nftables()).apply(render.remove_commands())
 

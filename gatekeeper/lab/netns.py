@@ -104,10 +104,7 @@ class Lab:
         b_if: str = "eth0",
     ) -> None:
         """Join two namespaces with a veth pair and address both ends (addresses with prefix)."""
-        tmp_a, tmp_b = f"gkv{self.lab_id}a", f"gkv{self.lab_id}b"
-        run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
-        run(["ip", "link", "set", tmp_a, "netns", a.name, "name", a_if])
-        run(["ip", "link", "set", tmp_b, "netns", b.name, "name", b_if])
+        move_veth_pair(f"gkv{self.lab_id}", (a, a_if), (b, b_if))
         for ns, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
             # nodad: otherwise the first IPv6 packets are lost while DAD runs.
             extra = ["nodad"] if ":" in addr else []
@@ -153,6 +150,8 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        # Safe after the leader is reaped: Linux keeps a PID that still names a process group
+        # from being reused, so this reaches only what is left of our group, or nothing.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         if proc in self.processes:
@@ -176,6 +175,23 @@ class Lab:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def move_veth_pair(tmp: str, a: tuple[Namespace, str], b: tuple[Namespace, str]) -> None:
+    """Create a veth pair in this namespace and move its ends, renamed, into `a` and `b`.
+
+    If a move fails, the pair is deleted so that nothing is left in the root namespace.
+    """
+    tmp_a, tmp_b = f"{tmp}a", f"{tmp}b"
+    run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+    try:
+        run(["ip", "link", "set", tmp_a, "netns", a[0].name, "name", a[1]])
+        run(["ip", "link", "set", tmp_b, "netns", b[0].name, "name", b[1]])
+    except BaseException:
+        # Deleting either end deletes the pair, wherever the other end is by now.
+        run(["ip", "link", "delete", tmp_a], check=False)
+        run(["ip", "link", "delete", tmp_b], check=False)
+        raise
 
 
 def wait_operstate_up(ns: Namespace, ifname: str, timeout: float = 5.0) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatekeeper.lab.netns import Lab, LabError, Namespace, require_tool
+from gatekeeper.lab.netns import Lab, LabError, Namespace, move_veth_pair, require_tool
 
 UNDERLAY = "fd00:6b:{n}::{host}/64"
 API_PORT = 8090
@@ -136,10 +136,7 @@ class SideroLinkLab:
         name = f"m{n}"
         ns = self.lab.namespace(name)
         underlay = UNDERLAY.format(n=1, host=100 + n)
-        tmp_a, tmp_b = f"gkv{self.lab.lab_id}{n}a", f"gkv{self.lab.lab_id}{n}b"
-        self.lab_run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
-        self.lab_run(["ip", "link", "set", tmp_a, "netns", self.server_ns.name, "name", f"v{n}"])
-        self.lab_run(["ip", "link", "set", tmp_b, "netns", ns.name, "name", "eth0"])
+        move_veth_pair(f"gkv{self.lab.lab_id}{n}", (self.server_ns, f"v{n}"), (ns, "eth0"))
         self.server_ns.run(["ip", "link", "set", f"v{n}", "master", "br0", "up"])
         ns.run(["ip", "addr", "add", underlay, "dev", "eth0", "nodad"])
         ns.run(["ip", "link", "set", "eth0", "up"])
@@ -223,11 +220,6 @@ class SideroLinkLab:
             timeout=10,
         ).stdout
         return out.split()
-
-    def lab_run(self, argv: list[str]) -> None:
-        from gatekeeper.lab.netns import run
-
-        run(argv)
 
     @staticmethod
     def tail(path: Path, lines: int = 30) -> str:

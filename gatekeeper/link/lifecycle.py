@@ -235,7 +235,7 @@ SAMPLE_TIMER = "sample"
 UDP_RETRY_TIMER = "udp-retry"
 
 
-class TunnelMode(StrEnum):
+class TunnelPreference(StrEnum):
     """The machine's wish for WireGuard over gRPC; the server decides in the end."""
 
     OFF = "off"  # ask only when the API URL says grpc_tunnel=true (as Talos does)
@@ -287,11 +287,11 @@ class Link:
         *,
         listen_port: int | None = None,
         timing: Timing | None = None,
-        tunnel_mode: TunnelMode = TunnelMode.OFF,
+        tunnel_preference: TunnelPreference = TunnelPreference.OFF,
     ) -> None:
         self.listen_port = listen_port
         self.timing = timing or Timing()
-        self.tunnel_mode = TunnelMode(tunnel_mode)
+        self.tunnel_preference = TunnelPreference(tunnel_preference)
         # AUTO: the tunnel is asked for after UDP failed; the wait before trying UDP again.
         self._fallback = False
         self._fallback_reason: str | None = None
@@ -426,9 +426,13 @@ class Link:
     def _wants_tunnel(self) -> bool:
         if self._config is not None and self._config.api.grpc_tunnel:
             return True
-        if self.tunnel_mode is TunnelMode.ON:
+        if self.tunnel_preference is TunnelPreference.ON:
             return True
-        return self.tunnel_mode is TunnelMode.AUTO and self._fallback and not self._declined
+        return (
+            self.tunnel_preference is TunnelPreference.AUTO
+            and self._fallback
+            and not self._declined
+        )
 
     def _path_reason(self, reply: Provisioned, asked: bool) -> str:
         if reply.tunnel:
@@ -437,7 +441,7 @@ class Link:
             return "asked for by this machine" if asked else "the server's choice"
         if asked:
             return "the server declined the tunnel"
-        if self.tunnel_mode is TunnelMode.AUTO and self._fallback_reason:
+        if self.tunnel_preference is TunnelPreference.AUTO and self._fallback_reason:
             return self._fallback_reason
         return "direct WireGuard over UDP"
 
@@ -482,7 +486,7 @@ class Link:
         self._endpoint_index = 0
         asked = self._wants_tunnel()
         reason = self._path_reason(reply, asked)
-        if asked and not reply.tunnel and self.tunnel_mode is TunnelMode.AUTO:
+        if asked and not reply.tunnel and self.tunnel_preference is TunnelPreference.AUTO:
             self._declined = True
         self._set(
             now,
@@ -567,7 +571,7 @@ class Link:
         actions.append(Schedule(SAMPLE_TIMER, every))
         silent = now - self._last_progress
         if (
-            self.tunnel_mode is TunnelMode.AUTO
+            self.tunnel_preference is TunnelPreference.AUTO
             and self.status.state is State.CONNECTING
             and not self._reply.tunnel
             and not self._declined

@@ -26,7 +26,7 @@ from gatekeeper.maintenance.resources import (
     SpecField,
 )
 
-REDACTED = "redacted"
+REDACTED = "<redacted>"  # as everywhere else (logs, status)
 
 CONFIG_NAMESPACE = "config"
 NETWORK_NAMESPACE = "network"

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable
+from gatekeeper.overlay import server_address
 from gatekeeper.server.admin import AdminServer
 from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.audit import AUDIT_NAME, AuditLog
@@ -142,7 +143,7 @@ class Fleet:
                 self.metrics_server = serve_metrics(self.metrics, opts.metrics_listen)
             except (OSError, ValueError) as exc:
                 raise FleetError(str(exc)) from None
-        address = str(prefix.network_address + 1)
+        address = str(server_address(prefix))
         attributor = Attributor(registry, prefix)
         if opts.events_port:
             journal = Journal(events_dir(self.state_dir), max_bytes=EVENT_MAX_BYTES)

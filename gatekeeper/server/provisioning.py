@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
 from gatekeeper.server.registry import (
     AddressTaken,
@@ -93,7 +94,7 @@ class Provisioner:
         self.registry = registry
         self.device = device
         self.prefix = prefix
-        self.server_address = prefix.network_address + 1
+        self.server_address = server_address(prefix)
         self.server_public_key = server_public_key
         self.endpoints = tuple(endpoints)
         self.tokens = tokens

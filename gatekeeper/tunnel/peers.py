@@ -31,11 +31,3 @@ class TunnelMode(StrEnum):
         if self is TunnelMode.ALWAYS:
             return True
         return self is TunnelMode.ALLOW and wants_tunnel
-
-
-def parse_tunnel_mode(text: str) -> TunnelMode:
-    try:
-        return TunnelMode(text.strip().lower())
-    except ValueError:
-        choices = ", ".join(m.value for m in TunnelMode)
-        raise ValueError(f"tunnel mode {text[:40]!r} is not one of {choices}") from None

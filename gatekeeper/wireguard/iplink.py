@@ -43,7 +43,11 @@ class LinkInfo:
 
 
 def off_loop(fn: Callable[[], T]) -> T:
-    """Run `fn` here, or on a helper thread when this thread runs an asyncio loop."""
+    """Run `fn` here, or on a helper thread when this thread runs an asyncio loop.
+
+    pyroute2 refuses to run inside a thread whose asyncio loop is running; the helper thread
+    only sidesteps that: the caller still waits for `fn`, so keep it short.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
