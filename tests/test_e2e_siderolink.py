@@ -25,6 +25,7 @@ from gatekeeper.wireguard.keys import PrivateKey
 pytestmark = pytest.mark.netns
 
 TESTS = Path(__file__).parent
+GATEKEEPER = [sys.executable, "-m", "gatekeeper"]
 
 
 @pytest.fixture
@@ -330,3 +331,32 @@ def test_server_start_errors_are_one_line(
     assert done.returncode == 1 and message in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("gatekeeper server:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr
+
+
+def test_a_new_unique_token_replaces_the_machines_identity(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    config = machine.run_dir / "siderolink.yaml"
+    doc = "apiVersion: v1alpha1\nkind: SideroLinkConfig\napiUrl: {url}\nuniqueToken: {token}\n"
+    config.write_text(doc.format(url=sl.api_url(), token="before-reinstall"))
+    sl.start_agent(machine, "--config", str(config))
+    first = sl.wait_connected(machine)
+    config.write_text(doc.format(url=sl.api_url(), token="after-reinstall"))
+    second = sl.wait_status(
+        machine,
+        lambda s: s.get("connected") and s.get("node_address") != first["node_address"],
+        30,
+        "connected as its new identity",
+    )
+    # Same key (the agent keeps it), one machine on the server: the old identity is gone.
+    assert second["public_key"] == first["public_key"]
+    listed = subprocess.run(
+        [*GATEKEEPER, "machines", "--json", "--state-dir", str(sl.state_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    machines = json.loads(listed.stdout)
+    assert [m["address"] for m in machines] == [second["node_address"].split("/")[0]]
+    assert sl.ping(machine, second["server_address"])

@@ -127,10 +127,15 @@ class Provisioner:
 
         mkey = machine_key(uuid, req.unique_token)
         existing = self.registry.get(mkey)
+        # The key may already be registered under another identity. The same machine (node
+        # UUID) changing its unique token keeps its key: that identity is replaced below.
+        # Anyone else would be re-pointing another machine's peer, so they are refused.
         holder = self.registry.by_public_key(key.base64())
         if holder is not None and holder.machine_key != mkey:
-            # Otherwise anyone with a join token could re-point another machine's peer.
-            raise Rejected(Code.INVALID_ARGUMENT, "node_public_key belongs to another machine")
+            if holder.node_uuid != uuid:
+                raise Rejected(Code.INVALID_ARGUMENT, "node_public_key belongs to another machine")
+        else:
+            holder = None
         if admission.refusal and not (
             existing and admission.allows_existing(existing.join_token_id)
         ):
@@ -154,15 +159,18 @@ class Provisioner:
             # No keepalive from our side: the machine keeps the session alive, and a
             # keepalive on a peer without an endpoint makes wireguard-go spin (measured: 22%
             # CPU idle with 10,000 such peers, against 0% without).
-            PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
+            self._peer(key, address)
         )
         # A machine provisioning again with the key it has keeps its live peer whatever
-        # happens below; only a peer this request added is taken back.
+        # happens below; only a peer this request added is taken back, and a peer taken over
+        # from the machine's previous identity is given back.
         added_peer = not (existing and existing.public_key == record.public_key)
         try:
             self.registry.claim(record, token_id=admission.token_id, max_machines=self.max_machines)
         except BaseException as exc:
-            if added_peer:
+            if holder is not None:
+                self.device.set_peer(self._peer(key, holder.address))
+            elif added_peer:
                 self.device.remove_peer(key)
             if isinstance(exc, AddressTaken):
                 raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
@@ -171,6 +179,10 @@ class Provisioner:
             if isinstance(exc, RegistrationLimit):
                 raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
             raise
+        if holder is not None:
+            # The machine's previous identity: its peer is this key, now ours.
+            self.registry.remove(holder.machine_key)
+            log.info("machine %s replaced its identity at %s", uuid, holder.address)
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
@@ -220,6 +232,11 @@ class Provisioner:
         if self.tunnels is None or self.tunnel_mode is TunnelMode.OFF:
             return None  # its stream will be refused and the machine provisions again
         return self.tunnels.allow(tunnel_addr_port(self.tunnel_prefix, record.address))
+
+    @staticmethod
+    def _peer(key: PublicKey, address: ipaddress.IPv6Address) -> PeerConfig:
+        """A machine's peer: its key, and its own /128 only (machines never reach each other)."""
+        return PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
 
     def _allocate(self) -> ipaddress.IPv6Address:
         return allocate_node_address(
