@@ -181,8 +181,8 @@ def test_file_without_siderolink_document(tmp_path: Path) -> None:
         ),
         (
             "apiVersion: v1alpha1\nkind: X\n---\napiUrl: [unclosed\n",
-            "document 2: invalid YAML at line 5, column 1: "
-            "expected ',' or ']', but got '<stream end>'",
+            # The rest is the YAML parser's own wording (libyaml's or PyYAML's).
+            "document 2: invalid YAML at line 5, column 1: ",
         ),
         ("a: !!python/object:os.system x\n", "document 1: invalid YAML"),
         ("a: 2020-99-99\n", "document 1: "),
