@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -12,6 +14,7 @@ from gatekeeper.lab.siderolink_lab import WG_PORT, Machine, SideroLinkLab
 
 pytestmark = pytest.mark.netns
 
+GATEKEEPER = [sys.executable, "-m", "gatekeeper"]
 SERVER_OVERLAY = "fdae:41e4:649b:9303::1"
 # A short link timeout (fallback after 3 s without a handshake) keeps the tests brief; the
 # defaults (45 s, 15 s) behave the same, only slower.
@@ -89,3 +92,24 @@ def test_tunnel_survives_a_server_crash(sl: SideroLinkLab) -> None:
         assert time.monotonic() < deadline, f"no path back: {machine.status()}"
     after = machine.status()
     assert after["node_address"] == first["node_address"] and after["link_name"] == "siderolinktun"
+
+
+def test_removing_a_tunnel_machine_ends_its_stream(sl: SideroLinkLab) -> None:
+    sl.start_server("--tunnel-mode", "always")
+    machine = sl.add_machine()
+    sl.wait_connected(machine, timeout=20)
+    subprocess.run(
+        [*GATEKEEPER, "machines", "remove", machine.node_uuid, "--state-dir", str(sl.state_dir)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    deadline = time.monotonic() + 10
+    ended = re.compile(r"tunnel peer \[[0-9a-f:]+\]:50889 removed")
+    while not ended.search(sl.server_log.read_text()):
+        assert time.monotonic() < deadline, sl.tail(sl.server_log)
+        time.sleep(0.1)
+    # The machine's token is still valid: it notices and joins again by itself.
+    sl.wait_status(
+        machine, lambda s: s.get("provisions", 0) >= 2 and s.get("connected"), 40, "back"
+    )

@@ -148,7 +148,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
         )
     try:
         reply = admin_request(
-            Path(args.state_dir), {"op": "forget", "public_keys": [r.public_key for r in found]}
+            Path(args.state_dir),
+            {
+                "op": "forget",
+                "public_keys": [r.public_key for r in found],
+                "addresses": [str(r.address) for r in found],
+            },
         )
     except (OSError, ValueError) as exc:
         return fail("machines remove", f"record removed, but the peer may remain: {exc}")

@@ -12,17 +12,20 @@ may ask.
 
 Protocol: one JSON object per line each way. `{"op": "peers"}` ->
 `{"ok": true, "peers": [{public_key, endpoint, last_handshake, rx_bytes, tx_bytes}]}`;
-`{"op": "forget", "public_keys": [...]}` removes those peers -> `{"ok": true}`.
+`{"op": "forget", "public_keys": [...], "addresses": [...]}` removes those peers, and ends the
+tunnel streams of those overlay addresses -> `{"ok": true}`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,16 @@ def socket_path(state_dir: Path) -> Path:
 
 
 class AdminServer:
-    def __init__(self, state_dir: Path, device: Device) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        device: Device,
+        forget_address: Callable[[ipaddress.IPv6Address], None] | None = None,
+    ) -> None:
         self.path = socket_path(state_dir)
         self.device = device
+        # What else a removed machine leaves behind (its tunnel stream), by overlay address.
+        self.forget_address = forget_address
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -111,6 +121,9 @@ class AdminServer:
             for key in keys:
                 await asyncio.to_thread(self.device.remove_peer, key)
                 log.info("peer %s removed on request", key.fingerprint())
+            if self.forget_address is not None:
+                for address in request.get("addresses", []):
+                    self.forget_address(ipaddress.IPv6Address(str(address)))
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
 

@@ -140,7 +140,12 @@ class Server:
         if self.provisioner.tokens.open():
             log.warning("no join token configured: any machine that reaches this server may join")
         try:
-            await self.fleet.start(registry=self.registry, device=self.device, prefix=prefix)
+            await self.fleet.start(
+                registry=self.registry,
+                device=self.device,
+                prefix=prefix,
+                forget_address=self.provisioner.forget_tunnel,
+            )
         except FleetError as exc:
             raise ServerError(str(exc)) from None
 

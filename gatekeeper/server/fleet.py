@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class Fleet:
         registry: Registry,
         device: Device,
         prefix: ipaddress.IPv6Network,
+        forget_address: Callable[[ipaddress.IPv6Address], None] | None = None,
     ) -> None:
         opts = self.options
         if opts.max_machines is not None and opts.max_machines < 1:
@@ -129,7 +131,7 @@ class Fleet:
                     "(--no-isolation skips this, leaving only WireGuard's allowed IPs)"
                 ) from None
             self._isolated = True
-        self.admin = AdminServer(self.state_dir, device)
+        self.admin = AdminServer(self.state_dir, device, forget_address)
         try:
             await self.admin.start()
         except OSError as exc:

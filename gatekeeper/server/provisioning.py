@@ -233,6 +233,11 @@ class Provisioner:
             return None  # its stream will be refused and the machine provisions again
         return self.tunnels.allow(tunnel_addr_port(self.tunnel_prefix, record.address))
 
+    def forget_tunnel(self, address: ipaddress.IPv6Address) -> None:
+        """A removed machine's tunnel stream ends now rather than when the machine gives up."""
+        if self.tunnels is not None:
+            self.tunnels.revoke(tunnel_addr_port(self.tunnel_prefix, address))
+
     @staticmethod
     def _peer(key: PublicKey, address: ipaddress.IPv6Address) -> PeerConfig:
         """A machine's peer: its key, and its own /128 only (machines never reach each other)."""
