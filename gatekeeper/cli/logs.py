@@ -49,10 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _journal_for(state_dir: str, node_uuid: str) -> Path:
     registry = open_registry(state_dir)
-    try:
+    with registry:
         found = machines_by_uuid(registry, node_uuid)
-    finally:
-        registry.close()
     if len(found) > 1:
         raise CliError(
             f"{len(found)} machines share UUID {node_uuid[:64]!r} (different unique tokens)"

@@ -84,10 +84,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         registry = open_registry(args.state_dir)
     except CliError as exc:
         return fail("machines", str(exc))
-    try:
+    with registry:
         records = registry.machines()
-    finally:
-        registry.close()
     try:
         reply = admin_request(Path(args.state_dir), {"op": "peers"})
     except (OSError, ValueError) as exc:
@@ -127,12 +125,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
         registry = open_registry(args.state_dir)
     except CliError as exc:
         return fail("machines remove", str(exc))
-    try:
+    with registry:
         found = machines_by_uuid(registry, args.node_uuid)
         for record in found:
             registry.remove(record.machine_key)
-    finally:
-        registry.close()
     if not found:
         return fail("machines remove", f"no machine with UUID {args.node_uuid[:64]!r}")
     now = time.time()

@@ -83,10 +83,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         registry = open_registry(args.state_dir, create=True)
     except (ValueError, CliError) as exc:
         return fail("token create", str(exc))
-    try:
+    with registry:
         registry.add_token(record)
-    finally:
-        registry.close()
     _audit(args.state_dir).write(
         now,
         "token.create",
@@ -123,10 +121,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         registry = open_registry(args.state_dir)
     except CliError as exc:
         return fail("token list", str(exc))
-    try:
+    with registry:
         tokens = registry.tokens()
-    finally:
-        registry.close()
     now = time.time()
     rows = [token_row(t, now) for t in tokens]
     if args.json:
@@ -162,11 +158,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     now = time.time()
     # A whole token pasted here works too; only its id part is used (and ever printed).
     token_id = args.token_id.strip().partition(".")[0][:64]
-    try:
+    with registry:
         known = registry.token(token_id)
         done = registry.revoke_token(token_id, now)
-    finally:
-        registry.close()
     if known is None:
         return fail("token revoke", f"no token with id {token_id!r} (see token list)")
     if not done:

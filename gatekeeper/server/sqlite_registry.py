@@ -289,3 +289,9 @@ class SqliteRegistry:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def __enter__(self) -> SqliteRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
