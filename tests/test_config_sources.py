@@ -249,9 +249,21 @@ def test_kernel_argument_when_no_document(tmp_path: Path) -> None:
 
 def test_nothing_configured(tmp_path: Path) -> None:
     assert resolve_config(_cmdline(tmp_path, "quiet"), None) is None
-    assert resolve_config(_cmdline(tmp_path, "siderolink.api="), None) is None
     assert resolve_config(None, None) is None
     assert resolve_config(None, tmp_path / "absent.yaml") is None
+
+
+@pytest.mark.parametrize("value", ["siderolink.api=", 'siderolink.api=""', "siderolink.api= "])
+def test_present_but_empty_argument_is_an_error_not_a_removal(tmp_path: Path, value: str) -> None:
+    # An empty value is a mistake: taken as "not configured", it would tear the link down
+    # and move the maintenance API to every address.
+    cmdline = _cmdline(tmp_path, f"quiet {value} x=1")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(cmdline, None)
+    assert str(info.value) == (
+        f"kernel command line {cmdline}: siderolink.api is present but empty: give the "
+        "SideroLink API URL, or remove the parameter"
+    )
 
 
 def test_bad_kernel_argument_names_its_source(tmp_path: Path) -> None:

@@ -1,35 +1,40 @@
-"""`gatekeeper agent`: drives the link lifecycle with real I/O.
+"""`gatekeeper agent`: small reconcilers around the sans-I/O link lifecycle.
 
-The lifecycle (`gatekeeper.link.lifecycle.Link`) decides; this module only performs its
-actions (Provision over gRPC, the WireGuard device, probes, timers) and feeds back what
-happened. Every outcome, including failures, becomes an event, so the daemon never dies of a
-bad configuration or an unreachable server: it reports and retries.
+- the config source (`config_source`) turns the files into the desired configuration;
+- the lifecycle (`gatekeeper.link.lifecycle.Link`) turns configuration and observations into
+  the desired link; this module performs its actions and feeds back their outcomes as events;
+- the device reconciler (`device`) owns the WireGuard backend and the tunnel relay, and
+  supervises the device;
+- the firewall, the maintenance listener and telemetry each converge to what the state says.
+
+The reconcilers run under one `Runner`, which restarts a failed one with one backoff policy
+and reports it in the status; no file or device I/O runs on the event loop, which also serves
+the maintenance API and carries tunnelled packets. See docs/agent.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatekeeper.agent.machine import MachineError, node_uuid, wait_for_network
+from gatekeeper.agent.config_source import ConfigSource, DesiredConfig, SourcePaths
+from gatekeeper.agent.device import DeviceReconciler
+from gatekeeper.agent.machine import wait_for_network
 from gatekeeper.agent.maintenance_controller import LinkView, MaintenanceController
 from gatekeeper.agent.probe import send_probe
 from gatekeeper.agent.provision_client import ProvisionError, provision
+from gatekeeper.agent.runner import Backoff, Runner
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, status_document, write_status
 from gatekeeper.agent.telemetry import Telemetry
-from gatekeeper.config.errors import ConfigError
-from gatekeeper.config.resolve import resolve_config
 from gatekeeper.firewall.controller import FirewallController
-from gatekeeper.firewall.policy import FirewallPolicy, LinkState
+from gatekeeper.firewall.policy import DefaultAction, FirewallPolicy, LinkState
 from gatekeeper.link.lifecycle import (
     SAMPLE_TIMER,
     Action,
@@ -38,38 +43,33 @@ from gatekeeper.link.lifecycle import (
     ConfigRejected,
     ConfigureLink,
     Event,
-    Identity,
     Link,
     LinkConfigured,
     LinkFailed,
-    LinkSpec,
     Log,
     NetworkReady,
     Provision,
     ProvisionFailed,
     ProvisionSucceeded,
     RemoveLink,
-    Sample,
     Schedule,
     SendProbe,
     TimerFired,
     Timing,
-    TunnelFailed,
     TunnelPreference,
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
-from gatekeeper.overlay import split_endpoint
-from gatekeeper.tunnel.client import TunnelClient, TunnelError
-from gatekeeper.tunnel.header import HeaderError, canonical_peer
-from gatekeeper.wireguard import iplink
-from gatekeeper.wireguard.backend import Backend, Device, PeerConfig, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
-from gatekeeper.wireguard.select import select_backend
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN_PORT = 51821
+# The kernel table is compared with the desired one this often (someone may flush it).
+FIREWALL_CHECK_EVERY = 5.0
+# Documents that were never read successfully do not mean "accept": until a valid set is
+# read, the machine fails closed (the overlay and the WireGuard port stay admitted).
+FAIL_CLOSED = FirewallPolicy(default_action=DefaultAction.BLOCK)
 
 
 @dataclass
@@ -85,22 +85,9 @@ class AgentOptions:
     maintenance_port: int = 50000
     tunnel_preference: TunnelPreference = TunnelPreference.AUTO
     # Documents with NetworkDefaultActionConfig / NetworkRuleConfig (the --config file is read
-    # for them too); None turns the agent's firewall off.
+    # for them too); None: no document policy, only the always-present overlay guard.
     firewall_paths: list[Path] | None = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
-
-
-def resolve_endpoint(endpoint: str) -> str:
-    """host:port with the host resolved now (DNS may move between reconnects)."""
-    try:
-        host, port = split_endpoint(endpoint)
-    except ValueError as exc:
-        raise WireGuardError(str(exc)) from None
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise WireGuardError(f"endpoint host {host!r} does not resolve")
-    addr = ipaddress.ip_address(infos[0][4][0])
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
 class Agent:
@@ -109,41 +96,64 @@ class Agent:
         self.clock = clock
         # Ephemeral: generated at start, kept across re-provisions, never written anywhere.
         self.key = PrivateKey.generate()
+        timing = options.timing
         self.link = Link(
             listen_port=options.listen_port,
-            timing=options.timing,
+            timing=timing,
             tunnel_preference=options.tunnel_preference,
         )
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.device: Device | None = None
-        self.backend: Backend | None = None
-        self.backend_reason = ""
-        self.spec: LinkSpec | None = None
-        self.link_index = 0
-        # The relay between `siderolinktun` and CreateStream, while in tunnel mode.
-        self.tunnel: TunnelClient | None = None
+        self.runner = Runner(
+            Backoff(timing.backoff_initial, timing.backoff_factor, timing.backoff_max),
+            on_change=self.publish,
+        )
+        self.device = DeviceReconciler(
+            self.key, options.backend, post=self.events.put_nowait, on_status=self.publish
+        )
         self.maintenance = MaintenanceController(options.maintenance_port)
-        self.firewall: FirewallController | None = None
+        self.source = ConfigSource(
+            SourcePaths(
+                cmdline=options.cmdline,
+                config=options.config,
+                firewall=options.firewall_paths,
+                node_uuid=options.node_uuid,
+            ),
+            self._on_config,
+            poll=options.config_poll,
+        )
+        # Firewall: the last valid document policy (None until one was read).
+        self.firewall = FirewallController(FAIL_CLOSED)
+        self.firewall_documents = options.firewall_paths is not None
         self.firewall_paths: list[str] = []
         if options.firewall_paths is not None:
             paths = [*([options.config] if options.config else []), *options.firewall_paths]
             self.firewall_paths = [str(p.absolute()) for p in paths]
-            self.firewall = FirewallController(FirewallPolicy(), paths=paths)
-        self.firewall_error: str | None = None
+        else:
+            self.firewall.set_policy(FirewallPolicy())
+        self.firewall_policy_read = not self.firewall_documents
+        # Why the documents were not taken, and why the kernel refused the table.
+        self.firewall_document_error: str | None = None
+        self.firewall_apply_error: str | None = None
+        self._firewall_wake = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe_seq = 0
-        self._last_config_error: str | None = None
+        self._config_error: str | None = None
         # talos.events.sink= / talos.logging.kernel=: status events and kernel log lines.
-        self.telemetry = Telemetry(options.cmdline)
+        self.telemetry = Telemetry()
+        self._status_dirty = asyncio.Event()
+        self._status_doc: dict[str, Any] | None = None
 
     # -- running --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("agent starting, WireGuard key %s (in memory only)", self.public_key.fingerprint())
         self.publish()
-        self._spawn(self._watch_config())
-        self._spawn(self.telemetry.run())
+        self.runner.start("status", self._write_status_loop)
+        self.runner.start("config", self.source.run)
+        self.runner.start("device", self.device.supervise)
+        self.runner.start("firewall", self._firewall_loop)
+        self.runner.start("telemetry", self.telemetry.run)
         stopper = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -154,31 +164,33 @@ class Agent:
                     break
                 event = getter.result()
                 try:
-                    await self.step(event)
+                    self.step(event)
                 except Exception:
-                    # A bug in one step must not end the daemon that keeps the machine reachable.
+                    # The lifecycle is pure and tested; a bug here must still not end the
+                    # daemon that keeps the machine reachable. Reported, not hidden.
                     log.exception("internal error handling %s; carrying on", type(event).__name__)
+                await self.maintenance.reconcile(self.view())
         finally:
             stopper.cancel()
             await self.close()
 
-    async def step(self, event: Event) -> None:
+    def step(self, event: Event) -> None:
         for action in self.link.handle(event, self.clock()):
-            await self.perform(action)
+            self.perform(action)
+        self._firewall_wake.set()
         self.publish()
-        await self.maintenance.reconcile(self.view())
 
     def view(self) -> LinkView:
         identity = self.link.identity
         return LinkView(
             config=self.link.config,
             status=self.link.status,
-            spec=self.spec,
-            link_index=self.link_index,
+            spec=self.device.spec,
+            link_index=self.device.link_index,
             public_key=self.public_key.base64(),
             listen_port=self.options.listen_port,
             node_uuid=identity.node_uuid if identity else None,
-            config_error=self._last_config_error,
+            config_error=self._config_error,
         )
 
     @property
@@ -186,42 +198,130 @@ class Agent:
         return self.key.public_key()
 
     def publish(self, **extra: Any) -> None:
+        """Build the status document now; a writer task puts it on disk off the loop."""
+        backend = self.device.backend
         doc = status_document(
             self.link.status,
-            backend=self.backend.name if self.backend else None,
-            backend_reason=self.backend_reason or None,
+            backend=backend.name if backend else None,
+            backend_reason=self.device.backend_reason or None,
             public_key=self.public_key.base64(),
             listen_port=self.options.listen_port,
-            firewall=("off" if self.firewall is None else "error" if self.firewall_error else "ok"),
+            config_error=self._config_error,
+            firewall="error" if self.firewall_error else "ok",
             firewall_error=self.firewall_error,
+            firewall_overlay_guard=bool(self._link_state().overlay_addresses),
+            firewall_policy=self.firewall.policy.default_action.value,
             # So that `gatekeeper firewall show` compares with what the agent enforces.
-            firewall_paths=self.firewall_paths if self.firewall else None,
-            tunnel_stream=self._tunnel_status(),
+            firewall_paths=self.firewall_paths if self.firewall_documents else None,
+            tunnel_stream=self.device.tunnel_status(),
+            reconcilers=self.runner.report(),
             updated=time.time(),
             **extra,
         )
+        self._status_doc = doc
+        self._status_dirty.set()
+        self.telemetry.status(doc)
+
+    async def _write_status_loop(self) -> None:
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            await self._write_status()
+            # Coalesce bursts (a tunnel relay reports often): at most ~20 writes a second.
+            await asyncio.sleep(0.05)
+
+    async def _write_status(self) -> None:
+        doc = self._status_doc
+        if doc is None:
+            return
         try:
-            write_status(self.options.run_dir, doc)
+            await asyncio.to_thread(write_status, self.options.run_dir, doc)
         except OSError as exc:
             log.warning("cannot write status to %s: %s", self.options.run_dir, exc)
-        self.telemetry.status(doc)
 
     async def close(self) -> None:
         for handle in self._timers.values():
             handle.cancel()
+        await self.runner.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._stop_tunnel()
-        await asyncio.to_thread(self._remove_device)
+        await self.device.close()
         await self.maintenance.close()
         self.publish(state="stopped", connected=False)
+        await self._write_status()
+
+    # -- the desired configuration --------------------------------------------------------
+
+    @property
+    def firewall_error(self) -> str | None:
+        problems = [p for p in (self.firewall_document_error, self.firewall_apply_error) if p]
+        return "; ".join(problems) or None
+
+    async def _on_config(self, desired: DesiredConfig) -> None:
+        if desired.cmdline_text is not None:
+            self.telemetry.set_cmdline(desired.cmdline_text)
+        if desired.error is not None:
+            self._config_error = desired.error
+            await self.events.put(ConfigRejected(desired.error))
+        else:
+            self._config_error = None
+            assert desired.identity is not None
+            await self.events.put(ConfigChanged(desired.siderolink, desired.identity))
+        if self.firewall_documents:
+            if desired.firewall is not None:
+                self.firewall.set_policy(desired.firewall)
+                self.firewall_policy_read = True
+            problem = None if desired.firewall_error is None else self._kept(desired.firewall_error)
+            if problem != self.firewall_document_error:
+                if problem:
+                    log.error("firewall: %s", problem)
+                self.firewall_document_error = problem
+                self.publish()
+        self._firewall_wake.set()
+
+    def _kept(self, error: str) -> str:
+        if self.firewall_policy_read:
+            return f"{error} (the ruleset in force is kept)"
+        return f"{error} (no valid documents yet: failing closed, ingress block)"
+
+    # -- firewall -------------------------------------------------------------------------
+
+    def _link_state(self) -> LinkState:
+        port = self.options.listen_port
+        spec = self.device.spec
+        return LinkState(
+            wireguard_ports=(port,) if port else (),
+            overlay_addresses=(spec.address.ip,) if spec is not None else (),
+        )
+
+    async def _firewall_loop(self) -> None:
+        """Keep the ingress table equal to the policy and the link; off the loop."""
+        while True:
+            self._firewall_wake.clear()
+            link = self._link_state()
+            result = await asyncio.to_thread(self.firewall.reconcile, link)
+            if result.error != self.firewall_apply_error:
+                if result.error:
+                    log.error("firewall: %s (the ruleset in force is kept)", result.error)
+                self.firewall_apply_error = result.error
+                self.publish()
+            if result.changed:
+                guard = link.overlay_addresses
+                log.info(
+                    "firewall in force (ingress %s%s)",
+                    self.firewall.policy.default_action.value,
+                    f"; {guard[0]} only via the overlay links" if guard else "",
+                )
+                self.publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._firewall_wake.wait(), FIREWALL_CHECK_EVERY)
 
     # -- actions --------------------------------------------------------------------------
 
-    async def perform(self, action: Action) -> None:
+    def perform(self, action: Action) -> None:
         match action:
             case Log(level, message):
                 log.log(logging.getLevelName(level.upper()), message)
@@ -230,11 +330,9 @@ class Agent:
             case Provision() as p:
                 self._spawn(self._provision(p))
             case ConfigureLink(attempt, spec):
-                await self._configure(attempt, spec)
+                self._spawn(self._configure(attempt, spec))
             case RemoveLink():
-                await self._stop_tunnel()
-                # Stopping wireguard-go may take seconds: not on the loop serving the API.
-                await asyncio.to_thread(self._remove_device)
+                self._spawn(self.device.remove())
             case Schedule(name, delay):
                 self._schedule(name, delay)
             case Cancel(name):
@@ -248,7 +346,7 @@ class Agent:
                 except OSError as exc:
                     log.debug("probe to %s not sent: %s", target, exc)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -268,66 +366,13 @@ class Agent:
     def _fire(self, name: str) -> None:
         self._timers.pop(name, None)
         if name == SAMPLE_TIMER:
-            self.events.put_nowait(self._sample())
+            self._spawn(self._sample())
         else:
             self.events.put_nowait(TimerFired(name))
 
-    def _sample(self) -> Event:
-        if self.device is None or self.spec is None:
-            return TimerFired(SAMPLE_TIMER)
-        try:
-            stats = [
-                s
-                for s in self.device.peers()
-                if s.public_key.base64() == self.spec.server_public_key
-            ]
-        except WireGuardError as exc:
-            log.warning("reading the link's counters failed: %s", exc)
-            stats = []
-        if not stats:
-            return Sample(last_handshake=None, rx_bytes=0)
-        s = stats[0]
-        return Sample(last_handshake=s.last_handshake, rx_bytes=s.rx_bytes, endpoint=s.endpoint)
-
-    def _reconcile_firewall(self) -> None:
-        """Keep the ingress table equal to the documents; a bad document keeps the old one."""
-        if self.firewall is None:
-            return
-        problem = self.firewall.reload()
-        port = self.options.listen_port
-        result = self.firewall.reconcile(LinkState(wireguard_ports=(port,) if port else ()))
-        problem = problem or result.error
-        if problem != self.firewall_error:
-            if problem:
-                log.error("firewall: %s (the ruleset in force is kept)", problem)
-            else:
-                log.info("firewall in force (%s)", self.firewall.policy.default_action.value)
-            self.firewall_error = problem
-            self.publish()
-        elif result.changed:
-            log.info("firewall re-applied (the kernel table differed from the documents)")
-
-    async def _watch_config(self) -> None:
-        """Re-read the configuration sources; the lifecycle ignores what did not change."""
-        while True:
-            try:
-                await asyncio.to_thread(self._reconcile_firewall)
-            except Exception:  # the poll must go on: it is how a fixed config gets picked up
-                log.exception("firewall reconcile failed unexpectedly")
-            try:
-                config = resolve_config(self.options.cmdline, self.options.config)
-                identity = Identity(
-                    node_uuid=node_uuid(self.options.node_uuid),
-                    unique_token=config.unique_token if config else None,
-                )
-            except (ConfigError, MachineError) as exc:
-                if str(exc) != self._last_config_error:
-                    self._last_config_error = str(exc)
-                    await self.events.put(ConfigRejected(str(exc)))
-            else:
-                self._last_config_error = None
-                await self.events.put(ConfigChanged(config, identity))
-            await asyncio.sleep(self.options.config_poll)
+    async def _sample(self) -> None:
+        sample = await self.device.sample()
+        await self.events.put(sample if sample is not None else TimerFired(SAMPLE_TIMER))
 
     async def _wait_network(self, host: str) -> None:
         if not await wait_for_network(host, self.options.network_timeout):
@@ -348,88 +393,17 @@ class Agent:
         else:
             await self.events.put(ProvisionSucceeded(p.attempt, reply))
 
-    async def _configure(self, attempt: int, spec: LinkSpec) -> None:
+    async def _configure(self, attempt: int, spec: Any) -> None:
         try:
-            relay = await self._ensure_tunnel(spec)
-            await asyncio.to_thread(self._apply_spec, spec, relay)
-        except (WireGuardError, OSError, TunnelError, HeaderError, ValueError) as exc:
-            await self.events.put(LinkFailed(attempt, str(exc)))
+            await self.device.apply(spec, self.link.config.api if self.link.config else None)
+        except Exception as exc:
+            # Whatever failed, the lifecycle hears of it and backs off: a link is never left
+            # in CONFIGURING without a timer.
+            if not isinstance(exc, OSError | ValueError | RuntimeError):
+                log.exception("configuring the link failed unexpectedly")
+            await self.events.put(LinkFailed(attempt, str(exc) or type(exc).__name__))
         else:
             await self.events.put(LinkConfigured(attempt))
-
-    async def _ensure_tunnel(self, spec: LinkSpec) -> str | None:
-        """In tunnel mode, a running relay for this spec; its endpoint for the device's peer.
-
-        The relay dials the same host, port and TLS choice as the API. One that still runs
-        for the same API and header is kept, so re-configuring the link (next endpoint, same
-        reply again) does not drop the stream.
-        """
-        config = self.link.config
-        if not spec.grpc_peer_addr_port or config is None:
-            await self._stop_tunnel()
-            return None
-        header = canonical_peer(spec.grpc_peer_addr_port)
-        current = self.tunnel
-        if current and current.running and current.api == config.api and current.header == header:
-            return current.local_endpoint
-        await self._stop_tunnel()
-        self.tunnel = TunnelClient(
-            config.api,
-            header,
-            on_fatal=lambda error: self.events.put_nowait(TunnelFailed(error)),
-            on_status=lambda _status: self.publish(),
-            device_port=spec.listen_port,
-        )
-        return await self.tunnel.start()
-
-    async def _stop_tunnel(self) -> None:
-        if self.tunnel is not None:
-            tunnel, self.tunnel = self.tunnel, None
-            await tunnel.close()
-
-    def _tunnel_status(self) -> dict[str, Any] | None:
-        if self.tunnel is None:
-            return None
-        s = self.tunnel.status
-        return {
-            "state": s.state,
-            "detail": s.detail,
-            "batching": s.batching,
-            "sent": s.sent,
-            "received": s.received,
-            "dropped": s.dropped,
-            "streams": s.streams,
-        }
-
-    def _apply_spec(self, spec: LinkSpec, relay: str | None = None) -> None:
-        if self.device is not None and self.device.name != spec.name:
-            self._remove_device()
-        if self.device is None:
-            if self.backend is None:
-                self.backend, self.backend_reason = select_backend(self.options.backend)
-                log.info("WireGuard backend: %s (%s)", self.backend.name, self.backend_reason)
-            self.device = self.backend.create(spec.name, mtu=spec.mtu)
-        peer = PeerConfig(
-            public_key=PublicKey.from_base64(spec.server_public_key),
-            allowed_ips=(ipaddress.IPv6Network(f"{spec.server_address}/128"),),
-            # Tunnel mode: the server is reached through the local relay socket.
-            endpoint=relay if relay else resolve_endpoint(spec.endpoint),
-            persistent_keepalive=spec.keepalive,
-        )
-        self.device.configure(self.key, spec.listen_port, [peer], replace_peers=True)
-        self.device.set_addresses([spec.address])
-        info = iplink.link_info(spec.name)
-        self.link_index = info.index if info else 0
-        self.spec = spec
-
-    def _remove_device(self) -> None:
-        if self.device is not None:
-            try:
-                self.device.close()
-            except WireGuardError as exc:
-                log.warning("removing %s failed: %s", self.device.name, exc)
-            self.device = None
-            self.spec = None
 
 
 async def run_agent(options: AgentOptions) -> None:

@@ -35,8 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf import any_pb2, struct_pb2
 
-from gatekeeper.config.cmdline import cmdline_values, read_cmdline
-from gatekeeper.config.errors import ConfigError
+from gatekeeper.config.cmdline import cmdline_values
 from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ EVENT_QUEUE = 100
 LOG_QUEUE = 1000
 RETRY_MIN, RETRY_MAX = 1.0, 10.0
 PUBLISH_DEADLINE = 5.0
-CMDLINE_POLL = 10.0
 # The status fields that make an event when they change, and the ones an event carries.
 _TRIGGERS = ("state", "connected", "node_address", "link_name")
 _CARRIED = (*_TRIGGERS, "endpoint", "tunnel", "server_address", "last_error", "provisions")
@@ -138,8 +136,7 @@ def status_event(doc: dict[str, Any]) -> events_pb2.EventRequest:
 
 
 class Telemetry:
-    def __init__(self, cmdline: Path, *, kmsg: Path = KMSG) -> None:
-        self.cmdline = cmdline
+    def __init__(self, *, kmsg: Path = KMSG) -> None:
         self.kmsg = kmsg
         self.sinks = Sinks()
         self._events: collections.deque[events_pb2.EventRequest] = collections.deque(
@@ -165,12 +162,8 @@ class Telemetry:
             self._events.append(status_event(doc))
             self._wake_events.set()
 
-    def _reload(self) -> None:
-        try:
-            text = read_cmdline(self.cmdline)
-        except ConfigError as exc:
-            log.debug("telemetry: %s", exc)
-            return
+    def set_cmdline(self, text: str) -> None:
+        """The kernel command line as the agent's config source last read it."""
         sinks, problems = sinks_from_cmdline(text)
         if problems != self._problems:
             for problem in problems:
@@ -189,9 +182,7 @@ class Telemetry:
             self._wake_lines.set()
 
     async def run(self) -> None:
-        self._reload()
         tasks = [
-            asyncio.create_task(self._watch_cmdline()),
             asyncio.create_task(self._send_events()),
             asyncio.create_task(self._read_kmsg()),
             asyncio.create_task(self._send_lines()),
@@ -209,11 +200,6 @@ class Telemetry:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._nudge.wait(), delay)
         self._nudge.clear()
-
-    async def _watch_cmdline(self) -> None:
-        while True:
-            await asyncio.sleep(CMDLINE_POLL)
-            self._reload()
 
     async def _send_events(self) -> None:
         delay = RETRY_MIN

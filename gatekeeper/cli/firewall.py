@@ -10,6 +10,7 @@ whatever port the agent opened.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from importlib import resources
@@ -63,6 +64,13 @@ def load_documents(paths: list[str] | None, run_dir: str | None = None) -> Firew
     return builder.build()
 
 
+def _ipv6(text: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv6 address") from None
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -98,7 +106,10 @@ def _link(args: argparse.Namespace, live: list[dict[str, Any]] | None) -> LinkSt
         ports = inferred.wireguard_ports
     if not trusted and inferred is not None:
         trusted = inferred.extra_trusted
-    return LinkState(wireguard_ports=ports, extra_trusted=trusted)
+    overlay = tuple(args.overlay_address or ())
+    if not overlay and inferred is not None:
+        overlay = inferred.overlay_addresses
+    return LinkState(wireguard_ports=ports, extra_trusted=trusted, overlay_addresses=overlay)
 
 
 def _policy_summary(policy: FirewallPolicy) -> dict[str, Any]:
@@ -174,7 +185,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     try:
         policy = load_documents(args.config, args.run_dir)
-        packet = Packet.make(args.iif, args.src, args.proto, args.dport, args.state)
+        packet = Packet.make(args.iif, args.src, args.proto, args.dport, args.state, dst=args.dst)
     except (FirewallDocumentError, PacketError) as exc:
         return _fail(args, str(exc))
     live: list[dict[str, Any]] | None = None
@@ -228,6 +239,14 @@ def add_parser(subparsers: Any) -> None:
         metavar="IFACE",
         help="extra trusted interface (lo, siderolink and siderolinktun always are)",
     )
+    link.add_argument(
+        "--overlay-address",
+        action="append",
+        type=_ipv6,
+        metavar="ADDR",
+        help="the machine's overlay address, reachable only via the overlay links "
+        "(repeatable); default: the one in the live table",
+    )
 
     fw = subparsers.add_parser("firewall", help="inspect and explain the ingress firewall")
     sub = fw.add_subparsers(dest="firewall_command", required=True, metavar="COMMAND")
@@ -239,6 +258,11 @@ def add_parser(subparsers: Any) -> None:
     exp = sub.add_parser("explain", parents=[common, link], help="verdict for one packet")
     exp.add_argument("--iif", required=True, metavar="IFACE", help="input interface")
     exp.add_argument("--src", required=True, metavar="ADDR", help="source address")
+    exp.add_argument(
+        "--dst",
+        metavar="ADDR",
+        help="destination address (default: a non-overlay address of this machine)",
+    )
     exp.add_argument("--proto", required=True, choices=["tcp", "udp", "icmp", "icmpv6"])
     exp.add_argument("--dport", type=int, metavar="N", help="destination port (tcp, udp)")
     exp.add_argument("--state", default="new", choices=["new", "established", "related", "invalid"])

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from gatekeeper.config.cmdline import read_cmdline, siderolink_api_from_cmdline
-from gatekeeper.config.documents import load_documents
+from gatekeeper.config.documents import (
+    load_documents,
+    parse_documents,
+    siderolink_from_documents,
+)
+from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.siderolink import SideroLinkConfig, parse_api_url
+
+MSG_EMPTY_API = (
+    "siderolink.api is present but empty: give the SideroLink API URL, or remove the parameter"
+)
 
 
 def resolve_config(
@@ -25,10 +34,35 @@ def resolve_config(
             return found
     if cmdline_path is None:
         return None
-    url = siderolink_api_from_cmdline(read_cmdline(cmdline_path))
-    if not url:
-        # Talos treats an empty "siderolink.api=" as not configured.
+    return from_cmdline(read_cmdline(cmdline_path), cmdline_path)
+
+
+def from_cmdline(text: str, cmdline_path: str | Path) -> SideroLinkConfig | None:
+    """The kernel argument's configuration; None only when `siderolink.api=` is absent."""
+    url = siderolink_api_from_cmdline(text)
+    if url is None:
         return None
     source = f"kernel command line {cmdline_path}"
+    if not url.strip():
+        # Present but empty is a mistake (or a half-written file), never "not configured":
+        # taking it as a removal would tear the link down and open the API to the underlay.
+        raise ConfigError(MSG_EMPTY_API, source)
     api = parse_api_url(url, f"{source} (siderolink.api)")
     return SideroLinkConfig(api=api, unique_token=None, source=source)
+
+
+def resolve_texts(
+    cmdline_text: str | None,
+    cmdline_path: str | Path,
+    config_text: str | None,
+    config_path: str | Path | None,
+) -> SideroLinkConfig | None:
+    """`resolve_config` over texts already read (None: the source is absent)."""
+    if config_text is not None and config_path is not None:
+        where = str(config_path)
+        found = siderolink_from_documents(parse_documents(config_text, where), where)
+        if found is not None:
+            return found
+    if cmdline_text is None:
+        return None
+    return from_cmdline(cmdline_text, cmdline_path)

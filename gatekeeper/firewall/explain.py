@@ -51,6 +51,8 @@ class Packet:
     dport: int | None = None
     state: State = State.NEW
     icmp_type: str = "echo-request"
+    # None: some address of this machine that is not an overlay address.
+    dst: IPAddress | None = None
 
     @classmethod
     def make(
@@ -61,11 +63,20 @@ class Packet:
         dport: int | None = None,
         state: str = "new",
         icmp_type: str | None = None,
+        dst: str | None = None,
     ) -> Packet:
         try:
             addr = ipaddress.ip_address(src)
         except ValueError:
             raise PacketError(f"--src: {src!r} is not an IP address") from None
+        daddr: IPAddress | None = None
+        if dst is not None:
+            try:
+                daddr = ipaddress.ip_address(dst)
+            except ValueError:
+                raise PacketError(f"--dst: {dst!r} is not an IP address") from None
+            if daddr.version != addr.version:
+                raise PacketError("--dst and --src must be of the same IP version")
         if proto not in PROTOCOLS:
             raise PacketError(f"--proto: {proto!r} is not one of {', '.join(PROTOCOLS)}")
         if proto == "icmp" and addr.version != 4:
@@ -82,7 +93,7 @@ class Packet:
         except ValueError:
             raise PacketError(f"--state: {state!r} is not one of new, established") from None
         port = dport if proto in ("tcp", "udp") else None
-        return cls(iif, addr, proto, port, st, icmp_type or "echo-request")
+        return cls(iif, addr, proto, port, st, icmp_type or "echo-request", daddr)
 
     @property
     def family(self) -> Family:
@@ -115,8 +126,9 @@ class Explanation:
     def text(self) -> str:
         p = self.packet
         port = f" dport {p.dport}" if p.dport is not None else ""
+        dst = f" dst {p.dst}" if p.dst is not None else ""
         lines = [
-            f"packet: iif {p.iif} src {p.src} {p.proto}{port} state {p.state.value}",
+            f"packet: iif {p.iif} src {p.src}{dst} {p.proto}{port} state {p.state.value}",
             f"verdict: {self.verdict.value.upper()}",
             f"decided by: {self.deciding.describe()}",
         ]
@@ -130,6 +142,7 @@ class Explanation:
             "packet": {
                 "iif": p.iif,
                 "src": str(p.src),
+                "dst": None if p.dst is None else str(p.dst),
                 "proto": p.proto,
                 "dport": p.dport,
                 "state": p.state.value,
@@ -141,7 +154,11 @@ class Explanation:
 
 
 def _matches(rule: Rule, pkt: Packet) -> bool:
-    if rule.iifnames and pkt.iif not in rule.iifnames:
+    if rule.iifnames and (pkt.iif in rule.iifnames) == rule.iifnames_negate:
+        return False
+    if rule.daddr and not (
+        pkt.dst is not None and pkt.dst.version == 6 and any(pkt.dst in n for n in rule.daddr)
+    ):
         return False
     if rule.fib_daddr_not_local:
         return False  # the packet is addressed to this machine

@@ -87,6 +87,9 @@ class LinkState:
     overlay_interfaces: tuple[str, ...] = OVERLAY_INTERFACES
     wireguard_ports: tuple[int, ...] = ()
     extra_trusted: tuple[str, ...] = field(default=())
+    # The machine's own overlay addresses. Linux accepts a packet for a local address on any
+    # interface (weak host model), so these are guarded: reachable from the overlay links only.
+    overlay_addresses: tuple[ipaddress.IPv6Address, ...] = ()
 
     @property
     def trusted_interfaces(self) -> tuple[str, ...]:

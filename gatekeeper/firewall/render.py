@@ -87,11 +87,24 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
 
     expr: list[JSON] = []
     if rule.iifnames:
-        expr.append(_match({"meta": {"key": "iifname"}}, _value(list(rule.iifnames))))
+        expr.append(
+            _match(
+                {"meta": {"key": "iifname"}},
+                _value(list(rule.iifnames)),
+                "!=" if rule.iifnames_negate else "==",
+            )
+        )
     if rule.fib_daddr_not_local:
         expr.append(_match({"fib": {"result": "type", "flags": ["daddr"]}}, "local", "!="))
     if rule.ct_states:
         expr.append(_match({"ct": {"key": "state"}}, _value(list(rule.ct_states))))
+    if rule.daddr:
+        expr.append(
+            _match(
+                {"payload": {"protocol": "ip6", "field": "daddr"}},
+                listed("ipv6_addr", [_prefix(n) for n in rule.daddr]),
+            )
+        )
     if rule.saddr:
         proto = "ip" if rule.family is Family.IPV4 else "ip6"
         expr.append(
@@ -106,6 +119,7 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
         )
     elif (
         rule.family is not None
+        and not rule.daddr
         and not rule.saddr_dport
         and rule.l4proto not in ("icmp", "ipv6-icmp")
     ):

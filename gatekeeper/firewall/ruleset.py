@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from gatekeeper.firewall.policy import (
+    LOOPBACK,
+    OVERLAY_INTERFACES,
     DefaultAction,
     FirewallPolicy,
     LinkState,
@@ -35,6 +37,7 @@ PREROUTING_PRIORITY = -110
 # Comments tag the builtin rules so `show` can tell them apart and recover the link state.
 TAG_TRUSTED = "gatekeeper: trusted interfaces"
 TAG_WIREGUARD = "gatekeeper: wireguard listen port"
+TAG_OVERLAY_GUARD = "gatekeeper: overlay address only via the overlay links"
 COMMENT_MAX = 127
 
 # Neighbour discovery must pass a drop policy on an IPv6 underlay, or the WireGuard path dies
@@ -81,6 +84,9 @@ class Rule:
     verdict: Verdict
     comment: str
     iifnames: tuple[str, ...] = ()
+    iifnames_negate: bool = False
+    # Destination addresses (IPv6 only: the overlay is IPv6).
+    daddr: tuple[ipaddress.IPv6Network, ...] = ()
     ct_states: tuple[str, ...] = ()
     fib_daddr_not_local: bool = False
     family: Family | None = None
@@ -334,12 +340,36 @@ def _document_rules(policy: FirewallPolicy) -> list[Rule]:
     return out
 
 
+def overlay_guard(link: LinkState) -> list[Rule]:
+    """Drop packets for the overlay addresses that arrive on any other link than lo and the
+    overlay interfaces (empty before the link has an address)."""
+    if not link.overlay_addresses:
+        return []
+    allowed = tuple(dict.fromkeys([LOOPBACK, *OVERLAY_INTERFACES, *link.overlay_interfaces]))
+    nets = tuple(ipaddress.IPv6Network(a) for a in sorted(set(link.overlay_addresses)))
+    return [
+        Rule(
+            Verdict.DROP,
+            TAG_OVERLAY_GUARD,
+            iifnames=allowed,
+            iifnames_negate=True,
+            family=Family.IPV6,
+            daddr=nets,
+        )
+    ]
+
+
 def build_ruleset(policy: FirewallPolicy, link: LinkState) -> Ruleset:
     block = policy.default_action is DefaultAction.BLOCK
     trusted = link.trusted_interfaces
     wg_ports = tuple(PortRange(p, p) for p in sorted(set(link.wireguard_ports)))
 
+    # First, whatever the policy: the overlay addresses answer only on the overlay links. A
+    # neighbour on the underlay that routes our overlay /128 via our underlay address must not
+    # reach the maintenance API (docs/security.md, "Overlay-only services").
+    guard = overlay_guard(link)
     ingress: list[Rule] = [
+        *guard,
         Rule(Verdict.ACCEPT, TAG_TRUSTED, iifnames=trusted),
         Rule(
             Verdict.ACCEPT,

@@ -5,12 +5,14 @@ Sans-I/O: takes the kernel's listing (or None) and the desired ruleset, returns 
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from gatekeeper.firewall import listing, render
 from gatekeeper.firewall.policy import LOOPBACK, OVERLAY_INTERFACES, LinkState
-from gatekeeper.firewall.ruleset import TAG_TRUSTED, TAG_WIREGUARD, Ruleset
+from gatekeeper.firewall.ruleset import TAG_OVERLAY_GUARD, TAG_TRUSTED, TAG_WIREGUARD, Ruleset
 
 JSON = dict[str, Any]
 
@@ -91,6 +93,7 @@ def link_from_live(live_objects: list[JSON] | None) -> LinkState | None:
         return None
     ports: set[int] = set()
     trusted: list[str] = []
+    overlay: set[ipaddress.IPv6Address] = set()
     for obj in live_objects:
         rule = obj.get("rule")
         if not isinstance(rule, dict):
@@ -108,8 +111,13 @@ def link_from_live(live_objects: list[JSON] | None) -> LinkState | None:
                         ports.update(range(iv[1], iv[2] + 1))
             if comment == TAG_TRUSTED and "meta" in (match.get("left") or {}) and not trusted:
                 trusted = [str(i) for i in items]
+            if comment == TAG_OVERLAY_GUARD and "payload" in (match.get("left") or {}):
+                for item in items:
+                    with contextlib.suppress(ValueError):
+                        overlay.add(ipaddress.IPv6Address(str(item)))
     base = {LOOPBACK, *OVERLAY_INTERFACES}
     return LinkState(
         wireguard_ports=tuple(sorted(ports)),
         extra_trusted=tuple(t for t in trusted if t not in base),
+        overlay_addresses=tuple(sorted(overlay)),
     )

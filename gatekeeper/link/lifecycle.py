@@ -149,6 +149,13 @@ class TunnelFailed:
 
 
 @dataclass(frozen=True)
+class DeviceLost:
+    """The WireGuard device stopped working (its wireguard-go exited, its link vanished)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
 class Sample:
     """Counters read from the device for the server peer."""
 
@@ -171,6 +178,7 @@ Event = (
     | LinkConfigured
     | LinkFailed
     | TunnelFailed
+    | DeviceLost
     | Sample
     | TimerFired
 )
@@ -346,6 +354,14 @@ class Link:
                     Cancel(SAMPLE_TIMER),
                     *self._provision(now),
                 ]
+            case DeviceLost(error) if self.status.state in (State.CONNECTING, State.UP):
+                # Same reply, same key: only the device has to be built again.
+                self._set(now, connected=False, last_error=error)
+                return [
+                    Log("warning", f"link down: {error}; restoring the device"),
+                    Cancel(SAMPLE_TIMER),
+                    *self._configure(now),
+                ]
             case Sample() as sample if self.status.state in (State.CONNECTING, State.UP):
                 return self._on_sample(sample, now)
             case TimerFired(name) if name == RETRY_TIMER and self.status.state is State.BACKOFF:
@@ -481,7 +497,8 @@ class Link:
         ]
 
     def _on_provisioned(self, reply: Provisioned, now: float) -> list[Action]:
-        self._failures = 0
+        # The failure count is kept until the link is up: a reply that cannot be applied
+        # (the device cannot be built) backs off like a refused Provision.
         self._reply = reply
         self._endpoint_index = 0
         asked = self._wants_tunnel()
@@ -563,6 +580,7 @@ class Link:
         if progressed and sample.last_handshake is not None:
             self._last_progress = now
             if self.status.state is not State.UP:
+                self._failures = 0
                 self._set(now, state=State.UP, connected=True, last_error=None)
                 actions.append(Log("info", f"link up: handshake with {self.status.endpoint}"))
             return [*actions, Schedule(SAMPLE_TIMER, self.timing.sample_every)]

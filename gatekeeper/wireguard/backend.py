@@ -83,6 +83,13 @@ class Device(Protocol):
         """Make these the only addresses of the link (and bring it up)."""
         ...
 
+    def failure(self) -> str | None:
+        """Why the device no longer works (its process exited, its link vanished), or None.
+
+        Cheap and non-blocking enough to be asked every second by the device supervisor.
+        """
+        ...
+
     def close(self) -> None:
         """Remove the link and stop whatever runs it."""
         ...

@@ -398,6 +398,14 @@ class KernelDevice:
         iplink.set_addresses(self._name, addresses)
         iplink.set_up(self._name)
 
+    def failure(self) -> str | None:
+        if self._closed:
+            return f"{self._name} is closed"
+        info = iplink.link_info(self._name)
+        if info is None or info.index != self.ifindex:
+            return f"the link {self._name} was deleted"
+        return None
+
     def close(self) -> None:
         """Delete the link while it is still ours; safe to repeat."""
         if self._closed:

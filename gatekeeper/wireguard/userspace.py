@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
-from gatekeeper.wireguard import iplink, uapi
+from gatekeeper.wireguard import iplink, ownership, uapi
 from gatekeeper.wireguard.backend import (
     IPInterface,
     PeerConfig,
@@ -303,6 +303,20 @@ class UserspaceDevice:
         iplink.set_addresses(self._name, addresses)
         iplink.set_up(self._name)
 
+    def failure(self) -> str | None:
+        if self._closed:
+            return f"{self._name} is closed"
+        status = self._process.poll()
+        if status is not None:
+            return (
+                f"wireguard-go for {self._name} (pid {self._process.pid}) exited "
+                f"(status {status}): {_one_line(self._output.tail(2))}"
+            )
+        info = iplink.link_info(self._name)
+        if info is None or info.index != self.ifindex:
+            return f"the link {self._name} was deleted"
+        return None
+
     def close(self) -> None:
         """Stop wireguard-go and make sure the link and socket are gone; safe to repeat."""
         if self._closed:
@@ -375,6 +389,8 @@ class UserspaceBackend:
         _take_over(ifname)
         env = {k: v for k, v in os.environ.items() if k not in _CHILD_ENV_DROP}
         env.setdefault("LOG_LEVEL", "error")
+        # Marks the process as ours, so a later run can tell our orphan from someone else's.
+        env[ownership.OWNER_ENV] = ownership.owner_token()
         try:
             process = subprocess.Popen(
                 [executable, "-f", ifname],
@@ -469,7 +485,23 @@ def _check_socket_dir() -> None:
 
 
 def _take_over(ifname: str, wait: float = 1.0) -> None:
-    """Clear what an earlier run left: a TUN/WireGuard link of this name, a stale socket."""
+    """Clear what an earlier run left (an orphaned wireguard-go of ours, a stale socket, a TUN
+    without a process); refuse, with who holds it, a name that a live process still serves."""
+    path = socket_path(ifname)
+    if _probe(path) == "live":
+        owner = ownership.socket_owner(path)
+        if owner is None or not owner.orphaned or not owner.same_netns:
+            who = owner.describe() if owner is not None else "a process that cannot be identified"
+            raise WireGuardError(
+                f"cannot create {ifname}: its UAPI socket {path} is served by {who}; "
+                f"{_in_use_hint(ifname)}"
+            )
+        log.warning("stopping wireguard-go pid %d left by an earlier run for %s", owner.pid, ifname)
+        if not ownership.stop_orphan(owner):
+            raise WireGuardError(
+                f"cannot create {ifname}: wireguard-go pid {owner.pid} left by an earlier run "
+                "does not stop"
+            )
     info = iplink.link_info(ifname)
     if info is not None:
         if info.kind not in ("tun", "wireguard"):
@@ -479,9 +511,8 @@ def _take_over(ifname: str, wait: float = 1.0) -> None:
             )
         log.warning("removing interface %s left by an earlier run", ifname)
         iplink.delete_link(ifname)
-    path = socket_path(ifname)
-    # A wireguard-go whose link we just deleted needs a moment to exit and remove its socket.
-    deadline = time.monotonic() + (wait if info is not None else 0.0)
+    # A wireguard-go that was just stopped needs a moment to remove its socket.
+    deadline = time.monotonic() + wait
     while True:
         state = _probe(path)
         if state == "absent":
