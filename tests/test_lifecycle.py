@@ -16,6 +16,7 @@ from gatekeeper.link.lifecycle import (
     ConfigChanged,
     ConfigRejected,
     ConfigureLink,
+    DeviceLost,
     Identity,
     Link,
     LinkConfigured,
@@ -33,6 +34,7 @@ from gatekeeper.link.lifecycle import (
     State,
     TimerFired,
     Timing,
+    TunnelFailed,
     TunnelPreference,
     WaitForNetwork,
 )
@@ -368,3 +370,176 @@ def test_removing_the_config_after_a_failed_configure_still_removes_the_device()
     (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
     link.handle(LinkFailed(c.attempt, "endpoint host does not resolve"), 3)  # type: ignore[attr-defined]
     assert RemoveLink() in link.handle(ConfigChanged(None, ID), 4)
+
+
+# --- a driver that answers the lifecycle's actions, so random runs reach every state ---------
+
+CHOICES = (
+    "network",
+    "provision-ok",
+    "provision-tunnel",
+    "provision-fail",
+    "configure-ok",
+    "configure-fail",
+    "traffic",
+    "silence",
+    "device-lost",
+    "tunnel-failed",
+    "retry-timer",
+    "udp-retry-timer",
+    "config-new",
+    "config-none",
+    "config-bad",
+)
+
+
+class Driver:
+    """Plays the agent: remembers the work in flight and answers it as a choice says."""
+
+    def __init__(self, preference: TunnelPreference) -> None:
+        self.link = Link(listen_port=51821, timing=TIMING, tunnel_preference=preference)
+        self.now = 0.0
+        self.provision: Provision | None = None
+        self.configure: ConfigureLink | None = None
+        self.retry_scheduled = False
+        self.rx = 0
+        self.seen: set[State] = {self.link.status.state}
+        self.up_checks = 0
+        self.link.handle(ConfigChanged(config(), ID), 0)
+
+    def feed(self, event: object) -> None:
+        self.now += 1.0
+        actions = self.link.handle(event, self.now)  # type: ignore[arg-type]
+        for a in actions:
+            if isinstance(a, Provision):
+                self.provision = a
+            elif isinstance(a, ConfigureLink):
+                self.configure = a
+            elif isinstance(a, Schedule) and a.name == RETRY_TIMER:
+                self.retry_scheduled = True
+        self.check(event)
+
+    def check(self, event: object) -> None:
+        s = self.link.status
+        self.seen.add(s.state)
+        if s.state is State.UP:
+            assert s.connected
+        if s.connected and s.state is not State.UP:
+            # A config change re-provisions while the link it replaces still carries traffic.
+            assert s.state in (State.PROVISIONING, State.BACKOFF, State.CONFIGURING)
+        if s.state in (State.UNCONFIGURED, State.WAITING_NETWORK, State.CONNECTING):
+            assert not s.connected
+        if s.state is State.UP:
+            # Up only on proof of traffic: the event that made it so was a sample with data.
+            self.up_checks += 1
+            assert s.last_handshake is not None and s.rx_bytes > 0
+        if s.state is State.BACKOFF:
+            assert self.retry_scheduled, "backing off without a retry timer"
+            assert s.next_retry_in is not None and s.next_retry_in <= TIMING.backoff_max
+        if s.state is State.CONFIGURING:
+            assert self.configure is not None and self.link.spec is not None
+        if s.state is State.PROVISIONING:
+            assert self.provision is not None
+        assert "s3cret" not in repr(s) and "u-secret" not in repr(s)
+
+    def play(self, choice: str) -> None:
+        p, c = self.provision, self.configure
+        match choice:
+            case "network":
+                self.feed(NetworkReady())
+            case "provision-ok" if p is not None:
+                self.feed(ProvisionSucceeded(p.attempt, REPLY))
+            case "provision-tunnel" if p is not None:
+                self.feed(ProvisionSucceeded(p.attempt, TUNNEL_REPLY))
+            case "provision-fail" if p is not None:
+                self.feed(ProvisionFailed(p.attempt, "unavailable"))
+            case "configure-ok" if c is not None:
+                self.feed(LinkConfigured(c.attempt))
+            case "configure-fail" if c is not None:
+                self.feed(LinkFailed(c.attempt, "wireguard-go exited"))
+            case "traffic":
+                self.rx += 148
+                self.feed(Sample(self.now, self.rx))
+            case "silence":
+                self.now += 20
+                self.feed(Sample(None if self.rx == 0 else 1.0, self.rx))
+            case "device-lost":
+                self.feed(DeviceLost("wireguard-go exited (status -9)"))
+            case "tunnel-failed":
+                self.feed(TunnelFailed("peer replaced"))
+            case "retry-timer":
+                self.retry_scheduled = False
+                self.feed(TimerFired(RETRY_TIMER))
+            case "udp-retry-timer":
+                self.feed(TimerFired(UDP_RETRY_TIMER))
+            case "config-new":
+                self.feed(ConfigChanged(config(f"grpc://[fd00::1]:{8000 + int(self.now)}"), ID))
+            case "config-none":
+                self.feed(ConfigChanged(None, ID))
+            case "config-bad":
+                self.feed(ConfigRejected("siderolink.api is present but empty"))
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from(list(TunnelPreference)),
+    st.lists(st.sampled_from(CHOICES), max_size=60),
+)
+def test_driven_sequences_keep_every_invariant(
+    preference: TunnelPreference, choices: list[str]
+) -> None:
+    driver = Driver(preference)
+    for choice in choices:
+        driver.play(choice)
+
+
+def test_driven_sequences_reach_every_state_and_the_up_checks_run() -> None:
+    import random
+
+    rng = random.Random(20261202)
+    seen: set[State] = set()
+    up_checks = 0
+    # Weighted towards progress, so runs get past provisioning as a real link does.
+    weights = [3, 4, 1, 2, 4, 1, 4, 2, 1, 1, 2, 1, 1, 1, 1]
+    for _ in range(300):
+        driver = Driver(rng.choice(list(TunnelPreference)))
+        for choice in rng.choices(CHOICES, weights, k=60):
+            driver.play(choice)
+        seen |= driver.seen
+        up_checks += driver.up_checks
+    assert seen == set(State)
+    assert up_checks > 100
+
+
+def test_a_reply_that_cannot_be_applied_backs_off_like_a_failed_provision() -> None:
+    # A server that answers every Provision while the device cannot be built must not be
+    # asked again every 0.5 s forever: the delays grow until the link is really up.
+    link = Link(timing=TIMING)
+    link.handle(ConfigChanged(config(), ID), 0)
+    (p,) = of(link.handle(NetworkReady(), 1), Provision)
+    delays = []
+    t = 1.0
+    for _ in range(6):
+        (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
+        (s,) = of(link.handle(LinkFailed(c.attempt, "wireguard-go exited"), t), Schedule)  # type: ignore[attr-defined]
+        delays.append(s.delay)  # type: ignore[attr-defined]
+        t += s.delay  # type: ignore[attr-defined]
+        (p,) = of(link.handle(TimerFired(RETRY_TIMER), t), Provision)
+    assert delays == [0.5, 0.75, 1.125, 1.6875, 2.53125, 3.796875]
+    # Once up, the next failure starts from the first delay again.
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    link.handle(Sample(t, 100), t + 1)
+    assert link.status.state is State.UP
+
+
+def test_a_lost_device_is_rebuilt_with_the_same_spec_without_a_provision() -> None:
+    link, attempt = provisioned_link()
+    link.handle(Sample(3.0, 100), 3)
+    assert link.status.state is State.UP
+    actions = link.handle(DeviceLost("wireguard-go for siderolink exited (status -9)"), 4)
+    assert not link.status.connected and link.status.state is State.CONFIGURING
+    assert not of(actions, Provision)
+    (c,) = of(actions, ConfigureLink)
+    assert c.spec == link.spec and c.attempt == attempt  # type: ignore[attr-defined]
+    assert "exited" in (link.status.last_error or "")

@@ -53,18 +53,27 @@ class Namespace:
 
     name: str
 
-    def exec_argv(self, argv: Sequence[str], *, private_wireguard_run: bool = False) -> list[str]:
+    def exec_argv(
+        self, argv: Sequence[str], *, private_wireguard_run: bool | Path = False
+    ) -> list[str]:
         """The argv that runs `argv` inside this namespace.
 
         wireguard-go keeps its UAPI sockets in /var/run/wireguard, shared by every namespace,
         so two machines that both name their link `siderolink` would collide. With
         `private_wireguard_run` the command gets its own tmpfs there: `ip netns exec` already
-        runs it in a private mount namespace, so the mount is seen by nobody else.
+        runs it in a private mount namespace, so the mount is seen by nobody else. With a
+        directory instead of True, that directory is mounted there: processes given the same
+        one share it as processes on one host share /run/wireguard.
         """
-        if not private_wireguard_run:
+        if private_wireguard_run is False:
             return ["ip", "netns", "exec", self.name, *argv]
-        script = 'mkdir -p /run/wireguard && mount -t tmpfs gk-wg /run/wireguard && exec "$@"'
-        return ["ip", "netns", "exec", self.name, "sh", "-c", script, "sh", *argv]
+        # sh -c SCRIPT ARG0 ARGV...: $0 is the directory to bind (or just "sh").
+        if private_wireguard_run is True:
+            mount, arg0 = "mount -t tmpfs gk-wg /run/wireguard", "sh"
+        else:
+            mount, arg0 = 'mount --bind "$0" /run/wireguard', str(private_wireguard_run)
+        script = f'mkdir -p /run/wireguard && {mount} && exec "$@"'
+        return ["ip", "netns", "exec", self.name, "sh", "-c", script, arg0, *argv]
 
     def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
         return run(self.exec_argv(argv), check=check, timeout=timeout)
@@ -120,7 +129,7 @@ class Lab:
         *,
         log: Path | None = None,
         env: dict[str, str] | None = None,
-        private_wireguard_run: bool = False,
+        private_wireguard_run: bool | Path = False,
     ) -> subprocess.Popen[bytes]:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(

@@ -158,7 +158,13 @@ class SideroLinkLab:
             self.start_agent(machine)
         return machine
 
-    def start_agent(self, machine: Machine, *extra: str, env: dict[str, str] | None = None) -> None:
+    def start_agent(
+        self,
+        machine: Machine,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wireguard_run: Path | None = None,
+    ) -> None:
         argv = gatekeeper_argv(
             "agent",
             "--cmdline",
@@ -171,9 +177,10 @@ class SideroLinkLab:
             "userspace",
             *extra,
         )
-        # Every machine names its link `siderolink`: give each its own UAPI socket directory.
+        # Every machine names its link `siderolink`: give each its own UAPI socket directory
+        # (or the one given, to share it as processes on one host do).
         machine.proc = self.lab.spawn(
-            machine.ns, argv, log=machine.log, env=env, private_wireguard_run=True
+            machine.ns, argv, log=machine.log, env=env, private_wireguard_run=wireguard_run or True
         )
 
     def stop_agent(self, machine: Machine) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from gatekeeper.wireguard import iplink
@@ -211,18 +213,37 @@ def check_set_addresses_is_exact(backend: Backend, ifname: str) -> None:
         _expect(_global_addresses(ifname) == set(second), "old addresses were not removed")
 
 
-def check_create_takes_over_a_leftover(backend: Backend, ifname: str) -> None:
-    """An interface of the same name left behind (a crashed run) does not block create."""
-    leftover = backend.create(ifname)
+_CRASHING_RUN = """
+import sys, time
+from gatekeeper.wireguard.select import select_backend
+backend, _ = select_backend(sys.argv[1])
+device = backend.create(sys.argv[2])
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def check_create_takes_over_a_crashed_runs_leftover(backend: Backend, ifname: str) -> None:
+    """What a run killed with SIGKILL left (its link, its wireguard-go) does not block create."""
+    # Started from this thread, so the child is in the same network namespace.
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_RUN, backend.name, ifname],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+        assert crashed.stdout is not None
+        _expect(crashed.stdout.readline().strip() == b"ready", "the crashing run did not start")
+        crashed.kill()
+        crashed.wait(10)
+        _expect(iplink.link_exists(ifname), "nothing was left behind to take over")
         with _device(backend, ifname) as device:
             device.configure(PrivateKey.generate(), None, [PeerConfig(_key(), ())])
             _expect(len(device.peers()) == 1, "the new device does not work")
-            leftover.close()  # closing the old handle must not touch the new device
-            _expect(iplink.link_exists(ifname), "closing the leftover removed the new link")
-            _expect(len(device.peers()) == 1, "closing the leftover broke the new device")
     finally:
-        leftover.close()
+        if crashed.poll() is None:
+            crashed.kill()
+            crashed.wait(10)
     _expect(not iplink.link_exists(ifname), "the link survived close()")
 
 
@@ -247,6 +268,6 @@ CHECKS: tuple[Check, ...] = (
     check_set_peers_in_bulk,
     check_remove_peer,
     check_set_addresses_is_exact,
-    check_create_takes_over_a_leftover,
+    check_create_takes_over_a_crashed_runs_leftover,
     check_bad_interface_name,
 )

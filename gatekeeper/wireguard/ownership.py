@@ -134,7 +134,8 @@ def socket_owner(path: Path) -> SocketOwner | None:
         command = (_PROC / str(pid) / "comm").read_text().strip()
     except OSError:
         command = "?"
-    mine = _netns("self")
+    # thread-self: a thread may have joined another namespace than the process's main one.
+    mine = _netns("thread-self")
     return SocketOwner(
         pid=pid,
         command=command,
