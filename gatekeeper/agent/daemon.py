@@ -103,10 +103,8 @@ class Agent:
             tunnel_preference=options.tunnel_preference,
         )
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.runner = Runner(
-            Backoff(timing.backoff_initial, timing.backoff_factor, timing.backoff_max),
-            on_change=self.publish,
-        )
+        backoff = Backoff(timing.backoff_initial, timing.backoff_factor, timing.backoff_max)
+        self.runner = Runner(backoff, on_change=self.publish)
         self.device = DeviceReconciler(
             self.key, options.backend, post=self.events.put_nowait, on_status=self.publish
         )
@@ -140,7 +138,7 @@ class Agent:
         self._probe_seq = 0
         self._config_error: str | None = None
         # talos.events.sink= / talos.logging.kernel=: status events and kernel log lines.
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(backoff=backoff)
         self._status_dirty = asyncio.Event()
         self._status_doc: dict[str, Any] | None = None
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf import any_pb2, struct_pb2
 
+from gatekeeper.agent.runner import Backoff
 from gatekeeper.config.cmdline import cmdline_values
 from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 
@@ -45,7 +46,6 @@ KERNEL_LOGS = "talos.logging.kernel"
 KMSG = Path("/dev/kmsg")
 EVENT_QUEUE = 100
 LOG_QUEUE = 1000
-RETRY_MIN, RETRY_MAX = 1.0, 10.0
 PUBLISH_DEADLINE = 5.0
 # The status fields that make an event when they change, and the ones an event carries.
 _TRIGGERS = ("state", "connected", "node_address", "link_name")
@@ -136,8 +136,9 @@ def status_event(doc: dict[str, Any]) -> events_pb2.EventRequest:
 
 
 class Telemetry:
-    def __init__(self, *, kmsg: Path = KMSG) -> None:
+    def __init__(self, *, kmsg: Path = KMSG, backoff: Backoff | None = None) -> None:
         self.kmsg = kmsg
+        self.backoff = backoff or Backoff()
         self.sinks = Sinks()
         self._events: collections.deque[events_pb2.EventRequest] = collections.deque(
             maxlen=EVENT_QUEUE
@@ -196,13 +197,14 @@ class Telemetry:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _backoff(self, delay: float) -> None:
+    async def _backoff(self, failures: int) -> None:
+        """The agent's one retry policy; the link coming up ends the wait early."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._nudge.wait(), delay)
+            await asyncio.wait_for(self._nudge.wait(), self.backoff.delay(failures))
         self._nudge.clear()
 
     async def _send_events(self) -> None:
-        delay = RETRY_MIN
+        failures = 0
         channel: grpc.aio.Channel | None = None
         target = None
         try:
@@ -225,11 +227,11 @@ class Telemetry:
                         # change will bring a fresh event; this one is dropped.
                         self._events.popleft()
                     log.debug("telemetry: event not sent: %s", exc.code().name)
-                    await self._backoff(delay)
-                    delay = min(RETRY_MAX, delay * 2)
+                    failures += 1
+                    await self._backoff(failures)
                     continue
                 self._events.popleft()
-                delay = RETRY_MIN
+                failures = 0
         finally:
             if channel is not None:
                 await channel.close(None)
@@ -273,7 +275,7 @@ class Telemetry:
                 yield json.dumps(entry).encode() + b"\n"
 
     async def _send_lines(self) -> None:
-        delay = RETRY_MIN
+        failures = 0
         while True:
             if not self._lines or not self.sinks.kernel_logs:
                 self._wake_lines.clear()
@@ -284,10 +286,10 @@ class Telemetry:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
             except (OSError, TimeoutError) as exc:
                 log.debug("telemetry: log sink not reachable: %s", exc)
-                await self._backoff(delay)
-                delay = min(RETRY_MAX, delay * 2)
+                failures += 1
+                await self._backoff(failures)
                 continue
-            delay = RETRY_MIN
+            failures = 0
             try:
                 while self.sinks.kernel_logs == (host, port):
                     while self._lines:

@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         "always admitted.",
     )
     agent.add_argument(
-        "--no-firewall", action="store_true", help="leave the nftables ingress firewall alone"
+        "--no-firewall",
+        action="store_true",
+        help="no document policy (ingress accept); the rule that keeps the overlay address "
+        "reachable only through the overlay links stays",
     )
     agent.set_defaults(func=_cmd_agent)
 

@@ -35,7 +35,14 @@ def format_status(doc: dict[str, Any]) -> str:
         ("listen port", doc.get("listen_port") or "-"),
         ("provisions", doc.get("provisions", 0)),
         ("last error", doc.get("last_error") or "-"),
+        ("config error", doc.get("config_error") or "-"),
+        ("firewall", doc.get("firewall_error") or doc.get("firewall_policy") or "-"),
     ]
+    for name, health in sorted((doc.get("reconcilers") or {}).items()):
+        if health.get("state") != "running":
+            rows.append(
+                (f"{name} reconciler", f"{health.get('state')}: {health.get('last_error')}")
+            )
     if doc.get("next_retry_in") is not None:
         rows.append(("next retry in", f"{doc['next_retry_in']:.1f} s"))
     width = max(len(k) for k, _ in rows)
