@@ -281,3 +281,20 @@ def test_a_second_agent_on_the_same_interface_name_is_refused_and_the_first_unha
     assert alive(first_wg) and wireguard_go_of(first) == first_wg
     assert first.status()["connected"]
     assert sl.ping(first, status["server_address"])
+
+
+def test_a_table_deleted_behind_the_agents_back_is_restored(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    address = node_ip(sl.wait_connected(machine))
+    deadline = time.monotonic() + 10
+    while guard_packets(machine.ns) is None:
+        assert time.monotonic() < deadline, "overlay guard not in force"
+        time.sleep(0.2)
+    machine.ns.run(["nft", "delete", "table", "inet", "gatekeeper"])
+    deleted = time.monotonic()
+    while guard_packets(machine.ns) is None:
+        # The periodic check reads the kernel back every 10 s.
+        assert time.monotonic() - deleted < 25, "the table was not restored"
+        time.sleep(0.5)
+    assert maint_version(sl.server_ns, address).returncode == 0

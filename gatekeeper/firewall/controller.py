@@ -7,9 +7,11 @@ rejects, or documents that fail validation, never replace the ruleset in force.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gatekeeper.firewall import listing, render
 from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable, Nftables
@@ -23,6 +25,23 @@ class ReconcileResult:
     changed: bool  # a transaction was committed
     in_force: bool  # the kernel table now equals the desired one
     error: str | None = None  # why the desired ruleset is not in force
+
+
+JSON = dict[str, Any]
+
+
+def fingerprint(objects: list[JSON]) -> str:
+    """The listing as one string, without the counters that traffic moves."""
+    out = []
+    for obj in objects:
+        rule = obj.get("rule")
+        if isinstance(rule, dict):
+            exprs = [
+                e for e in rule.get("expr", []) if not (isinstance(e, dict) and "counter" in e)
+            ]
+            obj = {"rule": {**{k: v for k, v in rule.items() if k != "handle"}, "expr": exprs}}
+        out.append(json.dumps(obj, sort_keys=True))
+    return "\n".join(out)
 
 
 def remove_table(nft: Nftables | None = None) -> None:
@@ -44,6 +63,12 @@ class FirewallController:
             else (load_policy(self._paths) if self._paths else FirewallPolicy())
         )
         self._nft = nft
+        # (policy, link) -> rendered objects, and their normalised lines (made on demand).
+        self._desired: tuple[tuple[FirewallPolicy, LinkState], list[JSON], list[str] | None] | None
+        self._desired = None
+        # What the kernel was last seen or made to hold, and its listing's fingerprint.
+        self._applied: tuple[FirewallPolicy, LinkState] | None = None
+        self._applied_mark: str | None = None
 
     @property
     def policy(self) -> FirewallPolicy:
@@ -71,17 +96,47 @@ class FirewallController:
     def desired(self, link: LinkState) -> Ruleset:
         return build_ruleset(self._policy, link)
 
-    def reconcile(self, link: LinkState) -> ReconcileResult:
-        ruleset = self.desired(link)
-        want = listing.table_view(render.table_objects(ruleset)).lines()
+    def _desired_objects(self, key: tuple[FirewallPolicy, LinkState]) -> list[render.JSON]:
+        if self._desired is None or self._desired[0] != key:
+            self._desired = (key, render.table_objects(build_ruleset(*key)), None)
+        return self._desired[1]
+
+    def _desired_lines(self) -> list[str]:
+        assert self._desired is not None
+        key, objects, lines = self._desired
+        if lines is None:
+            lines = listing.table_view(objects).lines()
+            self._desired = (key, objects, lines)
+        return lines
+
+    def reconcile(self, link: LinkState, *, verify: bool = False) -> ReconcileResult:
+        """Make the kernel table equal the policy for `link`.
+
+        The ruleset is rendered once per (policy, link); a change is applied at once, without
+        reading the kernel first. The kernel is read back only on the first call (a table left
+        by an earlier identical run is kept as it is) and with `verify`, for a periodic check
+        that nobody changed the table: then a fingerprint of the listing (without counters)
+        is compared first, and the full normalised comparison runs only when it differs.
+        """
+        key = (self._policy, link)
+        objects = self._desired_objects(key)
         try:
             nft = self._kernel()
-            live = nft.list_table()
-            if live is not None and listing.table_view(live).lines() == want:
+            if key == self._applied and not verify:
                 return ReconcileResult(changed=False, in_force=True)
-            nft.apply(render.replace_commands(ruleset))
+            if key == self._applied or self._applied is None:
+                live = nft.list_table()
+                if live is not None:
+                    mark = fingerprint(live)
+                    if key == self._applied and mark == self._applied_mark:
+                        return ReconcileResult(changed=False, in_force=True)
+                    if listing.table_view(live).lines() == self._desired_lines():
+                        self._applied, self._applied_mark = key, mark
+                        return ReconcileResult(changed=False, in_force=True)
+            nft.apply(render.replace_commands_for(objects))
         except (FirewallApplyError, FirewallUnavailable) as exc:
             return ReconcileResult(changed=False, in_force=False, error=str(exc))
+        self._applied, self._applied_mark = key, None
         return ReconcileResult(changed=True, in_force=True)
 
     def remove(self) -> None:

@@ -212,12 +212,17 @@ def _metainfo() -> JSON:
 
 def replace_commands(ruleset: Ruleset) -> JSON:
     """One transaction: our table, and only it, replaced by the desired one."""
+    return replace_commands_for(table_objects(ruleset))
+
+
+def replace_commands_for(objects: list[JSON]) -> JSON:
+    """`replace_commands` for objects already rendered by `table_objects`."""
     cmds: list[JSON] = [
         _metainfo(),
         {"add": {"table": dict(_TABLE)}},
         {"delete": {"table": dict(_TABLE)}},
     ]
-    cmds += [{"add": obj} for obj in table_objects(ruleset)]
+    cmds += [{"add": obj} for obj in objects]
     return {"nftables": cmds}
 
 
