@@ -27,6 +27,7 @@ _OUTCOME = {
     Code.PERMISSION_DENIED: "denied",
     Code.INVALID_ARGUMENT: "invalid",
     Code.RESOURCE_EXHAUSTED: "exhausted",
+    Code.ALREADY_EXISTS: "conflict",
     Code.INTERNAL: "error",
 }
 # Failures a legitimate machine does not produce in bulk: they spend the source's budget.
@@ -72,7 +73,7 @@ class ProvisionGuard:
                 self.limiter.failure(source)
             outcome = _OUTCOME.get(exc.code, "error")
             self._count(outcome)
-            self._audit(req, outcome, reason=exc.message)
+            self._audit(req, outcome, reason=exc.message, **exc.audit)
             raise
         except Exception:
             self._count("error")

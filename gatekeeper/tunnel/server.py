@@ -186,6 +186,14 @@ class TunnelHub:
     def allowed(self) -> list[str]:
         return sorted(self._peers)
 
+    def stream_source(self, virtual_addr_port: str) -> str | None:
+        """The gRPC peer (`ipv6:[addr]:port`) whose stream carries this tunnel peer now."""
+        try:
+            peer = self._peers.get(canonical_peer(virtual_addr_port))
+        except HeaderError:
+            return None
+        return peer.stream.who if peer is not None and peer.stream is not None else None
+
     def info(self, virtual_addr_port: str) -> PeerInfo | None:
         peer = self._peers.get(canonical_peer(virtual_addr_port))
         if peer is None:
