@@ -9,6 +9,7 @@ file system too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import sqlite3
@@ -108,13 +109,31 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
     )
 
 
+def _no_space(path: Path) -> bool:
+    """An I/O error on a file system with no block left: SQLite says "disk I/O error" when a
+    write-ahead log append hits ENOSPC."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 << 10
+
+
 def explain(path: Path, exc: sqlite3.Error | OSError) -> str:
     """One line for an SQLite (or file) failure on the registry: what it means, what to do."""
     if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"the disk holding the registry {path} is full: free some space and try again"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"the registry {path} is read-only: this command needs to write to it"
         return f"cannot open the registry {path}: {exc.strerror or exc}"
     name = getattr(exc, "sqlite_errorname", "")
     text = str(exc)
-    if name == "SQLITE_FULL" or "disk is full" in text:
+    if (
+        name == "SQLITE_FULL"
+        or "disk is full" in text
+        or (name.startswith("SQLITE_IOERR") and _no_space(path))
+    ):
         return f"the disk holding the registry {path} is full: free some space and try again"
     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text:
         return (
