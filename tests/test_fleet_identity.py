@@ -9,6 +9,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -211,3 +212,37 @@ def test_garbage_events_are_invalid_argument(sl: SideroLinkLab) -> None:
         "OK",
     ]
     assert "Traceback" not in sl.server_log.read_text()
+
+
+def test_a_tunnelled_identity_moves_only_from_where_its_stream_comes(sl: SideroLinkLab) -> None:
+    """A tunnel peer's device endpoint is our relay: the stream's source is what counts."""
+    sl.start_server("--tunnel-mode", "always")
+    machine = sl.add_machine(start=False)
+    with_unique_token(sl, machine, "before-reinstall")
+    first = sl.wait_status(
+        machine, lambda s: s.get("connected") and s.get("tunnel"), 30, "connected by tunnel"
+    )
+    attacker = sl.add_machine(start=False)
+    steal = req(
+        sl.join_token, machine.node_uuid,
+        node_public_key=first["public_key"], node_unique_token="attackers-guess",
+    )  # fmt: skip
+    (result,) = provisions(attacker, api_target(sl), [steal])
+    assert outcome(result) == "INVALID_ARGUMENT: node_public_key belongs to another machine"
+    assert sl.ping(machine, first["server_address"])
+    # The machine itself changes its unique token: from its own address, the key moves.
+    config = machine.run_dir / "siderolink.yaml"
+    config.write_text(config.read_text().replace("before-reinstall", "after-reinstall"))
+    second = sl.wait_status(
+        machine,
+        lambda s: s.get("connected") and s.get("node_address") != first["node_address"],
+        40,
+        "connected as its new identity",
+    )
+    assert second["public_key"] == first["public_key"]
+    (row,) = json.loads(gk(sl, "machines", "--json").stdout)
+    assert row["address"] == second["node_address"].split("/")[0] and row["tunnel"] is True
+    # Its new tunnel address is a new stream: the agent opens it by itself.
+    deadline = time.monotonic() + 30
+    while not sl.ping(machine, second["server_address"]):
+        assert time.monotonic() < deadline, sl.tail(machine.log)
