@@ -156,7 +156,11 @@ def test_low_order_keys_and_non_uuids_are_refused_and_never_printed_raw(
         "6e0a5c7a-0000-4000-8000-000000000001\x00",
         "not-a-uuid",
     ]
-    results = provisions(m, api_target(sl), [*low, *(req(sl.join_token, u) for u in bad_uuids)])
+    bad_version = req(sl.join_token, talos_version="v1.9.0\x1b[2J")
+    results = provisions(
+        m, api_target(sl), [*low, *(req(sl.join_token, u) for u in bad_uuids), bad_version]
+    )
+    assert outcome(results.pop()) == "INVALID_ARGUMENT: talos_version holds control characters"
     for r in results[: len(low)]:
         assert outcome(r).startswith("INVALID_ARGUMENT: invalid WireGuard public key"), r
         assert "low-order" in str(r["details"])
