@@ -6,6 +6,11 @@ admin socket, on demand. With no server running, those columns say so instead of
 `remove` deletes the record and asks the running server to drop the peer from its device.
 Removing does not ban: a machine holding a valid join token can provision again (revoke the
 token for that).
+
+CONFLICT names the address of the last machine refused for claiming a connected machine's
+identity (the same UUID and unique token from another address: a cloned VM, or firmware that
+gives every board one UUID), and how long ago. Listing only reads the registry, so it also
+works on a read-only file or file system.
 """
 
 from __future__ import annotations

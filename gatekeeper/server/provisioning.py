@@ -242,14 +242,16 @@ class Provisioner:
         """Whether the record's key has a live WireGuard session, and the host it comes from.
 
         A tunnel peer's device endpoint is our own relay socket: its host is that of the
-        gRPC stream carrying it.
+        gRPC stream carrying it, and without a stream nothing reaches it (not live).
         """
         live, endpoint = self.live.session(record.public_key)
         if not live:
             return False, None
         if record.tunnel and self.tunnels is not None:
-            virtual = tunnel_addr_port(self.tunnel_prefix, record.address)
-            return True, host_of(self.tunnels.stream_source(virtual) or "")
+            source = self.tunnels.stream_source(
+                tunnel_addr_port(self.tunnel_prefix, record.address)
+            )
+            return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
 
     def _from_holder(self, holder: MachineRecord, req: ProvisionInput) -> bool:
