@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -151,8 +152,21 @@ print(json.dumps(out))
 """
 
 
-def test_refused_tunnel_streams_are_a_few_log_lines(sl: SideroLinkLab) -> None:
+def test_refused_tunnel_streams_are_a_few_log_lines(
+    sl: SideroLinkLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started with a soft open-file limit of 1024 under a hard one of 8192: the server raises
+    # its own soft limit to the hard one (tunnel peers and log connections need descriptors).
+    low = ["prlimit", "--nofile=1024:8192", "--"]
+    monkeypatch.setattr(
+        siderolink_lab, "gatekeeper_argv", lambda *args: [*low, *gatekeeper_argv(*args)]
+    )
     sl.start_server()
+    monkeypatch.undo()
+    assert sl.server_proc is not None
+    limits = Path(f"/proc/{sl.server_proc.pid}/limits").read_text()
+    (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    assert line.split()[3:5] == ["8192", "8192"], line
     m = sl.add_machine(start=False)
     done = subprocess.run(
         m.ns.exec_argv([sys.executable, "-c", _STREAMS, api_target(sl), "3000"]),
