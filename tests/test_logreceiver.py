@@ -6,9 +6,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
+import os
+import resource
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from gatekeeper.server.app import quiet_accept_errors
 from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.journal import Journal, read_journal
 from gatekeeper.server.logreceiver import LogReceiver, nesting_depth
@@ -139,3 +146,59 @@ def test_nesting_depth_and_log_throttle() -> None:
     assert [throttle.allow("s", t)[0] for t in (0, 1, 2, 3)] == [True, True, False, False]
     assert throttle.allow("other", 3) == (True, 0)
     assert throttle.allow("s", 11) == (True, 2)  # the next logged line counts the suppressed
+
+
+_CONNECT = """
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()
+socks = []
+for _ in range(n):
+    try:
+        socks.append(socket.create_connection(("::1", port), timeout=2))
+    except OSError:
+        pass
+print(len(socks), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_accept_out_of_descriptors_is_one_warning_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real EMFILE in accept(): asyncio's traceback per failure becomes one line."""
+    receiver, journal, registry = _receiver(tmp_path, per_machine=1000, max_connections=1000)
+
+    async def scenario() -> None:
+        quiet_accept_errors(asyncio.get_running_loop(), every=60.0)
+        port = await receiver.start("::1", 0)
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CONNECT, str(port), "60",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Room for about 20 more descriptors in this process, no more.
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, hard))
+        try:
+            client.stdin.write(b"go\n")
+            await client.stdin.drain()
+            await asyncio.wait_for(client.stdout.readline(), 30)
+            await asyncio.sleep(1.5)  # asyncio retries accept() a second later
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            client.stdin.write(b"done\n")
+            await client.stdin.drain()
+            await client.wait()
+            await receiver.close()
+
+    with caplog.at_level(logging.WARNING):
+        try:
+            asyncio.run(scenario())
+        finally:
+            journal.close()
+            registry.close()
+    failures = [r for r in caplog.records if "accepting a connection failed" in r.getMessage()]
+    assert len(failures) == 1 and "EMFILE" in failures[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
