@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gatekeeper.lab.siderolink_lab import SideroLinkLab, gatekeeper_argv
 from gatekeeper.server.registry import MachineRecord, machine_key
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.wireguard.keys import PrivateKey
@@ -65,9 +66,8 @@ def in_private_mounts(script: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_corrupted_interior_pages_are_one_clear_line(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    fill(state, 600)  # enough rows for a B-tree with interior pages
+def corrupt_machines_table(state: Path) -> None:
+    """Overwrite the machines table's root page, an interior B-tree page, with garbage."""
     db_path = state / "registry.sqlite3"
     db = sqlite3.connect(db_path)
     (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'machines'").fetchone()
@@ -80,12 +80,44 @@ def test_corrupted_interior_pages_are_one_clear_line(tmp_path: Path) -> None:
         assert f.read(1) == b"\x05"  # an interior table page
         f.seek((root - 1) * page_size)
         f.write(b"\x05" + os.urandom(page_size - 1))
+
+
+def test_corrupted_interior_pages_are_one_clear_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    fill(state, 600)  # enough rows for a B-tree with interior pages
+    corrupt_machines_table(state)
     for args, command in (
         (["machines"], "machines"),
         (["machines", "--json"], "machines"),
         (["machines", "remove", "6e0a5c7a-0000-4000-8000-000000000001"], "machines remove"),
     ):
         one_line_error(gk(*args, "--state-dir", str(state)), command, "is corrupt")
+    # The tokens table is intact: creating a token works, or fails in one line.
+    created = gk("token", "create", "--state-dir", str(state))
+    assert "Traceback" not in created.stderr
+    assert created.returncode == 0 or len(created.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_on_a_corrupt_registry_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    needs_root()
+    with SideroLinkLab() as sl:
+        fill(sl.state_dir, 600)
+        corrupt_machines_table(sl.state_dir)
+        log = sl.workdir / "server.log"
+        proc = sl.lab.spawn(
+            sl.server_ns,
+            gatekeeper_argv(
+                "server", "--state-dir", str(sl.state_dir), "--join-token", "x",
+                "--listen", "[::1]:8090", "--wireguard-interface", sl.server_wg_interface,
+                "--endpoint", "[fd00::1]:51820", "--no-isolation",
+            ),
+            log=log,
+        )  # fmt: skip
+        assert proc.wait(timeout=30) == 1
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        (line,) = [x for x in text.splitlines() if x.startswith("gatekeeper server:")]
+        assert "is corrupt" in line and "restore it from a backup" in line
 
 
 def test_a_full_disk_is_one_clear_line(tmp_path: Path) -> None:

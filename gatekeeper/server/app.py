@@ -112,9 +112,12 @@ class Server:
         # Before touching any device: a second server on the same state would otherwise take
         # over (delete) the first one's WireGuard link and cut every machine off.
         self._lock = acquire_state_lock(opts.state_dir)
-        identity = self.registry.identity(
-            lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
-        )
+        try:
+            identity = self.registry.identity(
+                lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
+            )
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
         if identity.installation_id != opts.installation_id:
             raise ServerError(
                 f"the state in {opts.state_dir} belongs to installation id "
@@ -170,7 +173,10 @@ class Server:
             tunnel_mode=opts.tunnel_mode,
             tunnels=self.tunnels,
         )
-        restored = self.provisioner.restore_peers()
+        try:
+            restored = self.provisioner.restore_peers()
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
         if self.provisioner.tokens.open():
             log.warning("no join token configured: any machine that reaches this server may join")
         try:
