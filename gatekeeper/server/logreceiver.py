@@ -222,7 +222,12 @@ class LogReceiver:
         try:
             self.journal.append(machine.machine_key, entries)
         except (OSError, ValueError, RecursionError) as exc:
-            log.warning("cannot store %d log lines of %s: %s", len(entries), machine.node_uuid, exc)
+            log.warning(
+                "cannot store %d log lines of %s: %s",
+                len(entries),
+                shown(machine.node_uuid, 64),
+                exc,
+            )
             return
         if self.metrics:
             self.metrics.log_lines.inc(len(lines))

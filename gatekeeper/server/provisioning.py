@@ -279,7 +279,7 @@ class Provisioner:
         log.warning(
             "machine %s: a second machine from %s claims its identity while it is connected "
             "from %s: refused (duplicate node UUID? give each machine a unique token)",
-            existing.node_uuid,
+            shown(existing.node_uuid, 64),
             where,
             host,
         )
