@@ -54,7 +54,7 @@ def test_idle_slow_and_surplus_connections_are_closed(tmp_path: Path) -> None:
             slow_r, slow_w = await asyncio.open_connection("::1", port)
             # A third from the same machine: over its cap, closed at once.
             third_r, _third_w = await asyncio.open_connection("::1", port)
-            assert await _closed_within(third_r, 0.3) < 0.3
+            assert await _closed_within(third_r, 1.0) < 1.0
 
             async def trickle() -> None:
                 for _ in range(30):  # one byte every 0.1 s, never a newline
@@ -63,8 +63,8 @@ def test_idle_slow_and_surplus_connections_are_closed(tmp_path: Path) -> None:
                     await asyncio.sleep(0.1)
 
             trickler = asyncio.create_task(trickle())
-            assert 0.4 < await _closed_within(idle_r, 2) < 1.5
-            assert await _closed_within(slow_r, 2) < 1.5
+            assert 0.4 < await _closed_within(idle_r, 4) < 3.0
+            assert await _closed_within(slow_r, 4) < 3.0
             trickler.cancel()
             await asyncio.gather(trickler, return_exceptions=True)
             await asyncio.sleep(0.1)
@@ -88,7 +88,7 @@ def test_a_total_cap_closes_extra_connections_before_reading(tmp_path: Path) -> 
             held = [await asyncio.open_connection("::1", port) for _ in range(2)]
             await asyncio.sleep(0.1)
             extra_r, _ = await asyncio.open_connection("::1", port)
-            assert await _closed_within(extra_r, 0.5) < 0.5
+            assert await _closed_within(extra_r, 1.0) < 1.0
             assert receiver.connections == 2
             for _, w in held:
                 w.close()
