@@ -133,8 +133,13 @@ class Server:
             self._interface_lock = None
             raise ServerError(str(exc)) from None
         except OSError as exc:
+            # (A server without write access to /run: it runs, unguarded, as before.)
+            log.warning(
+                "cannot lock interface %s (%s): a second server could take it over",
+                opts.wireguard_interface,
+                exc.strerror or exc,
+            )
             self._interface_lock = None
-            raise ServerError(f"cannot lock {opts.wireguard_interface}: {exc}") from None
         try:
             backend, why = select_backend(opts.backend)
             log.info("WireGuard backend: %s (%s)", backend.name, why)
