@@ -81,9 +81,11 @@ def test_garbage_oversized_and_floods(sl: SideroLinkLab) -> None:
     assert codes[-1] == "RESOURCE_EXHAUSTED"
     assert 15 <= codes.count("PERMISSION_DENIED") <= 25
     assert results[-1]["details"].startswith("too many failed provisions")
-    # While limited, even the right token from that source waits.
-    (blocked,) = provisions(attacker, api_target(sl), [req(sl.join_token)])
-    assert blocked["code"] == "RESOURCE_EXHAUSTED"
+    # The limit counts failures, and a valid token is never refused for them: the right
+    # token from that very source still gets in (a machine behind the flooder's NAT).
+    through = req(sl.join_token)
+    (passed,) = provisions(attacker, api_target(sl), [through])
+    assert "ok" in passed
 
     # Nobody else noticed: the connected machine still talks to the server, another source
     # still provisions, and no peer was added for any rejected request.
@@ -91,7 +93,10 @@ def test_garbage_oversized_and_floods(sl: SideroLinkLab) -> None:
     newcomer = req(sl.join_token)
     (fine,) = provisions(good, api_target(sl), [newcomer])
     assert "ok" in fine
-    assert set(sl.server_peers()) == peers_before | {newcomer["node_public_key"]}
+    assert set(sl.server_peers()) == peers_before | {
+        newcomer["node_public_key"],
+        through["node_public_key"],
+    }
     assert sl.wait_connected(good)["connected"]
 
     audit = read_audit(sl.state_dir / "audit.jsonl")

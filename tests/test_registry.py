@@ -10,7 +10,13 @@ import pytest
 
 from gatekeeper.overlay import overlay_prefix
 from gatekeeper.server.addressing import allocate_node_address
-from gatekeeper.server.registry import AddressTaken, MachineRecord, ServerIdentity, machine_key
+from gatekeeper.server.registry import (
+    AddressTaken,
+    KeyTaken,
+    MachineRecord,
+    ServerIdentity,
+    machine_key,
+)
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.wireguard.keys import PrivateKey
 
@@ -91,3 +97,74 @@ def test_every_registry_file_is_private_whatever_the_umask(tmp_path: Path) -> No
         reg.close()
     finally:
         os.umask(old)
+
+
+def test_a_public_key_names_one_machine(tmp_path: Path) -> None:
+    reg = SqliteRegistry(tmp_path)
+    a = record("uuid-a", "fdae:41e4:649b:9303::a")
+    reg.claim(a)
+    b = MachineRecord(
+        **{**record("uuid-b", "fdae:41e4:649b:9303::b").__dict__, "public_key": a.public_key}
+    )
+    with pytest.raises(KeyTaken):
+        reg.claim(b)
+    assert reg.machines() == [reg.get(a.machine_key)] and reg.get(b.machine_key) is None
+
+
+def test_an_identity_replacement_is_one_write(tmp_path: Path) -> None:
+    reg = SqliteRegistry(tmp_path)
+    old = record("uuid-a", "fdae:41e4:649b:9303::a", token="before")
+    other = record("uuid-c", "fdae:41e4:649b:9303::c")
+    reg.claim(old)
+    reg.claim(other)
+    new = MachineRecord(
+        machine_key=machine_key("uuid-a", "after"),
+        node_uuid="uuid-a",
+        address=ipaddress.IPv6Address("fdae:41e4:649b:9303::d"),
+        public_key=old.public_key,
+    )
+    # Without `replaces` the key is taken: there is no moment with two rows for one key.
+    with pytest.raises(KeyTaken):
+        reg.claim(new)
+    # A replacement that fails as a whole leaves the old identity as it was (rollback).
+    clash = MachineRecord(**{**new.__dict__, "address": other.address})
+    with pytest.raises(AddressTaken):
+        reg.claim(clash, replaces=old.machine_key)
+    assert reg.get(old.machine_key) is not None
+    reg.claim(new, replaces=old.machine_key)
+    assert reg.get(old.machine_key) is None
+    assert reg.by_public_key(old.public_key) == reg.get(new.machine_key)
+    assert len(reg.machines()) == 2
+
+
+def test_duplicate_keys_of_an_old_registry_are_resolved_and_the_key_made_unique(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "registry.sqlite3")
+    db.executescript(
+        "CREATE TABLE machines (machine_key TEXT PRIMARY KEY, node_uuid TEXT NOT NULL, "
+        "address TEXT NOT NULL UNIQUE, public_key TEXT NOT NULL, endpoint TEXT, "
+        "tunnel INTEGER NOT NULL DEFAULT 0, talos_version TEXT NOT NULL DEFAULT '', "
+        "created REAL NOT NULL, updated REAL NOT NULL);"
+        "CREATE INDEX machines_public_key ON machines (public_key);"
+        # What a crash between 'claim' and 'remove' used to leave: two rows, one key.
+        "INSERT INTO machines VALUES ('old', 'u', 'fdae::5', 'pk', NULL, 0, '', 1, 1);"
+        "INSERT INTO machines VALUES ('new', 'u', 'fdae::6', 'pk', NULL, 0, '', 1, 2);"
+        "INSERT INTO machines VALUES ('x', 'v', 'fdae::7', 'pk2', NULL, 0, '', 1, 1);"
+    )
+    db.commit()
+    db.close()
+    # A read-only look at the unmigrated file works (the newer columns read as empty).
+    with SqliteRegistry(tmp_path, readonly=True) as ro:
+        assert len(ro.machines()) == 3 and ro.machines()[0].conflict_time is None
+    reg = SqliteRegistry(tmp_path)
+    assert sorted(m.machine_key for m in reg.machines()) == ["new", "x"]
+    clash = MachineRecord("k2", "w", ipaddress.IPv6Address("fdae::8"), "pk2")
+    with pytest.raises(KeyTaken):
+        reg.claim(clash)
+    reg.record_conflict("new", 5.0, "fd00:6b:1::103")
+    got = reg.get("new")
+    assert got is not None and got.conflict_time == 5.0 and got.conflict_from == "fd00:6b:1::103"
+    assert reg.integrity_check() == "ok"

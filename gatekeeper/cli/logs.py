@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, machines_by_uuid, open_registry
+from gatekeeper.server.escape import shown
 from gatekeeper.server.events import EVENTS_JOURNAL
 from gatekeeper.server.fleet import events_dir, logs_dir
 from gatekeeper.server.journal import read_journal
-from gatekeeper.server.registry import machine_key
+from gatekeeper.server.registry import RegistryError, machine_key
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,34 +49,38 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _journal_for(state_dir: str, node_uuid: str) -> Path:
-    registry = open_registry(state_dir)
-    with registry:
-        found = machines_by_uuid(registry, node_uuid)
+    try:
+        with open_registry(state_dir, readonly=True) as registry:
+            found = machines_by_uuid(registry, node_uuid)
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
     if len(found) > 1:
         raise CliError(
-            f"{len(found)} machines share UUID {node_uuid[:64]!r} (different unique tokens)"
+            f"{len(found)} machines share UUID '{shown(node_uuid, 64)}' (different unique tokens)"
         )
     # A removed machine's logs stay until rotated away: try the key of a machine without a
     # unique token, which is what the record would have said.
     key = found[0].machine_key if found else machine_key(node_uuid.strip(), None)
     path = logs_dir(Path(state_dir)) / f"{key}.jsonl"
     if not found and not path.exists():
-        raise CliError(f"no machine with UUID {node_uuid[:64]!r} and no logs from one")
+        raise CliError(f"no machine with UUID '{shown(node_uuid, 64)}' and no logs from one")
     return path
 
 
 def format_log(entry: dict[str, Any]) -> str:
-    when = entry.get("talos-time") or entry.get("received") or "-"
-    level = entry.get("talos-level") or "-"
+    """One terminal line; every field came from a machine, so each is escaped (`shown`)."""
+    when = shown(entry.get("talos-time") or entry.get("received") or "-", 64)
+    level = shown(entry.get("talos-level") or "-", 32)
     facility = entry.get("facility")
-    where = f"{facility}.{level}" if facility else level
-    return f"{when} {where}: {entry.get('msg', '')}"
+    where = f"{shown(facility, 32)}.{level}" if facility else level
+    return f"{when} {where}: {shown(entry.get('msg', ''), None)}"
 
 
 def format_event(entry: dict[str, Any]) -> str:
     data = entry.get("data")
-    body = json.dumps(data, sort_keys=True) if data is not None else entry.get("type", "")
-    return f"{entry.get('time', '-')} {entry.get('machine', '-')} {entry.get('type', '-')}: {body}"
+    body = json.dumps(data, sort_keys=True) if data is not None else shown(entry.get("type", ""))
+    machine, kind = shown(entry.get("machine", "-"), 64), shown(entry.get("type", "-"))
+    return f"{shown(entry.get('time', '-'), 64)} {machine} {kind}: {body}"
 
 
 def _print(line: str) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, open_registry
 from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
+from gatekeeper.server.escape import shown
+from gatekeeper.server.registry import RegistryError
 from gatekeeper.server.tokens import TokenRecord, new_token, parse_duration
 
 
@@ -70,8 +72,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke.set_defaults(func=cmd_revoke)
 
 
-def _audit(state_dir: str) -> AuditLog:
-    return AuditLog(Path(state_dir) / AUDIT_NAME)
+def _audit_or_warn(
+    state_dir: str, command: str, action: str, now: float, **fields: str | int | None
+) -> None:
+    try:
+        AuditLog(Path(state_dir) / AUDIT_NAME).write(now, action, "ok", who=local_user(), **fields)
+    except OSError as exc:
+        print(
+            f"gatekeeper {command}: done, but its audit line was not written: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -81,15 +92,16 @@ def cmd_create(args: argparse.Namespace) -> int:
             name=args.name, now=now, expires_in=args.expires_in, max_uses=args.max_uses
         )
         registry = open_registry(args.state_dir, create=True)
-    except (ValueError, CliError) as exc:
+        with registry:
+            registry.add_token(record)
+    except (ValueError, CliError, RegistryError) as exc:
         return fail("token create", str(exc))
-    with registry:
-        registry.add_token(record)
-    _audit(args.state_dir).write(
-        now,
+    # Stored: the token works from now on, whether or not its audit line can be written.
+    _audit_or_warn(
+        args.state_dir,
+        "token create",
         "token.create",
-        "ok",
-        who=local_user(),
+        now,
         token=record.label,
         expires=rfc3339(record.expires) if record.expires else None,
         max_uses=record.max_uses,
@@ -118,11 +130,11 @@ def token_row(record: TokenRecord, now: float) -> dict[str, object]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        registry = open_registry(args.state_dir)
-    except CliError as exc:
+        registry = open_registry(args.state_dir, readonly=True)
+        with registry:
+            tokens = registry.tokens()
+    except (CliError, RegistryError) as exc:
         return fail("token list", str(exc))
-    with registry:
-        tokens = registry.tokens()
     now = time.time()
     rows = [token_row(t, now) for t in tokens]
     if args.json:
@@ -145,27 +157,27 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     for row in (header, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    try:
-        registry = open_registry(args.state_dir)
-    except CliError as exc:
-        return fail("token revoke", str(exc))
     now = time.time()
     # A whole token pasted here works too; only its id part is used (and ever printed).
     token_id = args.token_id.strip().partition(".")[0][:64]
-    with registry:
-        known = registry.token(token_id)
-        done = registry.revoke_token(token_id, now)
+    try:
+        registry = open_registry(args.state_dir)
+        with registry:
+            known = registry.token(token_id)
+            done = registry.revoke_token(token_id, now)
+    except (CliError, RegistryError) as exc:
+        return fail("token revoke", str(exc))
     if known is None:
-        return fail("token revoke", f"no token with id {token_id!r} (see token list)")
+        return fail("token revoke", f"no token with id '{shown(token_id, 64)}' (see token list)")
     if not done:
         print(f"token {token_id} was already revoked", file=sys.stderr)
         return 0
-    _audit(args.state_dir).write(now, "token.revoke", "ok", who=local_user(), token=known.label)
+    _audit_or_warn(args.state_dir, "token revoke", "token.revoke", now, token=known.label)
     print(f"token {known.label} revoked")
     return 0

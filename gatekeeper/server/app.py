@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import logging
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 
 from gatekeeper.overlay import overlay_prefix, server_address, split_endpoint
+from gatekeeper.server.devicewatch import (
+    DeviceWatch,
+    InterfaceInUse,
+    InterfaceLock,
+    SwappableDevice,
+)
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
+from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.service import ProvisionService, add_provision_service
@@ -76,7 +85,10 @@ class Server:
         self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.watch: DeviceWatch | None = None
         self._lock: IO[bytes] | None = None
+        self._interface_lock: InterfaceLock | None = None
         self.fleet = Fleet(options.state_dir, options.fleet)
 
     async def start(self) -> None:
@@ -100,9 +112,12 @@ class Server:
         # Before touching any device: a second server on the same state would otherwise take
         # over (delete) the first one's WireGuard link and cut every machine off.
         self._lock = acquire_state_lock(opts.state_dir)
-        identity = self.registry.identity(
-            lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
-        )
+        try:
+            identity = self.registry.identity(
+                lambda: ServerIdentity(PrivateKey.generate(), opts.installation_id)
+            )
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
         if identity.installation_id != opts.installation_id:
             raise ServerError(
                 f"the state in {opts.state_dir} belongs to installation id "
@@ -110,16 +125,43 @@ class Server:
                 "address depends on it; use the original id or another --state-dir"
             )
         prefix = overlay_prefix(identity.installation_id)
+        # Before touching the interface: another live server's link is never taken over.
+        self._interface_lock = InterfaceLock(opts.wireguard_interface)
+        try:
+            self._interface_lock.acquire()
+        except InterfaceInUse as exc:
+            self._interface_lock = None
+            raise ServerError(str(exc)) from None
+        except OSError as exc:
+            # (A server without write access to /run: it runs, unguarded, as before.)
+            log.warning(
+                "cannot lock interface %s (%s): a second server could take it over",
+                opts.wireguard_interface,
+                exc.strerror or exc,
+            )
+            self._interface_lock = None
         try:
             backend, why = select_backend(opts.backend)
             log.info("WireGuard backend: %s (%s)", backend.name, why)
-            self.device = backend.create(opts.wireguard_interface)
-            self.device.configure(identity.private_key, opts.wireguard_port, [], replace_peers=True)
-            self.device.set_addresses(
-                [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
-            )
+
+            def create() -> Device:
+                device = backend.create(opts.wireguard_interface)
+                try:
+                    device.configure(
+                        identity.private_key, opts.wireguard_port, [], replace_peers=True
+                    )
+                    device.set_addresses(
+                        [ipaddress.IPv6Interface(f"{server_address(prefix)}/{prefix.prefixlen}")]
+                    )
+                except BaseException:
+                    device.close()
+                    raise
+                return device
+
+            self.device = SwappableDevice(create())
         except WireGuardError as exc:
             raise ServerError(str(exc)) from None
+        self.options.fleet.log_max_connections = log_connection_budget(open_file_limit())
         if opts.tunnel_mode is not TunnelMode.OFF:
             # Tunnel peers' datagrams reach the device through relay sockets on loopback.
             self.tunnels = TunnelHub(self.device.listen_port(), batch_bytes=TUNNEL_BATCH_BYTES)
@@ -136,7 +178,10 @@ class Server:
             tunnel_mode=opts.tunnel_mode,
             tunnels=self.tunnels,
         )
-        restored = self.provisioner.restore_peers()
+        try:
+            restored = self.provisioner.restore_peers()
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
         if self.provisioner.tokens.open():
             log.warning("no join token configured: any machine that reaches this server may join")
         try:
@@ -166,6 +211,9 @@ class Server:
             raise ServerError(f"cannot listen on {opts.listen}")
         await self.grpc.start()
         self._sync_task = asyncio.create_task(self._sync_endpoints())
+        provisioner = self.provisioner
+        self.watch = DeviceWatch(self.device, create, provisioner.restore_peers)
+        self._watch_task = asyncio.create_task(self.watch.run())
         log.info(
             "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
             "%d machines restored, tunnel %s",
@@ -195,10 +243,11 @@ class Server:
                 log.warning("endpoint sync failed: %s", exc)
 
     async def close(self) -> None:
-        if self._sync_task:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        for task in (self._watch_task, self._sync_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.grpc:
             await self.grpc.stop(grace=1)
         await self.fleet.close()
@@ -211,9 +260,66 @@ class Server:
             self.device.close()
         if self.registry:
             self.registry.close()
+        if self._interface_lock is not None:
+            self._interface_lock.release()
+            self._interface_lock = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; the limit the server then has.
+
+    Every tunnel peer holds a relay socket, every log connection and gRPC connection one
+    descriptor: distributions' soft default (1024) is far too low for a fleet.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+    if soft < 4096:
+        log.warning(
+            "open file limit is %d: tunnel peers and log connections share it; raise it "
+            "(systemd: LimitNOFILE=) for a large fleet",
+            soft,
+        )
+    return int(soft)
+
+
+def log_connection_budget(limit: int) -> int:
+    """Log connections in all: a quarter of the descriptors left after a fixed reserve."""
+    return max(16, min(LOG_MAX_CONNECTIONS, (limit - 128) // 4))
+
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 10.0) -> None:
+    """asyncio logs a full traceback for every accept() that hits EMFILE: one line instead,
+    at most every `every` seconds (the listener retries by itself a second later)."""
+    last = [float("-inf")]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") == _ACCEPT_FAILED and isinstance(exc, OSError):
+            now = time.monotonic()
+            if now - last[0] >= every:
+                last[0] = now
+                log.warning(
+                    "accepting a connection failed: %s (%s)",
+                    exc.strerror or exc,
+                    errno.errorcode.get(exc.errno or 0, "?"),
+                )
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def acquire_state_lock(state_dir: Path) -> IO[bytes]:
@@ -233,6 +339,7 @@ async def serve(options: ServerOptions) -> None:
     server = Server(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:

@@ -9,6 +9,7 @@ JSON, anything else (Talos's own event types) as its type URL and base64 bytes.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import time
@@ -16,12 +17,14 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError, EncodeError
 
 from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 from gatekeeper.server.attribution import Attributor, grpc_peer_address
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
+from gatekeeper.server.registry import MachineRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,10 @@ EVENTS_JOURNAL = "events"
 MAX_EVENT_BYTES = 64 << 10
 MAX_ID = 128
 STRUCT_URL = "type.googleapis.com/google.protobuf.Struct"
+
+
+class BadEvent(ValueError):
+    """The event cannot be stored as sent; the message is safe to send back."""
 
 
 def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) -> dict[str, Any]:
@@ -42,8 +49,14 @@ def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) 
     }
     if request.data.type_url == STRUCT_URL:
         payload = struct_pb2.Struct()
-        if request.data.Unpack(payload):
-            entry["data"] = json.loads(json_format.MessageToJson(payload))
+        try:
+            unpacked = request.data.Unpack(payload)
+            data = json.loads(json_format.MessageToJson(payload))
+        except (DecodeError, EncodeError, ValueError, RecursionError):
+            # Bytes that are no Struct, or one nested past protobuf's recursion limit.
+            raise BadEvent("data is not a valid google.protobuf.Struct") from None
+        if unpacked:
+            entry["data"] = data
             return entry
     entry["data_base64"] = base64.b64encode(request.data.value).decode()
     return entry
@@ -61,6 +74,21 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
         self, request: events_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> events_pb2.EventResponse:
         address = grpc_peer_address(context.peer())
+        machine = await self._machine(address, context)
+        try:
+            entry = event_entry(request, machine.node_uuid, str(address))
+        except BadEvent as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.journal.append(EVENTS_JOURNAL, [entry])
+        if self.metrics:
+            self.metrics.events.inc()
+        return events_pb2.EventResponse()
+
+    async def _machine(
+        self,
+        address: ipaddress.IPv6Address | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> MachineRecord:
         machine = self.attributor.machine(address)
         if machine is None:
             if self.metrics:
@@ -69,10 +97,20 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED, "events are accepted only from machines"
             )
         assert machine is not None
-        self.journal.append(EVENTS_JOURNAL, [event_entry(request, machine.node_uuid, str(address))])
-        if self.metrics:
-            self.metrics.events.inc()
-        return events_pb2.EventResponse()
+        return machine
+
+    async def publish_bytes(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> events_pb2.EventResponse:
+        """Publish from raw bytes: who sends is checked first, then what they sent parses."""
+        await self._machine(grpc_peer_address(context.peer()), context)
+        try:
+            request = events_pb2.EventRequest.FromString(raw)
+        except (DecodeError, RecursionError):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid EventRequest"
+            )
+        return await self.Publish(request, context)
 
 
 def events_server_options() -> list[tuple[str, Any]]:
@@ -83,4 +121,12 @@ def events_server_options() -> list[tuple[str, Any]]:
 
 
 def add_event_sink(server: grpc.aio.Server, service: EventSinkService) -> None:
-    events_pb2_grpc.add_EventSinkServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    """Publish taking raw bytes, so that undecodable input is INVALID_ARGUMENT, not UNKNOWN."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        service.publish_bytes,
+        request_deserializer=None,
+        response_serializer=events_pb2.EventResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("events.EventSinkService", {"Publish": handler}),)
+    )

@@ -29,6 +29,7 @@ from gatekeeper.server.events import EventSinkService, add_event_sink, events_se
 from gatekeeper.server.guard import ProvisionGuard
 from gatekeeper.server.isolation import install_isolation, remove_isolation
 from gatekeeper.server.journal import EVENT_MAX_BYTES, LOG_MAX_BYTES, Journal
+from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.logreceiver import LogReceiver
 from gatekeeper.server.metrics import MetricsServer, ServerMetrics, serve_metrics
 from gatekeeper.server.provisioning import Provisioner
@@ -68,6 +69,8 @@ class FleetOptions:
     events_port: int = EVENTS_PORT
     logs_port: int = LOGS_PORT
     isolation: bool = True
+    # Log connections in all (the server sizes it to its open-file limit); None: the default.
+    log_max_connections: int | None = None
 
 
 def logs_dir(state_dir: Path) -> Path:
@@ -164,7 +167,12 @@ class Fleet:
         if opts.logs_port:
             journal = Journal(logs_dir(self.state_dir), max_bytes=LOG_MAX_BYTES)
             self._journals.append(journal)
-            self.log_receiver = LogReceiver(attributor, journal, self.metrics)
+            self.log_receiver = LogReceiver(
+                attributor,
+                journal,
+                self.metrics,
+                max_connections=opts.log_max_connections or LOG_MAX_CONNECTIONS,
+            )
             try:
                 self.logs_port = await self.log_receiver.start(address, opts.logs_port)
             except OSError as exc:

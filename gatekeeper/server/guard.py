@@ -20,6 +20,7 @@ from gatekeeper.server.provisioning import (
     Rejected,
 )
 from gatekeeper.server.ratelimit import FailureLimiter, clean_peer, source_of
+from gatekeeper.server.tokens import TokenDenied
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ _OUTCOME = {
     Code.PERMISSION_DENIED: "denied",
     Code.INVALID_ARGUMENT: "invalid",
     Code.RESOURCE_EXHAUSTED: "exhausted",
+    Code.ALREADY_EXISTS: "conflict",
     Code.INTERNAL: "error",
 }
 # Failures a legitimate machine does not produce in bulk: they spend the source's budget.
@@ -57,14 +59,16 @@ class ProvisionGuard:
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         source = source_of(req.peer)
-        if self.limiter.blocked(source):
+        blocked = self.limiter.blocked(source)
+        if blocked and not self._valid_token(req):
             self._count("rate_limited")
             if source not in self._limited_noted and len(self._limited_noted) < 10_000:
                 self._limited_noted.add(source)
                 self._audit(req, "rate_limited", reason=RATE_LIMITED)
                 log.warning("provisions from %s are rate limited", source)
             raise Rejected(Code.RESOURCE_EXHAUSTED, RATE_LIMITED)
-        self._limited_noted.discard(source)
+        if not blocked:
+            self._limited_noted.discard(source)
         try:
             out = self.provisioner.provision(req)
         except Rejected as exc:
@@ -72,7 +76,7 @@ class ProvisionGuard:
                 self.limiter.failure(source)
             outcome = _OUTCOME.get(exc.code, "error")
             self._count(outcome)
-            self._audit(req, outcome, reason=exc.message)
+            self._audit(req, outcome, reason=exc.message, **exc.audit)
             raise
         except Exception:
             self._count("error")
@@ -82,6 +86,19 @@ class ProvisionGuard:
         self._count("ok")
         self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
         return out
+
+    def _valid_token(self, req: ProvisionInput) -> bool:
+        """A token that admits someone passes a limited source: the limit counts other
+        people's failures, and a machine sharing the attacker's /64 (or NAT) must not pay for
+        them. The check is one constant-time compare or one hash and one keyed lookup. An
+        open server has no token to tell machines from the flood: its limit applies to all.
+        """
+        tokens = self.provisioner.tokens
+        try:
+            tokens.admit(req.join_token)
+        except TokenDenied:
+            return False
+        return not tokens.open()
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,8 +16,11 @@ from enum import StrEnum
 
 from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
+from gatekeeper.server.escape import shown
+from gatekeeper.server.identity import LivePeers, host_of, is_low_order
 from gatekeeper.server.registry import (
     AddressTaken,
+    KeyTaken,
     MachineRecord,
     RegistrationLimit,
     Registry,
@@ -32,6 +36,11 @@ from gatekeeper.wireguard.keys import InvalidKey, PublicKey
 log = logging.getLogger(__name__)
 
 MAX_FIELD = 256
+# An SMBIOS product UUID as Talos sends it (8-4-4-4-12 hex digits, either case).
+UUID_PATTERN = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+KEY_ELSEWHERE = "node_public_key belongs to another machine"
 
 # The server keeps its peers alive too. After a restart this is what brings machines back in
 # milliseconds: turning keepalive on makes WireGuard send at once, so the server handshakes
@@ -46,14 +55,18 @@ class Code(StrEnum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    # A second machine claiming a connected machine's identity (a duplicate SMBIOS UUID).
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     INTERNAL = "INTERNAL"
 
 
 class Rejected(Exception):
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, **audit: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # What the audit line should say beyond the message (never sent to the caller).
+        self.audit = audit
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class Provisioner:
         self.tunnel_mode = tunnel_mode if tunnels is not None else TunnelMode.OFF
         self.tunnels = tunnels
         self.tunnel_prefix = tunnel_prefix_for(prefix)
+        self.live = LivePeers(device)
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
@@ -114,32 +128,50 @@ class Provisioner:
             key = PublicKey.from_base64(req.node_public_key, "node_public_key")
         except InvalidKey as exc:
             raise Rejected(Code.INVALID_ARGUMENT, f"invalid WireGuard public key: {exc}") from None
-        uuid = req.node_uuid.strip()
+        if is_low_order(key):
+            # Every session with such a key has a known shared secret: no authentication.
+            raise Rejected(
+                Code.INVALID_ARGUMENT, "invalid WireGuard public key: node_public_key is a "
+                "low-order point (no secure session is possible with it)"
+            )  # fmt: skip
+        uuid = req.node_uuid
         if not uuid:
             raise Rejected(Code.INVALID_ARGUMENT, "node_uuid is required")
+        if not UUID_PATTERN.fullmatch(uuid):
+            raise Rejected(
+                Code.INVALID_ARGUMENT,
+                f"node_uuid '{shown(uuid, 64)}' is not a UUID (8-4-4-4-12 hex digits)",
+            )
         for name, value in (
-            ("node_uuid", uuid),
             ("node_unique_token", req.unique_token or ""),
             ("talos_version", req.talos_version or ""),
         ):
             if len(value) > MAX_FIELD:
                 raise Rejected(Code.INVALID_ARGUMENT, f"{name} is longer than {MAX_FIELD} bytes")
+        if not (req.talos_version or "").isprintable():
+            raise Rejected(Code.INVALID_ARGUMENT, "talos_version holds control characters")
 
         mkey = machine_key(uuid, req.unique_token)
         existing = self.registry.get(mkey)
-        # The key may already be registered under another identity. The same machine (node
-        # UUID) changing its unique token keeps its key: that identity is replaced below.
-        # Anyone else would be re-pointing another machine's peer, so they are refused.
+        # The key may be registered under another identity. Only that identity's own machine
+        # may move it here: the same node UUID (a machine whose unique token changed keeps
+        # its key) AND the request comes from the address WireGuard authenticated for that
+        # key. Anyone else (who merely knows the UUID and the public key) would be re-pointing
+        # a connected machine's peer, cutting it off: refused.
         holder = self.registry.by_public_key(key.base64())
         if holder is not None and holder.machine_key != mkey:
-            if holder.node_uuid != uuid:
-                raise Rejected(Code.INVALID_ARGUMENT, "node_public_key belongs to another machine")
+            if holder.node_uuid.lower() != uuid.lower() or not self._from_holder(holder, req):
+                raise Rejected(
+                    Code.INVALID_ARGUMENT, KEY_ELSEWHERE, conflict_with=str(holder.address)
+                )
         else:
             holder = None
         if admission.refusal and not (
             existing and admission.allows_existing(existing.join_token_id)
         ):
             raise Rejected(Code.PERMISSION_DENIED, f"join token {admission.refusal.value}")
+        if existing is not None and existing.public_key != key.base64():
+            self._check_duplicate(existing, req)
         try:
             address = existing.address if existing else self._allocate()
         except AddressSpaceExhausted:
@@ -161,28 +193,30 @@ class Provisioner:
             # CPU idle with 10,000 such peers, against 0% without).
             self._peer(key, address)
         )
-        # A machine provisioning again with the key it has keeps its live peer whatever
-        # happens below; only a peer this request added is taken back, and a peer taken over
-        # from the machine's previous identity is given back.
-        added_peer = not (existing and existing.public_key == record.public_key)
         try:
-            self.registry.claim(record, token_id=admission.token_id, max_machines=self.max_machines)
+            # One write: the new record and, when the key moves from the machine's previous
+            # identity, that identity's removal (the key index is unique).
+            self.registry.claim(
+                record,
+                token_id=admission.token_id,
+                max_machines=self.max_machines,
+                replaces=holder.machine_key if holder is not None else None,
+            )
         except BaseException as exc:
-            if holder is not None:
-                self.device.set_peer(self._peer(key, holder.address))
-            elif added_peer:
-                self.device.remove_peer(key)
+            self._give_back(key)
             if isinstance(exc, AddressTaken):
                 raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
+            if isinstance(exc, KeyTaken):
+                raise Rejected(Code.INVALID_ARGUMENT, KEY_ELSEWHERE) from None
             if isinstance(exc, TokenRefused):
                 raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
             if isinstance(exc, RegistrationLimit):
                 raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
             raise
         if holder is not None:
-            # The machine's previous identity: its peer is this key, now ours.
-            self.registry.remove(holder.machine_key)
             log.info("machine %s replaced its identity at %s", uuid, holder.address)
+            if holder.tunnel:
+                self.forget_tunnel(holder.address)
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
@@ -201,6 +235,68 @@ class Provisioner:
             server_address=str(self.server_address),
             grpc_peer_addr_port=virtual,
         )
+
+    def _live_host(
+        self, record: MachineRecord
+    ) -> tuple[bool, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+        """Whether the record's key has a live WireGuard session, and the host it comes from.
+
+        A tunnel peer's device endpoint is our own relay socket: its host is that of the
+        gRPC stream carrying it, and without a stream nothing reaches it (not live).
+        """
+        live, endpoint = self.live.session(record.public_key)
+        if not live:
+            return False, None
+        if record.tunnel and self.tunnels is not None:
+            source = self.tunnels.stream_source(
+                tunnel_addr_port(self.tunnel_prefix, record.address)
+            )
+            return (source is not None), host_of(source or "")
+        return True, host_of(endpoint or "")
+
+    def _from_holder(self, holder: MachineRecord, req: ProvisionInput) -> bool:
+        """Does the request come from where the holder's key is connected right now?"""
+        live, host = self._live_host(holder)
+        source = host_of(req.peer)
+        return live and host is not None and host == source
+
+    def _check_duplicate(self, existing: MachineRecord, req: ProvisionInput) -> None:
+        """A new key for an identity whose key is connected from elsewhere is a conflict.
+
+        The same machine restarting (a new key at every boot) provisions from the address
+        its old session came from, or after that session died: a replacement. A second
+        machine with the same UUID and unique token (a cloned VM, firmware that gives every
+        board one UUID) comes from another address while the first is connected: it is
+        refused, the record notes the conflict (`gatekeeper machines` shows it), and the
+        connected machine keeps its peer.
+        """
+        live, host = self._live_host(existing)
+        source = host_of(req.peer)
+        if not live or (host is not None and host == source):
+            return
+        where = str(source) if source is not None else shown(req.peer, 64)
+        self.registry.record_conflict(existing.machine_key, time.time(), where)
+        log.warning(
+            "machine %s: a second machine from %s claims its identity while it is connected "
+            "from %s: refused (duplicate node UUID? give each machine a unique token)",
+            shown(existing.node_uuid, 64),
+            where,
+            host,
+        )
+        raise Rejected(
+            Code.ALREADY_EXISTS,
+            "node_uuid is in use by another connected machine (duplicate SMBIOS UUID?): set "
+            "a unique token on this machine",
+            conflict_with=str(existing.address),
+        )
+
+    def _give_back(self, key: PublicKey) -> None:
+        """After a failed claim, the device's peer for `key` is whatever the registry says."""
+        holder = self.registry.by_public_key(key.base64())
+        if holder is None:
+            self.device.remove_peer(key)
+        else:
+            self.device.set_peer(self._peer(key, holder.address))
 
     def _tunnel_peer(self, record: MachineRecord, key: PublicKey, *, was_tunnel: bool) -> str:
         """Admit (or drop) the machine's tunnel stream; its virtual `[addr]:port` or "".

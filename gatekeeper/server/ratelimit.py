@@ -2,7 +2,9 @@
 
 A source (an IPv6 /64 or an IPv4 address: one host can change its low 64 bits at will) has a
 budget of `burst` failures that refills at `per_second`. While the budget is empty, its
-requests are refused before any token is hashed or the registry is read. Refusals do not
+requests are refused before the key, the UUID or the registry's machines are looked at,
+unless they carry a join token that admits someone (`guard.py`): a machine that shares the
+flooder's /64 or NAT address is never refused for someone else's failures. Refusals do not
 spend budget, so a source that stops comes back by itself. The table is bounded: when full,
 the least recently seen sources are forgotten (a forgotten source starts with a full budget,
 which only helps the attacker by `burst` attempts).

@@ -26,6 +26,10 @@ class AddressTaken(RegistryError):
     """The address is held by another machine (lost a race with another server)."""
 
 
+class KeyTaken(RegistryError):
+    """The WireGuard public key is held by another machine's record."""
+
+
 class RegistrationLimit(RegistryError):
     """A new machine would exceed the server's registration limit."""
 
@@ -59,6 +63,10 @@ class MachineRecord:
     updated: float = 0.0
     # The registry token the machine first joined with (None: fixed token or open server).
     join_token_id: str | None = None
+    # The last refused newcomer claiming this identity while it was connected (a duplicate
+    # SMBIOS UUID, a clone): when, and from which address. None: never.
+    conflict_time: float | None = None
+    conflict_from: str | None = None
 
 
 def machine_key(node_uuid: str, unique_token: str | None) -> str:
@@ -84,14 +92,22 @@ class Registry(Protocol):
         token_id: str | None = None,
         max_machines: int | None = None,
         now: float | None = None,
+        replaces: str | None = None,
     ) -> None:
         """Insert or replace the machine's record, durably, before the caller answers.
 
-        Raises AddressTaken when another machine holds `record.address`. When the record is
-        new (no row for its machine key), in the same compare-and-set write: RegistrationLimit
-        if `max_machines` machines exist already; with `token_id`, one use of that token is
-        consumed, or TokenRefused when at `now` it is revoked, expired or used up.
+        Raises AddressTaken when another machine holds `record.address`, KeyTaken when
+        another machine holds `record.public_key` (a public key names one machine only).
+        When the record is new (no row for its machine key), in the same compare-and-set
+        write: RegistrationLimit if `max_machines` machines exist already; with `token_id`,
+        one use of that token is consumed, or TokenRefused when at `now` it is revoked,
+        expired or used up. With `replaces`, that machine key's row is deleted in the same
+        write (an identity handing its key to its successor): no crash can leave both.
         """
+        ...
+
+    def record_conflict(self, machine_key: str, when: float, source: str) -> None:
+        """Note that a newcomer claiming this identity was refused (see MachineRecord)."""
         ...
 
     def add_token(self, token: TokenRecord) -> None: ...

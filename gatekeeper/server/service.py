@@ -10,8 +10,10 @@ from google.protobuf.message import DecodeError
 
 from gatekeeper.overlay import swap_endpoints
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
+from gatekeeper.server.escape import shown
 from gatekeeper.server.guard import RATE_LIMITED
 from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
+from gatekeeper.server.registry import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,7 @@ _STATUS = {
     Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -55,14 +58,18 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
             if exc.message != RATE_LIMITED:  # the guard logs a flood once, not per request
                 log.warning(
                     "provision from %s (node %s) rejected: %s",
-                    req.peer,
-                    req.node_uuid[:64] or "-",
+                    shown(req.peer),
+                    shown(req.node_uuid, 64) or "-",
                     exc.message,
                 )
             await context.abort(_STATUS[exc.code], exc.message)
+        except RegistryError as exc:
+            # A full disk or a broken registry file: one line that says which, no traceback.
+            log.error("provision from %s failed: %s", shown(req.peer), exc)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         except Exception:
             # Internals stay in our log; the caller learns only that it was not its fault.
-            log.exception("provision from %s failed", req.peer)
+            log.exception("provision from %s failed", shown(req.peer))
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         return provision_pb2.ProvisionResponse(
             server_endpoint=swap_endpoints(list(out.server_endpoints)),

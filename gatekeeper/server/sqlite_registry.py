@@ -1,18 +1,26 @@
-"""The embedded registry on SQLite, under the server's state directory."""
+"""The embedded registry on SQLite, under the server's state directory.
+
+Every SQLite failure becomes one `RegistryError` line that names the file and what to do
+(a full disk, a corrupt file, a read-only file), never a traceback. `readonly=True` opens the
+file without writing anything to it, so `gatekeeper machines` works on a read-only copy or
+file system too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from gatekeeper.server.registry import (
     AddressTaken,
+    KeyTaken,
     MachineRecord,
     RegistrationLimit,
     RegistryError,
@@ -49,21 +57,42 @@ CREATE TABLE IF NOT EXISTS tokens (
     uses INTEGER NOT NULL DEFAULT 0,
     revoked REAL
 );
-CREATE INDEX IF NOT EXISTS machines_public_key ON machines (public_key);
 """
+# One public key names one machine: a unique index, so no sequence of writes (nor a crash
+# between two of them) can leave two records pointing at one WireGuard peer.
+_KEY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS machines_public_key_unique ON machines (public_key)"
 
 # Columns added after the first release, applied to registries that lack them.
-_MIGRATIONS = (("machines", "join_token_id", "TEXT"),)
-
-_COLUMNS = (
-    "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
-    "updated, join_token_id"
+_MIGRATIONS = (
+    ("machines", "join_token_id", "TEXT"),
+    ("machines", "conflict_time", "REAL"),
+    ("machines", "conflict_from", "TEXT"),
 )
+
+_COLUMN_NAMES = (
+    "machine_key",
+    "node_uuid",
+    "address",
+    "public_key",
+    "endpoint",
+    "tunnel",
+    "talos_version",
+    "created",
+    "updated",
+    "join_token_id",
+    "conflict_time",
+    "conflict_from",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_WRITTEN = ", ".join(_COLUMN_NAMES[:10])
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
 
 def _record(row: tuple[object, ...]) -> MachineRecord:
-    key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id = row
+    (
+        key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id,
+        conflict_time, conflict_from,
+    ) = row  # fmt: skip
     return MachineRecord(
         machine_key=str(key),
         node_uuid=str(uuid),
@@ -75,7 +104,49 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
         created=float(created),  # type: ignore[arg-type]
         updated=float(updated),  # type: ignore[arg-type]
         join_token_id=None if token_id is None else str(token_id),
+        conflict_time=None if conflict_time is None else float(conflict_time),  # type: ignore[arg-type]
+        conflict_from=None if conflict_from is None else str(conflict_from),
     )
+
+
+def _no_space(path: Path) -> bool:
+    """An I/O error on a file system with no block left: SQLite says "disk I/O error" when a
+    write-ahead log append hits ENOSPC."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 << 10
+
+
+def explain(path: Path, exc: sqlite3.Error | OSError) -> str:
+    """One line for an SQLite (or file) failure on the registry: what it means, what to do."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"the disk holding the registry {path} is full: free some space and try again"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"the registry {path} is read-only: this command needs to write to it"
+        return f"cannot open the registry {path}: {exc.strerror or exc}"
+    name = getattr(exc, "sqlite_errorname", "")
+    text = str(exc)
+    if (
+        name == "SQLITE_FULL"
+        or "disk is full" in text
+        or (name.startswith("SQLITE_IOERR") and _no_space(path))
+    ):
+        return f"the disk holding the registry {path} is full: free some space and try again"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text:
+        return (
+            f"the registry {path} is corrupt ({text}): restore it from a backup "
+            "(sqlite3's .recover can salvage what is left)"
+        )
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return f"the registry {path} is read-only: this command needs to write to it"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open the registry {path}: {text} (missing, or no permission)"
+    if name == "SQLITE_BUSY" or "locked" in text:
+        return f"the registry {path} is locked by another process: try again"
+    return f"registry {path}: {text}"
 
 
 def _token(row: tuple[object, ...]) -> TokenRecord:
@@ -95,8 +166,16 @@ def _token(row: tuple[object, ...]) -> TokenRecord:
 class SqliteRegistry:
     """One connection guarded by a lock; every write commits (fsync) before it returns."""
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(state_dir) / "registry.sqlite3"
+        self.readonly = readonly
+        # A read-only view of a WAL file whose last writer died leaves out what is still in
+        # its write-ahead log (see _open_readonly): the CLI says so.
+        self.stale_wal = False
+        self._lock = threading.Lock()
+        if readonly:
+            self._open_readonly()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The file holds the server's private key. SQLite gives its -wal and -shm files the
@@ -113,17 +192,79 @@ class SqliteRegistry:
             self._db.executescript(SCHEMA)
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
-            raise RegistryError(f"cannot open the registry {self.path}: {exc}") from None
-        self._lock = threading.Lock()
+            raise RegistryError(explain(self.path, exc)) from None
+        self._select = _COLUMNS
+
+    def _open_readonly(self) -> None:
+        try:
+            try:
+                self._db = self._connect_ro("mode=ro")
+            except sqlite3.OperationalError:
+                # A WAL file on a read-only file system cannot be opened even for reading
+                # (SQLite needs its -shm index); as an immutable file it can.
+                self._db = self._connect_ro("mode=ro&immutable=1")
+                wal = Path(f"{self.path}-wal")
+                self.stale_wal = wal.exists() and wal.stat().st_size > 0
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(machines)")}
+            if not have:
+                raise sqlite3.DatabaseError("no machines table: not a gatekeeper registry")
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(explain(self.path, exc)) from None
+        # An older registry lacks the newer columns, and read-only it cannot be migrated.
+        self._select = ", ".join(c if c in have else "NULL" for c in _COLUMN_NAMES)
+
+    def _connect_ro(self, flags: str) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?{flags}",
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; SQLite failures come out as one RegistryError line."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise RegistryError(explain(self.path, exc)) from None
 
     def _migrate(self) -> None:
         for table, column, decl in _MIGRATIONS:
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        indexes = {row[1] for row in self._db.execute("PRAGMA index_list(machines)")}
+        if "machines_public_key_unique" in indexes:
+            return
+        # Older registries had a plain index, and a crash between the two writes of an
+        # identity replacement could leave two rows with one key. Keep the newest such row
+        # (the identity that last claimed the key), then make the key unique.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "DELETE FROM machines WHERE rowid NOT IN ("
+                "SELECT rowid FROM (SELECT rowid, row_number() OVER ("
+                "PARTITION BY public_key ORDER BY updated DESC, rowid DESC) AS n FROM machines) "
+                "WHERE n = 1)"
+            )
+            self._db.execute("DROP INDEX IF EXISTS machines_public_key")
+            self._db.execute(_KEY_INDEX)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def identity(self, create: Callable[[], ServerIdentity]) -> ServerIdentity:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT private_key, installation_id FROM identity WHERE id = 1"
             ).fetchone()
@@ -137,23 +278,23 @@ class SqliteRegistry:
             return fresh
 
     def get(self, machine_key: str) -> MachineRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM machines WHERE machine_key = ?", (machine_key,)
+                f"SELECT {self._select} FROM machines WHERE machine_key = ?", (machine_key,)
             ).fetchone()
         return None if row is None else _record(row)
 
     def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM machines WHERE address = ?", (str(address),)
+                f"SELECT {self._select} FROM machines WHERE address = ?", (str(address),)
             ).fetchone()
         return None if row is None else _record(row)
 
     def by_public_key(self, public_key: str) -> MachineRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM machines WHERE public_key = ?", (public_key,)
+                f"SELECT {self._select} FROM machines WHERE public_key = ?", (public_key,)
             ).fetchone()
         return None if row is None else _record(row)
 
@@ -164,18 +305,22 @@ class SqliteRegistry:
         token_id: str | None = None,
         max_machines: int | None = None,
         now: float | None = None,
+        replaces: str | None = None,
     ) -> None:
         now = time.time() if now is None else now
-        with self._lock:
+        with self._locked():
             # IMMEDIATE takes the write lock up front: the checks below and the write are one
             # transaction even against `gatekeeper token revoke` in another process.
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if replaces is not None and replaces != record.machine_key:
+                    self._db.execute("DELETE FROM machines WHERE machine_key = ?", (replaces,))
                 self._claim(record, token_id, max_machines, now)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _claim(
         self, record: MachineRecord, token_id: str | None, max_machines: int | None, now: float
@@ -202,7 +347,7 @@ class SqliteRegistry:
                 )
         try:
             self._db.execute(
-                f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO machines ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
                 "address = excluded.address, public_key = excluded.public_key, "
                 "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
@@ -220,32 +365,48 @@ class SqliteRegistry:
                     token_id if known is None and token_id else record.join_token_id,
                 ),
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if "public_key" in str(exc):
+                raise KeyTaken("the public key belongs to another machine") from None
             raise AddressTaken(f"{record.address} belongs to another machine") from None
+
+    def record_conflict(self, machine_key: str, when: float, source: str) -> None:
+        with self._locked():
+            self._db.execute(
+                "UPDATE machines SET conflict_time = ?, conflict_from = ? WHERE machine_key = ?",
+                (when, source, machine_key),
+            )
 
     def update_endpoints(self, endpoints: Mapping[str, str]) -> None:
         if not endpoints:
             return
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "UPDATE machines SET endpoint = ? WHERE machine_key = ?",
-                [(endpoint, key) for key, endpoint in endpoints.items()],
-            )
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany(
+                    "UPDATE machines SET endpoint = ? WHERE machine_key = ?",
+                    [(endpoint, key) for key, endpoint in endpoints.items()],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
 
     def machines(self) -> list[MachineRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM machines ORDER BY created").fetchall()
+        with self._locked():
+            rows = self._db.execute(
+                f"SELECT {self._select} FROM machines ORDER BY created"
+            ).fetchall()
         return [_record(row) for row in rows]
 
     def remove(self, machine_key: str) -> bool:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute("DELETE FROM machines WHERE machine_key = ?", (machine_key,))
         return cur.rowcount > 0
 
     def add_token(self, token: TokenRecord) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -261,21 +422,21 @@ class SqliteRegistry:
             )
 
     def token(self, token_id: str) -> TokenRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
             ).fetchone()
         return None if row is None else _token(row)
 
     def tokens(self) -> list[TokenRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created"
             ).fetchall()
         return [_token(row) for row in rows]
 
     def revoke_token(self, token_id: str, when: float) -> bool:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute(
                 "UPDATE tokens SET revoked = ? WHERE token_id = ? AND revoked IS NULL",
                 (when, token_id),
@@ -283,7 +444,7 @@ class SqliteRegistry:
         return cur.rowcount > 0
 
     def integrity_check(self) -> str:
-        with self._lock:
+        with self._locked():
             return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def close(self) -> None:

@@ -19,6 +19,10 @@ class TunnelPeers(Protocol):
         """Forget the peer: its stream ends, later streams get `peer not allowed`."""
         ...
 
+    def stream_source(self, virtual_addr_port: str) -> str | None:
+        """Where the peer's current stream comes from (gRPC peer string); None: no stream."""
+        ...
+
 
 class TunnelMode(StrEnum):
     """Who gets the tunnel (spec section 4: the server decides)."""

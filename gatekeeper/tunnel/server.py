@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from gatekeeper.pb.siderolink import wireguard_pb2, wireguard_pb2_grpc
+from gatekeeper.throttle import LogThrottle
 from gatekeeper.tunnel import batching
 from gatekeeper.tunnel.errors import PEER_NOT_ALLOWED, PEER_REPLACED
 from gatekeeper.tunnel.guard import DEFAULT_MAX_DATAGRAM, Cut, StreamGuard, TokenBucket
@@ -186,6 +187,14 @@ class TunnelHub:
     def allowed(self) -> list[str]:
         return sorted(self._peers)
 
+    def stream_source(self, virtual_addr_port: str) -> str | None:
+        """The gRPC peer (`ipv6:[addr]:port`) whose stream carries this tunnel peer now."""
+        try:
+            peer = self._peers.get(canonical_peer(virtual_addr_port))
+        except HeaderError:
+            return None
+        return peer.stream.who if peer is not None and peer.stream is not None else None
+
     def info(self, virtual_addr_port: str) -> PeerInfo | None:
         peer = self._peers.get(canonical_peer(virtual_addr_port))
         if peer is None:
@@ -254,11 +263,28 @@ class TunnelHub:
             peer.to_device += 1
 
 
+# Refused-stream warnings per source address and minute; the rest are counted and the next
+# line that is written says how many were left out (3,000 refusals are not 3,000 lines).
+REFUSAL_LOGS_PER_MINUTE = 5
+
+
+def _source(who: str) -> str:
+    """The address part of a gRPC peer string (`ipv6:[a]:p` -> `ipv6:[a]`), for throttling."""
+    return who.rpartition(":")[0] or who
+
+
 class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
     """`/sidero.link.WireGuardOverGRPCService/CreateStream` over a `TunnelHub`."""
 
     def __init__(self, hub: TunnelHub) -> None:
         self.hub = hub
+        self._refusals = LogThrottle(REFUSAL_LOGS_PER_MINUTE, 60.0)
+
+    def _log_refusal(self, who: str, message: str, *args: object) -> None:
+        allowed, suppressed = self._refusals.allow(_source(who), asyncio.get_running_loop().time())
+        if allowed:
+            more = f" ({suppressed} more refusals from there not logged)" if suppressed else ""
+            log.warning(message + "%s", *args, more)
 
     async def CreateStream(
         self,
@@ -270,11 +296,13 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
         try:
             virtual = canonical_peer(header_from_metadata(metadata))
         except HeaderError as exc:
-            log.warning("tunnel stream from %s refused: %s", who, exc)
+            self._log_refusal(who, "tunnel stream from %s refused: %s", who, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         attached = self.hub.attach(virtual, batching.announced(metadata), who)
         if attached is None:
-            log.warning("tunnel stream from %s for %s refused: not a tunnel peer", who, virtual)
+            self._log_refusal(
+                who, "tunnel stream from %s for %s refused: not a tunnel peer", who, virtual
+            )
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, PEER_NOT_ALLOWED[1])
         assert attached is not None
         peer, stream = attached

@@ -1,0 +1,188 @@
+"""The server's hold on its WireGuard interface: one server per interface, and a device that
+comes back when something removes it.
+
+- `InterfaceLock`: an flock on `/run/gatekeeper/wireguard-<netns>-<ifname>.lock`, held for the
+  life of the server. A second server (another --state-dir, same --wireguard-interface, same
+  network namespace) used to delete the first one's link as "left by an earlier run" and cut
+  every machine off; now it refuses to start. A crashed server's lock goes with its process,
+  so the interface it left is still taken over as before.
+- `SwappableDevice`: the one Device everybody holds (provisioner, admin socket, metrics); the
+  watch replaces what is behind it.
+- `DeviceWatch`: checks every few seconds that the link still exists with the same index and
+  that the device answers. When it vanished (`ip link del`, wireguard-go killed) it says so
+  and recreates it: same key, port and address, every peer put back with its last endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from gatekeeper.wireguard import iplink
+from gatekeeper.wireguard.backend import Device, IPInterface, PeerConfig, PeerStats, WireGuardError
+from gatekeeper.wireguard.keys import PrivateKey, PublicKey
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = Path("/run/gatekeeper")
+WATCH_EVERY = 2.0
+
+
+class InterfaceInUse(RuntimeError):
+    pass
+
+
+def _netns_id() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return "host"
+
+
+class InterfaceLock:
+    def __init__(self, ifname: str, directory: Path = LOCK_DIR) -> None:
+        self.path = directory / f"wireguard-{_netns_id()}-{ifname}.lock"
+        self.ifname = ifname
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()[:32]
+            handle.close()
+            raise InterfaceInUse(
+                f"interface {self.ifname} belongs to a running gatekeeper server"
+                f"{f' (pid {holder})' if holder.isdigit() else ''} in this network namespace: "
+                "choose another --wireguard-interface, or stop that server"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.seek(0)
+                self._handle.truncate()
+            self._handle.close()
+            self._handle = None
+
+
+class SwappableDevice:
+    """A Device whose implementation can be replaced underneath its users."""
+
+    def __init__(self, device: Device) -> None:
+        self.current = device
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def configure(
+        self,
+        private_key: PrivateKey,
+        listen_port: int | None,
+        peers: Sequence[PeerConfig],
+        *,
+        replace_peers: bool = True,
+    ) -> None:
+        self.current.configure(private_key, listen_port, peers, replace_peers=replace_peers)
+
+    def set_peer(self, peer: PeerConfig) -> None:
+        self.current.set_peer(peer)
+
+    def set_peers(self, peers: Sequence[PeerConfig]) -> None:
+        self.current.set_peers(peers)
+
+    def remove_peer(self, public_key: PublicKey) -> None:
+        self.current.remove_peer(public_key)
+
+    def peers(self) -> list[PeerStats]:
+        return self.current.peers()
+
+    def listen_port(self) -> int:
+        return self.current.listen_port()
+
+    def set_addresses(self, addresses: Sequence[IPInterface]) -> None:
+        self.current.set_addresses(addresses)
+
+    def close(self) -> None:
+        self.current.close()
+
+
+def link_index(ifname: str) -> int | None:
+    try:
+        info = iplink.link_info(ifname)
+    except WireGuardError:
+        return None
+    return None if info is None else info.index
+
+
+class DeviceWatch:
+    """Recreates the device when it vanishes; `create` builds and configures a new one."""
+
+    def __init__(
+        self,
+        device: SwappableDevice,
+        create: Callable[[], Device],
+        restore: Callable[[], int],
+        *,
+        every: float = WATCH_EVERY,
+    ) -> None:
+        self.device = device
+        self.create = create
+        self.restore = restore
+        self.every = every
+        self.index = link_index(device.name)
+        self.recreated = 0
+
+    def vanished(self) -> str | None:
+        """Why the device is gone, or None while it is there."""
+        try:
+            info = iplink.link_info(self.device.name)
+        except WireGuardError:
+            return None  # cannot tell: never rebuild what may be fine
+        index = None if info is None else info.index
+        if index is None:
+            return f"interface {self.device.name} is gone"
+        if self.index is not None and index != self.index:
+            return f"interface {self.device.name} was replaced by another link"
+        # (wireguard-go's TUN is not persistent: when the process dies, the link goes too. A
+        # device query would read every peer: too much work for a 2-second check.)
+        return None
+
+    def repair(self, why: str) -> None:
+        """On the event loop: the provisioner and the tunnel hub are not thread-safe."""
+        log.error("WireGuard %s: recreating it and putting every peer back", why)
+        old = self.device.current
+        with contextlib.suppress(Exception):
+            old.close()  # a no-op on a link that is gone; never deletes a successor
+        self.device.current = self.create()
+        self.index = link_index(self.device.name)
+        restored = self.restore()
+        self.recreated += 1
+        log.warning(
+            "WireGuard interface %s recreated, %d peers restored", self.device.name, restored
+        )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                why = await asyncio.to_thread(self.vanished)
+                if why is not None:
+                    self.repair(why)
+            except Exception as exc:  # keep watching; the next round tries again
+                log.error("cannot recreate WireGuard interface %s: %s", self.device.name, exc)
