@@ -118,6 +118,9 @@ class SwappableDevice:
     def set_addresses(self, addresses: Sequence[IPInterface]) -> None:
         self.current.set_addresses(addresses)
 
+    def failure(self) -> str | None:
+        return self.current.failure()
+
     def close(self) -> None:
         self.current.close()
 
