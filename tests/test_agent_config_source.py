@@ -79,10 +79,42 @@ async def test_a_file_that_stays_empty_is_taken_after_the_confirming_read(tmp_pa
     await source.check()
     p.config.write_text("")
     await source.check()
+    # A removal tears the link down: it waits for the next poll to agree.
+    assert seen[-1].siderolink is not None
+    await source.check()
     assert seen[-1].siderolink is None and seen[-1].error is None
     # No documents any more: the default accept, read from a file that really is empty.
     assert seen[-1].firewall is not None
     assert seen[-1].firewall.default_action is DefaultAction.ACCEPT
+
+
+async def test_a_removal_that_is_undone_before_the_next_poll_never_happens(tmp_path: Path) -> None:
+    p = paths(tmp_path)
+    assert p.config is not None
+    p.config.write_text(LINK_DOC)
+    seen: list[DesiredConfig] = []
+    source = ConfigSource(p, lambda d: asyncio.sleep(0), settle=0.01)
+    await collect(source, seen)
+    await source.check()
+    for _ in range(3):
+        p.config.write_text("")
+        await source.check()
+        p.config.write_text(LINK_DOC)
+        await source.check()
+    assert [d.siderolink is not None for d in seen] == [True]
+
+
+def test_a_config_typo_without_firewall_documents_does_not_block(tmp_path: Path) -> None:
+    p = paths(tmp_path)
+    assert p.config is not None
+    p.config.write_text("apiVersion: v1alpha1\nkind: SideroLinkConfig\n apiUrl: [oops\n")
+    desired = interpret(take_snapshot(p), p)
+    assert desired.error is not None and "machine.yaml" in desired.error
+    assert desired.firewall is not None and desired.firewall_error is None
+    # The same typo in a file that holds firewall documents keeps the policy in force.
+    p.config.write_text(LINK_DOC.replace("ingress: block", "ingress: [block"))
+    desired = interpret(take_snapshot(p), p)
+    assert desired.firewall is None and desired.firewall_error is not None
 
 
 def test_an_oversized_file_is_refused_unread(tmp_path: Path) -> None:

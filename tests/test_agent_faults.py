@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,35 @@ def test_a_table_deleted_behind_the_agents_back_is_restored(sl: SideroLinkLab) -
         assert time.monotonic() - deleted < 25, "the table was not restored"
         time.sleep(0.5)
     assert maint_version(sl.server_ns, address).returncode == 0
+
+
+def test_a_second_agent_in_the_same_namespace_does_not_take_the_link_away(
+    sl: SideroLinkLab,
+) -> None:
+    # Each has its own /run/wireguard (no shared socket to see): the TUN tells who holds it.
+    sl.start_server()
+    first = sl.add_machine()
+    status = sl.wait_connected(first)
+    first_wg = wireguard_go_of(first)
+    run_dir = first.run_dir.parent / "m1-second"
+    run_dir.mkdir()
+    second = Machine(
+        name="m1-second",
+        ns=first.ns,
+        underlay=first.underlay,
+        # Another machine identity: the same one would make the server move the first's peer.
+        node_uuid=str(uuid.uuid4()),
+        run_dir=run_dir,
+        cmdline=first.cmdline,
+        log=run_dir / "agent.log",
+    )
+    sl.start_agent(second, "--listen-port", "51822", "--no-firewall")
+    refused = sl.wait_status(
+        second, lambda s: "TUN device is held by" in (s.get("last_error") or ""), 20, "refused"
+    )
+    assert "still running" in refused["last_error"]
+    time.sleep(2)
+    assert alive(first_wg) and wireguard_go_of(first) == first_wg
+    assert first.status()["connected"]
+    assert sl.ping(first, status["server_address"])
+    assert "removing interface" not in second.log.read_text()

@@ -266,6 +266,13 @@ def test_present_but_empty_argument_is_an_error_not_a_removal(tmp_path: Path, va
     )
 
 
+def test_a_bare_argument_without_value_is_an_error(tmp_path: Path) -> None:
+    cmdline = _cmdline(tmp_path, "quiet siderolink.api x=1")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(cmdline, None)
+    assert "siderolink.api has no value" in str(info.value)
+
+
 def test_bad_kernel_argument_names_its_source(tmp_path: Path) -> None:
     cmdline = _cmdline(tmp_path, "siderolink.api=grpc://fd00::1:3445?jointoken=s3cr3t")
     with pytest.raises(ConfigError) as info:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from gatekeeper.firewall.policy import FirewallPolicy
 from gatekeeper.link.lifecycle import Identity
 
 log = logging.getLogger(__name__)
+
+# Whether a file that does not parse was meant to hold firewall documents.
+_NETWORK_KIND = re.compile(rb"kind:\s*[\"']?Network")
 
 # Bigger files are refused unread: a configuration is kilobytes, a thousand firewall
 # documents about 200 KiB.
@@ -154,9 +158,17 @@ def interpret(snapshot: Snapshot, paths: SourcePaths) -> DesiredConfig:
                 raise FirewallDocumentError("cannot read: No such file or directory", read.path)
             try:
                 text = _text(read)
+                builder.add_text(text, read.path)
             except ConfigError as exc:
+                if (
+                    read is snapshot.config
+                    and read.data is not None
+                    and not _NETWORK_KIND.search(read.data)
+                ):
+                    # A typo in a config file that holds no firewall documents is the
+                    # SideroLink config's error (reported there), not a reason to block.
+                    continue
                 raise FirewallDocumentError(exc.message, exc.where) from None
-            builder.add_text(text, read.path)
         policy = builder.build()
     except ConfigError as exc:
         policy, firewall_error = None, str(exc)
@@ -179,6 +191,8 @@ class ConfigSource:
         self.poll = poll
         self.settle = settle
         self._last: Snapshot | None = None
+        self._accepted: DesiredConfig | None = None
+        self._pending_removal: Snapshot | None = None
 
     async def run(self) -> None:
         while True:
@@ -188,6 +202,7 @@ class ConfigSource:
     async def check(self) -> None:
         first = await asyncio.to_thread(take_snapshot, self.paths)
         if first == self._last:
+            self._pending_removal = None
             return
         # Confirm, also on the first read: a file caught in the middle of being rewritten
         # reads differently a moment later.
@@ -197,5 +212,19 @@ class ConfigSource:
             log.debug("configuration sources are changing; reading again later")
             return
         desired = await asyncio.to_thread(interpret, first, self.paths)
+        removal = (
+            desired.siderolink is None
+            and desired.error is None
+            and self._accepted is not None
+            and self._accepted.siderolink is not None
+        )
+        if removal and self._pending_removal != first:
+            # Going from configured to not configured tears the link down and opens the
+            # maintenance API on every address: take it only when the next poll agrees.
+            self._pending_removal = first
+            log.info("SideroLink configuration gone from the sources; confirming at the next read")
+            return
+        self._pending_removal = None
         self._last = first
+        self._accepted = desired
         await self.on_change(desired)

@@ -52,6 +52,7 @@ from gatekeeper.link.lifecycle import (
     ProvisionFailed,
     ProvisionSucceeded,
     RemoveLink,
+    Sample,
     Schedule,
     SendProbe,
     TimerFired,
@@ -167,7 +168,10 @@ class Agent:
                     # The lifecycle is pure and tested; a bug here must still not end the
                     # daemon that keeps the machine reachable. Reported, not hidden.
                     log.exception("internal error handling %s; carrying on", type(event).__name__)
-                await self.maintenance.reconcile(self.view())
+                try:
+                    await self.maintenance.reconcile(self.view())
+                except Exception:
+                    log.exception("maintenance API reconcile failed; retried at the next step")
         finally:
             stopper.cancel()
             await self.close()
@@ -375,11 +379,22 @@ class Agent:
             self.events.put_nowait(TimerFired(name))
 
     async def _sample(self) -> None:
-        sample = await self.device.sample()
-        await self.events.put(sample if sample is not None else TimerFired(SAMPLE_TIMER))
+        try:
+            sample = await self.device.sample()
+        except Exception:
+            log.exception("reading the link's counters failed unexpectedly")
+            sample = None
+        # No device (or no answer) is silence: the lifecycle keeps sampling and, if it
+        # lasts, declares the link down. Never a lost timer.
+        await self.events.put(sample if sample is not None else Sample(None, 0))
 
     async def _wait_network(self, host: str) -> None:
-        if not await wait_for_network(host, self.options.network_timeout):
+        try:
+            ready = await wait_for_network(host, self.options.network_timeout)
+        except Exception as exc:
+            log.warning("cannot check the route to %s (%s); trying anyway", host, exc)
+            ready = True
+        if not ready:
             log.warning(
                 "no route to %s after %.0f s; trying anyway", host, self.options.network_timeout
             )

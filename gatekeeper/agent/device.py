@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,9 @@ class DeviceReconciler:
         # The device failure already reported for the current device (reported once).
         self._reported: str | None = None
         self._lock = asyncio.Lock()
+        # Held by the worker thread itself: cancelling the awaiting task does not stop a
+        # thread, so removal must wait for a build in flight, or it would leak its device.
+        self._thread_lock = threading.Lock()
 
     # -- converge ---------------------------------------------------------------------------
 
@@ -105,11 +109,26 @@ class DeviceReconciler:
             device = self.device
             if device is None or self._lock.locked():
                 continue
-            failure = await asyncio.to_thread(device.failure)
+            failure = await asyncio.to_thread(self._check, device)
             if failure and failure != self._reported and device is self.device:
                 self._reported = failure
                 log.warning("WireGuard device lost: %s", failure)
                 self.post(DeviceLost(failure))
+
+    def _check(self, device: Device) -> str | None:
+        """Why the device does not match its spec: dead, stuck, or changed under us."""
+        failure = device.failure()
+        spec = self.spec
+        if failure is not None or spec is None:
+            return failure
+        info = iplink.link_info(spec.name)
+        if info is None:
+            return f"the link {spec.name} was deleted"
+        if not info.up:
+            return f"the link {spec.name} was set down"
+        if spec.address not in info.addresses:
+            return f"the link {spec.name} lost its address {spec.address}"
+        return None
 
     # -- the tunnel relay -------------------------------------------------------------------
 
@@ -159,10 +178,14 @@ class DeviceReconciler:
     # -- in a worker thread -----------------------------------------------------------------
 
     def _apply(self, spec: LinkSpec, relay: str | None) -> None:
+        with self._thread_lock:
+            self._apply_locked(spec, relay)
+
+    def _apply_locked(self, spec: LinkSpec, relay: str | None) -> None:
         if self.device is not None and (
             self.device.name != spec.name or self.device.failure() is not None
         ):
-            self._remove()
+            self._remove_locked()
         if self.device is None:
             if self.backend is None:
                 self.backend, self.backend_reason = select_backend(self.backend_choice)
@@ -182,6 +205,10 @@ class DeviceReconciler:
         self.spec = spec
 
     def _remove(self) -> None:
+        with self._thread_lock:
+            self._remove_locked()
+
+    def _remove_locked(self) -> None:
         if self.device is not None:
             try:
                 self.device.close()

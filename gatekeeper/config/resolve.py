@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gatekeeper.config.cmdline import read_cmdline, siderolink_api_from_cmdline
+from gatekeeper.config.cmdline import (
+    SIDEROLINK_API,
+    read_cmdline,
+    siderolink_api_from_cmdline,
+    split_cmdline,
+)
 from gatekeeper.config.documents import (
     load_documents,
     parse_documents,
@@ -13,6 +18,7 @@ from gatekeeper.config.documents import (
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.siderolink import SideroLinkConfig, parse_api_url
 
+MSG_BARE_API = "siderolink.api has no value: write siderolink.api=<URL>, or remove the parameter"
 MSG_EMPTY_API = (
     "siderolink.api is present but empty: give the SideroLink API URL, or remove the parameter"
 )
@@ -39,10 +45,12 @@ def resolve_config(
 
 def from_cmdline(text: str, cmdline_path: str | Path) -> SideroLinkConfig | None:
     """The kernel argument's configuration; None only when `siderolink.api=` is absent."""
+    source = f"kernel command line {cmdline_path}"
     url = siderolink_api_from_cmdline(text)
     if url is None:
+        if any(key == SIDEROLINK_API and value is None for key, value in split_cmdline(text)):
+            raise ConfigError(MSG_BARE_API, source)
         return None
-    source = f"kernel command line {cmdline_path}"
     if not url.strip():
         # Present but empty is a mistake (or a half-written file), never "not configured":
         # taking it as a removal would tear the link down and open the API to the underlay.

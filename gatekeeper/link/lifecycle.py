@@ -362,6 +362,11 @@ class Link:
                     Cancel(SAMPLE_TIMER),
                     *self._configure(now),
                 ]
+            case DeviceLost(error) if self._link_present:
+                # Re-provisioning (or backing off) while the old link was kept: it is gone
+                # now; the next reply builds a new device (the dead one is replaced).
+                self._set(now, connected=False, last_error=error)
+                return [Log("warning", f"link down: {error}")]
             case Sample() as sample if self.status.state in (State.CONNECTING, State.UP):
                 return self._on_sample(sample, now)
             case TimerFired(name) if name == RETRY_TIMER and self.status.state is State.BACKOFF:
@@ -614,6 +619,8 @@ class Link:
         self._endpoint_index += 1
         return [
             Log("warning", f"link down: {reason}; trying the next endpoint"),
+            # A sample of the old peer's counters must not count for the new endpoint.
+            Cancel(SAMPLE_TIMER),
             *self._configure(now),
         ]
 

@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 NOT_AUTHORIZED = "not authorized"
 WRITE_DENIED = "write access is not allowed"
+OVERLAY_ONLY = "the maintenance API answers only over SideroLink"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -284,6 +284,26 @@ class MaintenanceService:
     def role(self, context: grpc.aio.ServicerContext[Any, Any]) -> Role:
         return policy.role_for(context.peer(), self._overlay_prefix)
 
+    @property
+    def overlay_only(self) -> bool:
+        """Bound to the SideroLink address: only peers on the overlay are served at all."""
+        return (
+            self._applied is not None
+            and isinstance(self._applied[0], ListenOn)
+            and self._overlay_prefix is not None
+        )
+
+    async def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Refuse a peer from outside the overlay while bound to the overlay address.
+
+        Such a peer reached the address through the underlay (Linux accepts packets for a
+        local address on any interface); the firewall's overlay guard should have dropped
+        it. This check holds even while that rule is missing (no nftables, a flushed
+        ruleset): docs/security.md, "Overlay-only services".
+        """
+        if self.overlay_only and self.role(context) is not Role.ADMIN:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, policy.OVERLAY_ONLY)
+
     def version_response(self) -> machine_pb2.VersionResponse:
         b = self.build
         return machine_pb2.VersionResponse(
@@ -332,6 +352,7 @@ class _MachineServicer(machine_pb2_grpc.MachineServiceServicer):
     async def Version(
         self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext[Any, Any]
     ) -> machine_pb2.VersionResponse:
+        await self._service.admit(context)
         return self._service.version_response()
 
 
@@ -406,6 +427,7 @@ class _StateServicer(state_pb2_grpc.StateServicer):
     async def _authorize_read(
         self, context: grpc.aio.ServicerContext[Any, Any], namespace: str, type_name: str
     ) -> tuple[str, ResourceDefinition]:
+        await self._service.admit(context)
         try:
             ns, rd = self._service.store.resolve(namespace, type_name)
         except ResourceError as exc:

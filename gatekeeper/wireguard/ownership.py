@@ -69,6 +69,8 @@ class SocketOwner:
     # GATEKEEPER_OWNER of that process, None when Gatekeeper did not start it.
     owner: str | None
     same_netns: bool
+    # Its start time when seen: a later signal goes only to that same process.
+    started: str | None = None
 
     @property
     def owner_pid(self) -> int | None:
@@ -128,8 +130,38 @@ def _netns(pid: int | str) -> str | None:
 def socket_owner(path: Path) -> SocketOwner | None:
     """Who serves the live socket at `path`, or None when that cannot be told."""
     pid = socket_peer_pid(path)
-    if pid is None:
-        return None
+    return None if pid is None else process_owner(pid)
+
+
+def tun_holder(ifname: str) -> SocketOwner | None:
+    """The process that holds the TUN device `ifname` open, if any.
+
+    A wireguard-go with its own private /run/wireguard (another mount namespace) has no
+    socket we can see, but its TUN file descriptor names the interface in its fdinfo.
+    """
+    wanted = f"iff:\t{ifname}"
+    # Interface names are per namespace: only processes in ours can hold this one.
+    mine = _netns("thread-self")
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit() or _netns(entry.name) != mine:
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != "/dev/net/tun":
+                    continue
+                info = (entry / "fdinfo" / fd.name).read_text()
+            except OSError:
+                continue
+            if wanted in info.splitlines():
+                return process_owner(int(entry.name))
+    return None
+
+
+def process_owner(pid: int) -> SocketOwner:
     try:
         command = (_PROC / str(pid) / "comm").read_text().strip()
     except OSError:
@@ -141,6 +173,7 @@ def socket_owner(path: Path) -> SocketOwner | None:
         command=command,
         owner=_environ(pid).get(OWNER_ENV),
         same_netns=mine is not None and _netns(pid) == mine,
+        started=_start_time(pid),
     )
 
 
@@ -155,8 +188,8 @@ def stop_orphan(owner: SocketOwner, timeout: float = 3.0) -> bool:
     before = _start_time(owner.pid)
     if before is None:
         return True
-    if _environ(owner.pid).get(OWNER_ENV) != owner.owner:
-        return False
+    if before != owner.started or _environ(owner.pid).get(OWNER_ENV) != owner.owner:
+        return False  # not the process we looked at
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(owner.pid, sig)

@@ -46,6 +46,8 @@ IFNAME_MAX = 15
 MIN_MTU = 1280  # below it the kernel turns IPv6 off on the link, and the overlay is IPv6
 MAX_MTU = 65535
 _TAIL_LINES = 30
+# A health check's UAPI read: wireguard-go answers in well under a millisecond when it works.
+HEALTH_TIMEOUT = 2.0
 # "ERROR: (wg0) 2024/01/02 03:04:05 message" -> "message"
 _LOG_PREFIX = re.compile(r"^[A-Z]+: \([^)]*\) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
 _IPC_ERROR = re.compile(r"IPC error -?\d+: ")
@@ -215,13 +217,14 @@ class UserspaceDevice:
 
     # --- UAPI ----------------------------------------------------------------------------------
 
-    def _exchange(self, request: bytes, what: str) -> bytes:
+    def _exchange(self, request: bytes, what: str, timeout: float | None = None) -> bytes:
         if self._closed:
             raise WireGuardError(f"cannot {what}: {self._name} is closed")
+        timeout = self._timeout if timeout is None else timeout
         reply = bytearray()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(self._timeout)
+                sock.settimeout(timeout)
                 sock.connect(str(self._socket))
                 sock.sendall(request)
                 while not uapi.reply_complete(reply):
@@ -231,7 +234,7 @@ class UserspaceDevice:
                     reply += chunk
         except TimeoutError:
             raise WireGuardError(
-                f"cannot {what}: wireguard-go did not answer within {self._timeout:g} s"
+                f"cannot {what}: wireguard-go did not answer within {timeout:g} s"
             ) from None
         except OSError as exc:
             status = self._process.poll()
@@ -315,6 +318,11 @@ class UserspaceDevice:
         info = iplink.link_info(self._name)
         if info is None or info.index != self.ifindex:
             return f"the link {self._name} was deleted"
+        try:
+            # Alive is not enough: a stopped or deadlocked wireguard-go answers nothing.
+            self._exchange(uapi.GET_REQUEST, f"check {self._name}", timeout=HEALTH_TIMEOUT)
+        except WireGuardError as exc:
+            return f"wireguard-go for {self._name} (pid {self._process.pid}) is stuck: {exc}"
         return None
 
     def close(self) -> None:
@@ -484,25 +492,42 @@ def _check_socket_dir() -> None:
         )
 
 
+def _stop_orphan_or_refuse(
+    ifname: str, owner: ownership.SocketOwner | None, held: str, hint: str
+) -> None:
+    """Stop an orphaned wireguard-go of ours in this namespace; refuse anything else."""
+    if owner is None or not owner.orphaned or not owner.same_netns:
+        who = owner.describe() if owner is not None else "a process that cannot be identified"
+        raise WireGuardError(f"cannot create {ifname}: {held} {who}; {hint}")
+    log.warning("stopping wireguard-go pid %d left by an earlier run for %s", owner.pid, ifname)
+    if not ownership.stop_orphan(owner):
+        raise WireGuardError(
+            f"cannot create {ifname}: wireguard-go pid {owner.pid} left by an earlier run "
+            "does not stop"
+        )
+
+
 def _take_over(ifname: str, wait: float = 1.0) -> None:
     """Clear what an earlier run left (an orphaned wireguard-go of ours, a stale socket, a TUN
     without a process); refuse, with who holds it, a name that a live process still serves."""
     path = socket_path(ifname)
     if _probe(path) == "live":
         owner = ownership.socket_owner(path)
-        if owner is None or not owner.orphaned or not owner.same_netns:
-            who = owner.describe() if owner is not None else "a process that cannot be identified"
-            raise WireGuardError(
-                f"cannot create {ifname}: its UAPI socket {path} is served by {who}; "
-                f"{_in_use_hint(ifname)}"
-            )
-        log.warning("stopping wireguard-go pid %d left by an earlier run for %s", owner.pid, ifname)
-        if not ownership.stop_orphan(owner):
-            raise WireGuardError(
-                f"cannot create {ifname}: wireguard-go pid {owner.pid} left by an earlier run "
-                "does not stop"
-            )
+        _stop_orphan_or_refuse(
+            ifname, owner, f"its UAPI socket {path} is served by", _in_use_hint(ifname)
+        )
     info = iplink.link_info(ifname)
+    if info is not None and info.kind == "tun":
+        # No socket here, but maybe a live wireguard-go with a private /run/wireguard.
+        holder = ownership.tun_holder(ifname)
+        if holder is not None:
+            _stop_orphan_or_refuse(
+                ifname,
+                holder,
+                "its TUN device is held by",
+                "one network namespace has one interface of a name: stop that process first",
+            )
+            info = iplink.link_info(ifname)
     if info is not None:
         if info.kind not in ("tun", "wireguard"):
             raise WireGuardError(
