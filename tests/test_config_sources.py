@@ -268,3 +268,37 @@ def test_broken_document_is_an_error_even_with_kernel_argument(tmp_path: Path) -
     cmdline = _cmdline(tmp_path, "siderolink.api=grpc://kernel:1")
     with pytest.raises(ConfigError, match="document 1: kind is required"):
         resolve_config(cmdline, _write(tmp_path, "apiVersion: v1alpha1\n"))
+
+
+# --- bounds: file size and alias expansion (README) ---------------------------------
+
+
+def _big_file(path: Path, head: str, filler_bytes: int) -> Path:
+    with path.open("w") as f:
+        f.write(head)
+        f.write("# " + "x" * filler_bytes + "\n")
+    return path
+
+
+def test_a_20_mb_config_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = _big_file(tmp_path / "config.yaml", SIDEROLINK_DOC, 20 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        load_documents(path)
+    assert str(info.value) == f"{path}: file is larger than 1024 KiB"
+
+
+def test_an_alias_bomb_in_a_siderolink_document_is_refused(tmp_path: Path) -> None:
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels += [f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in pairs]
+    text = (
+        "apiVersion: v1alpha1\nkind: SideroLinkConfig\n"
+        + "".join(f"x{i}: {level}\n" for i, level in enumerate(levels))
+        + "apiUrl: *i\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_documents(_write(tmp_path, text))
+    assert str(info.value) == (
+        f"{tmp_path / 'config.yaml'} document 1: invalid YAML: aliases expand to more than "
+        "1,000,000 nodes (an alias bomb?)"
+    )
