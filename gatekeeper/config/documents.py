@@ -29,7 +29,12 @@ from typing import IO, Any
 import yaml
 
 from gatekeeper.config.errors import ConfigError, one_line
-from gatekeeper.config.siderolink import MSG_REQUIRED, SideroLinkConfig, parse_api_url
+from gatekeeper.config.siderolink import (
+    MSG_REQUIRED,
+    SideroLinkConfig,
+    check_token_size,
+    parse_api_url,
+)
 
 API_VERSION = "v1alpha1"
 SIDEROLINK_KIND = "SideroLinkConfig"
@@ -255,6 +260,7 @@ def _siderolink_document(doc: dict[str, Any], doc_where: str, source: str) -> Si
     unique = doc.get("uniqueToken")
     if unique is not None and not isinstance(unique, str):
         raise ConfigError("uniqueToken must be a string", doc_where)
+    check_token_size("uniqueToken", unique, doc_where)
     return SideroLinkConfig(api=api, unique_token=unique or None, source=source)
 
 
