@@ -268,3 +268,38 @@ def test_without_siderolink_it_listens_everywhere_as_maintenance_mode(topo: Topo
     machine.send(op="prefix", prefix=PREFIX)
     assert machine.send(op="apply", target=MACHINE_OVERLAY)["bound"] == at(MACHINE_OVERLAY)
     assert tcp(topo.server, at(MACHINE_VETH), at(MACHINE_OVERLAY)) == ["refused", "open"]
+
+
+def test_a_reader_holding_300_watches_does_not_lock_the_admin_out(topo: Topology) -> None:
+    machine = Machine(topo)
+    machine.send(op="status", host="sl.example:443", connected=True, link="siderolink")
+    machine.send(op="apply", target=MACHINE_OVERLAY)
+    script = str(Path(__file__).with_name("watch_flood.py"))
+    flood = subprocess.Popen(
+        topo.lan.exec_argv([sys.executable, script, MACHINE_OVERLAY, str(PORT), "300"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    topo.lab.processes.append(flood)  # stopped by PID, also on failure
+    lines = Lines(flood)
+    report = json.loads(lines.read(60))
+    # The reader's address holds its 16; every stream beyond is refused with the reason.
+    assert report["open"] == 16 and report["refused"] == {"RESOURCE_EXHAUSTED": 284}, report
+    assert report["details"] == [
+        "RESOURCE_EXHAUSTED: too many open watches from this address (16 at most per reader); "
+        "close some and watch again"
+    ]
+    # While the reader holds them, the admin over the overlay is served.
+    version = cli(topo.server, "version", "-n", MACHINE_OVERLAY)
+    assert version.returncode == 0, version.stderr
+    assert "Tag:         v0.1.0" in version.stdout
+    got = cli(topo.server, "get", "ss", "-n", MACHINE_OVERLAY, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["spec"]["connected"] is True
+    # Once the reader closes its streams it may watch again.
+    assert flood.stdin is not None
+    flood.stdin.write(b"close\n")
+    flood.stdin.flush()
+    assert json.loads(lines.read(30)) == {"reopened": True}
+    assert flood.wait(10) == 0
