@@ -316,7 +316,11 @@ def test_a_second_server_on_the_same_state_refuses_and_harms_nothing(sl: SideroL
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--endpoint", "[fd00:6b:1::1]:0"), "--endpoint: endpoint '[fd00:6b:1::1]:0': port"),
+        (
+            ("--endpoint", "[fd00:6b:1::1]:0"),
+            "--endpoint: endpoint '[fd00:6b:1::1]:0' is not host:port: "
+            "port must be a number 1..65535",
+        ),
         (("--endpoint", "fd00::1:51820"), "write IPv6 addresses as [address]:port"),
         (
             ("--endpoint", "[fd00:6b:1::1]:51820", "--wireguard-backend", "kernel"),
