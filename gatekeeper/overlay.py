@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
+from gatekeeper.netaddr import split_host_port
+
 SIDEROLINK_SUFFIX = 0x03
 TUNNEL_SUFFIX = 0x04
 
@@ -45,15 +47,7 @@ def swap_endpoints(endpoints: list[str]) -> list[str]:
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """`host:port` or `[ipv6]:port` (host may be a DNS name) -> (host, port); ValueError if not.
 
-    The server checks what it advertises and the machine what it receives with this one rule.
+    The server checks what it advertises and the machine what it receives with this one rule
+    (gatekeeper.netaddr, Go's net.SplitHostPort).
     """
-    host, sep, port_text = endpoint.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    bare = host[1:-1] if bracketed else host
-    if not sep or not bare or not endpoint.isprintable() or " " in endpoint:
-        raise ValueError(f"endpoint {endpoint[:80]!r} is not host:port")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"endpoint {endpoint[:80]!r}: port must be 1..65535")
-    if ":" in bare and not bracketed:
-        raise ValueError(f"endpoint {endpoint[:80]!r}: write IPv6 addresses as [address]:port")
-    return bare, int(port_text)
+    return split_host_port(endpoint, "endpoint")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gatekeeper.agent.config_source import (
     MAX_FILE_BYTES,
+    MSG_TOO_LARGE,
     ConfigSource,
     DesiredConfig,
     SourcePaths,
@@ -123,7 +124,7 @@ def test_an_oversized_file_is_refused_unread(tmp_path: Path) -> None:
     with open(p.config, "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)
     desired = interpret(take_snapshot(p), p)
-    assert desired.error == f"{p.config}: larger than {MAX_FILE_BYTES} bytes: refused"
+    assert desired.error == f"{p.config}: {MSG_TOO_LARGE}"
     assert desired.firewall is None
 
 

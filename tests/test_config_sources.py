@@ -287,3 +287,92 @@ def test_broken_document_is_an_error_even_with_kernel_argument(tmp_path: Path) -
     cmdline = _cmdline(tmp_path, "siderolink.api=grpc://kernel:1")
     with pytest.raises(ConfigError, match="document 1: kind is required"):
         resolve_config(cmdline, _write(tmp_path, "apiVersion: v1alpha1\n"))
+
+
+# --- bounds: sizes and alias expansion (README "Limits") ---------------------------------
+
+
+def _big_file(path: Path, head: str, filler_bytes: int) -> Path:
+    with path.open("w") as f:
+        f.write(head)
+        f.write("# " + "x" * filler_bytes + "\n")
+    return path
+
+
+def test_a_20_mb_config_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = _big_file(tmp_path / "config.yaml", SIDEROLINK_DOC, 20 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        load_documents(path)
+    assert str(info.value) == f"{path}: file is larger than 1024 KiB"
+    # The case: a 20 MB uniqueToken cannot get past the file bound either.
+    path.write_text(SIDEROLINK_DOC.replace("optional-string", "u" * (20 * 1024 * 1024)))
+    with pytest.raises(ConfigError) as info:
+        resolve_config(None, path)
+    assert str(info.value) == f"{path}: file is larger than 1024 KiB"
+
+
+def test_an_alias_bomb_in_a_siderolink_document_is_refused(tmp_path: Path) -> None:
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels += [f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in pairs]
+    text = (
+        "apiVersion: v1alpha1\nkind: SideroLinkConfig\n"
+        + "".join(f"x{i}: {level}\n" for i, level in enumerate(levels))
+        + "apiUrl: *i\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_documents(_write(tmp_path, text))
+    assert str(info.value) == (
+        f"{tmp_path / 'config.yaml'} document 1: invalid YAML: aliases expand to more than "
+        "1,000,000 nodes (an alias bomb?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("uniqueToken", "u" * (512 * 1024), "uniqueToken is longer than 1024 bytes"),
+        ("uniqueToken", "u" * 1025, "uniqueToken is longer than 1024 bytes"),
+        ("uniqueToken", "é" * 513, "uniqueToken is longer than 1024 bytes"),  # 1026 bytes
+        ("apiUrl", "https://a.example/?jointoken=" + "t" * 1025, "apiUrl jointoken is longer"),
+        ("apiUrl", "https://a.example/?x=" + "y" * 4096, "apiUrl is longer than 4096 bytes"),
+    ],
+)
+def test_oversized_tokens_and_urls_name_the_field_and_limit(
+    tmp_path: Path, field: str, value: str, message: str
+) -> None:
+    doc = {"apiUrl": "https://a.example/?jointoken=secret", "uniqueToken": "u"}
+    doc[field] = value
+    text = "apiVersion: v1alpha1\nkind: SideroLinkConfig\n" + "".join(
+        f"{key}: '{text}'\n" for key, text in doc.items()
+    )
+    with pytest.raises(ConfigError) as info:
+        load_documents(_write(tmp_path, text))
+    error = str(info.value)
+    assert error.startswith(f"{tmp_path / 'config.yaml'} document 1 (SideroLinkConfig): {message}")
+    assert "\n" not in error and len(error) < 200
+    assert "uuu" not in error and "ttt" not in error and "yyy" not in error
+
+
+def test_tokens_at_the_limit_are_accepted(tmp_path: Path) -> None:
+    text = (
+        "apiVersion: v1alpha1\nkind: SideroLinkConfig\n"
+        f"apiUrl: 'https://a.example/?jointoken={'t' * 1024}'\nuniqueToken: '{'u' * 1024}'\n"
+    )
+    cfg = load_documents(_write(tmp_path, text))
+    assert cfg is not None and cfg.unique_token == "u" * 1024
+    assert cfg.api.join_token == "t" * 1024
+
+
+def test_oversized_kernel_argument_and_command_line(tmp_path: Path) -> None:
+    long_token = "t" * 2000
+    path = _cmdline(tmp_path, f"siderolink.api=grpc://[fd00::1]:8090?jointoken={long_token}")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(path, None)
+    assert str(info.value) == (
+        f"kernel command line {path} (siderolink.api): apiUrl jointoken is longer than 1024 bytes"
+    )
+    huge = _big_file(tmp_path / "huge-cmdline", "siderolink.api=grpc://a:1 ", 20 * 1024 * 1024)
+    with pytest.raises(ConfigError) as info:
+        read_cmdline(huge)
+    assert str(info.value) == f"{huge}: larger than 64 KiB, not a kernel command line"

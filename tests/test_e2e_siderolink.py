@@ -316,7 +316,11 @@ def test_a_second_server_on_the_same_state_refuses_and_harms_nothing(sl: SideroL
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--endpoint", "[fd00:6b:1::1]:0"), "--endpoint: endpoint '[fd00:6b:1::1]:0': port"),
+        (
+            ("--endpoint", "[fd00:6b:1::1]:0"),
+            "--endpoint: endpoint '[fd00:6b:1::1]:0' is not host:port: "
+            "port must be a number 1..65535",
+        ),
         (("--endpoint", "fd00::1:51820"), "write IPv6 addresses as [address]:port"),
         (
             ("--endpoint", "[fd00:6b:1::1]:51820", "--wireguard-backend", "kernel"),
@@ -360,3 +364,24 @@ def test_a_new_unique_token_replaces_the_machines_identity(sl: SideroLinkLab) ->
     machines = json.loads(listed.stdout)
     assert [m["address"] for m in machines] == [second["node_address"].split("/")[0]]
     assert sl.ping(machine, second["server_address"])
+
+
+def test_an_oversized_unique_token_is_refused_locally_and_nothing_is_sent(
+    sl: SideroLinkLab,
+) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    config = machine.run_dir / "siderolink.yaml"
+    secret = "u" * 2048
+    config.write_text(
+        f"apiVersion: v1alpha1\nkind: SideroLinkConfig\napiUrl: {sl.api_url()}\n"
+        f"uniqueToken: {secret}\n"
+    )
+    sl.start_agent(machine, "--config", str(config))
+    status = sl.wait_status(machine, lambda s: s.get("last_error"), 10, "reporting the error")
+    assert status["last_error"].endswith("uniqueToken is longer than 1024 bytes")
+    assert status["state"] == "unconfigured" and machine.proc and machine.proc.poll() is None
+    time.sleep(2.5)  # a config poll (every 2 s) later: still nothing on the server
+    audit = sl.state_dir / "audit.jsonl"
+    assert not audit.exists() or audit.read_text() == "", "a Provision reached the server"
+    assert "u" * 64 not in machine.log.read_text()

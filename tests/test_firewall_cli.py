@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,31 @@ def test_add_parser_registers_handlers() -> None:
     ):
         args = parser.parse_args(["firewall", *argv])
         assert callable(args.func)
+
+
+def test_check_answers_an_alias_bomb_at_once(tmp_path: Path) -> None:
+    """The real command, as an operator runs it: exit 1 and one line, not a hang."""
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels += [f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in pairs]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "apiVersion: v1alpha1\nkind: NetworkRuleConfig\n"
+        + "".join(f"x{i}: {level}\n" for i, level in enumerate(levels))
+        + "name: *i\nportSelector: {ports: [22], protocol: tcp}\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "gatekeeper.cli.main", "firewall", "check", str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a hang detector; the answer takes well under a second
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, done
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"gatekeeper firewall: {bomb} document 1: invalid YAML: aliases expand to more than "
+        "1,000,000 nodes (an alias bomb?)"
+    ]
+    assert elapsed < 10, f"took {elapsed:.1f} s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,84 @@ def test_shipped_examples_are_valid() -> None:
     assert {r.name for r in policy.rules} == {"kubelet-ingress", "ssh-admins"}
     packaged = load_policy([root / "gatekeeper" / "rules"])
     assert packaged.default_action is DefaultAction.ACCEPT
+
+
+# --- hostile input: alias bombs, huge files, huge values --------------------------------------
+
+# Nine levels of nine-fold aliases: 9**9 (387 million) strings once expanded, a few hundred
+# bytes on disk (the 533-byte documents are of this shape).
+_LAUGHS = (
+    '&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+    *(f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
+)
+_BOMB_ANCHORS = "".join(f"x{i}: {level}\n" for i, level in enumerate(_LAUGHS))
+
+
+def _bomb(field: str) -> str:
+    doc = {
+        "name": "name: *i\nportSelector: {ports: [22], protocol: tcp}\n",
+        "ports": "name: web\nportSelector:\n  ports: *i\n  protocol: tcp\n",
+    }[field]
+    # Anchors are per document: they sit in extra fields (x0..x8) of the same document,
+    # which the old reader built whole before it rejected them as unknown.
+    return "apiVersion: v1alpha1\nkind: NetworkRuleConfig\n" + _BOMB_ANCHORS + doc
+
+
+@pytest.mark.parametrize("field", ["name", "ports"])
+def test_alias_bombs_are_refused_quickly(field: str) -> None:
+    text = _bomb(field)
+    assert len(text) < 1024
+    started = time.monotonic()
+    message = _error(text)
+    elapsed = time.monotonic() - started
+    assert message == (
+        "rules.yaml document 1: invalid YAML: aliases expand to more than 1,000,000 nodes "
+        "(an alias bomb?)"
+    )
+    assert elapsed < 5, f"took {elapsed:.1f} s"  # a hang detector, not a benchmark
+
+
+def test_an_alias_inside_itself_is_refused() -> None:
+    text = _rule("portSelector: {ports: &p [22, *p], protocol: tcp}\n")
+    assert _error(text) == (
+        "rules.yaml document 1: invalid YAML: an alias refers to a node that contains it"
+    )
+
+
+def test_a_moderate_expansion_still_parses() -> None:
+    # Aliases are legal YAML: a shared subnet list used by two rules stays fine.
+    text = (
+        "apiVersion: v1alpha1\nkind: NetworkRuleConfig\nname: a\n"
+        "portSelector: {ports: &ports [22, 80], protocol: tcp}\n"
+        "ingress: &subnets [{subnet: 10.0.0.0/8}, {subnet: 'fd00::/8'}]\n"
+    )
+    policy = parse_policy_text(text, "rules.yaml")
+    assert policy.rules[0].ports == (PortRange(22, 22), PortRange(80, 80))
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ("portSelector: {ports: [22], protocol: tcp}\n", "name"),
+        ("portSelector: {ports: [LONG], protocol: tcp}\n", "portSelector.ports[0]"),
+        ("portSelector: {ports: [22], protocol: LONG}\n", "portSelector.protocol"),
+        ("portSelector: {ports: [22], protocol: tcp}\ningress: [{subnet: LONG}]\n", "ingress"),
+    ],
+)
+def test_large_values_are_shown_shortened(body: str, where: str) -> None:
+    big_list = "[" + ", ".join(["x" * 100] * 5000) + "]"
+    name = big_list if where == "name" else "web"
+    message = _error(_rule(body.replace("LONG", big_list), name=name))
+    assert where in message
+    assert len(message) < 300, message
+
+
+def test_oversized_files_are_refused_without_reading_them_whole(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as f:
+        f.write(_rule("portSelector: {ports: [22], protocol: tcp}\n"))
+        f.write("# " + "x" * (20 * 1024 * 1024) + "\n")
+    with pytest.raises(FirewallDocumentError) as info:
+        load_policy([path])
+    assert str(info.value) == f"{path}: file is larger than 1024 KiB"
+    assert "x" * 10 not in _error("# " + "x" * (2 * 1024 * 1024))

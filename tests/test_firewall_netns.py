@@ -416,6 +416,49 @@ def test_invalid_policy_leaves_the_previous_one_in_force(fw: FwLab) -> None:
     _run_cases(fw, BLOCK, BLOCK_CASES[:3])
 
 
+def test_an_alias_bomb_is_refused_at_once_and_the_ruleset_stays(fw: FwLab) -> None:
+    fw.apply(BLOCK)
+    before = fw.m.run(["nft", "list", "table", "inet", "gatekeeper"])
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels += [f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in pairs]
+    bomb = fw.write(
+        "bomb.yaml",
+        "apiVersion: v1alpha1\nkind: NetworkRuleConfig\n"
+        + "".join(f"x{i}: {level}\n" for i, level in enumerate(levels))
+        + "name: web\nportSelector:\n  ports: *i\n  protocol: tcp\n",
+    )
+    started = time.monotonic()
+    out = fw.gk("apply", "--wireguard-port", str(WG_PORT), str(bomb), check=False)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 1 and elapsed < 10, (out, elapsed)
+    assert out.stderr.splitlines() == [
+        f"gatekeeper firewall: {bomb} document 1: invalid YAML: aliases expand to more than "
+        "1,000,000 nodes (an alias bomb?)"
+    ]
+    # The agent's controller: the bad reload is reported and the policy in force kept.
+    good = fw.write("good.yaml", BLOCK)
+    script = textwrap.dedent(
+        f"""
+        import json, shutil
+        from gatekeeper.firewall.controller import FirewallController
+        from gatekeeper.firewall.policy import LinkState
+        ctl = FirewallController(paths=[{str(good)!r}])
+        shutil.copy({str(bomb)!r}, {str(good)!r})
+        error = ctl.reload()
+        result = ctl.reconcile(LinkState(wireguard_ports=({WG_PORT},)))
+        print(json.dumps([error, result.changed, result.in_force]))
+        """
+    )
+    error, changed, in_force = json.loads(fw.m.run([sys.executable, "-c", script], timeout=30))
+    assert error.endswith(
+        "invalid YAML: aliases expand to more than 1,000,000 nodes (an alias bomb?)"
+    )
+    assert (changed, in_force) == (False, True)
+    after = fw.m.run(["nft", "list", "table", "inet", "gatekeeper"])
+    assert _without_counters(after) == _without_counters(before)
+
+
 def test_reconcile_follows_the_listen_port(fw: FwLab) -> None:
     good = fw.write("port.yaml", BLOCK)
     script = textwrap.dedent(

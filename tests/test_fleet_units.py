@@ -32,7 +32,7 @@ def test_sinks_from_the_kernel_command_line() -> None:
     )
     assert sinks == Sinks()
     assert problems == [
-        "talos.events.sink: 'nowhere' is not HOST:PORT",
+        "talos.events.sink: value 'nowhere' is not host:port: missing port",
         "talos.logging.kernel: scheme 'udp' is not supported, use tcp://",
     ]
     assert sinks_from_cmdline("quiet") == (Sinks(), [])

@@ -270,3 +270,58 @@ def test_without_siderolink_it_listens_everywhere_as_maintenance_mode(topo: Topo
     machine.send(op="prefix", prefix=PREFIX)
     assert machine.send(op="apply", target=MACHINE_OVERLAY)["bound"] == at(MACHINE_OVERLAY)
     assert tcp(topo.server, at(MACHINE_VETH), at(MACHINE_OVERLAY)) == ["refused", "open"]
+
+
+def _flood(topo: Topology, count: int) -> tuple[subprocess.Popen[bytes], Lines]:
+    script = str(Path(__file__).with_name("watch_flood.py"))
+    flood = subprocess.Popen(
+        topo.lan.exec_argv([sys.executable, script, MACHINE_OVERLAY, str(PORT), str(count)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    topo.lab.processes.append(flood)  # stopped by PID, also on failure
+    return flood, Lines(flood)
+
+
+def _admin_served(topo: Topology) -> None:
+    version = cli(topo.server, "version", "-n", MACHINE_OVERLAY)
+    assert version.returncode == 0, version.stderr
+    assert "Tag:         v0.1.0" in version.stdout
+    got = cli(topo.server, "get", "ss", "-n", MACHINE_OVERLAY, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["spec"]["connected"] is True
+
+
+def test_a_reader_holding_300_watches_does_not_lock_the_admin_out(topo: Topology) -> None:
+    machine = Machine(topo)
+    machine.send(op="status", host="sl.example:443", connected=True, link="siderolink")
+    # Bound to the overlay address: the LAN host (routed through the underlay) holds nothing.
+    machine.send(op="apply", target=MACHINE_OVERLAY)
+    flood, lines = _flood(topo, 300)
+    report = json.loads(lines.read(60))
+    assert report["open"] == 0 and report["refused"] == {"PERMISSION_DENIED": 300}, report
+    assert report["details"] == [
+        "PERMISSION_DENIED: the maintenance API answers only over SideroLink"
+    ]
+    _admin_served(topo)
+    flood.kill()
+    flood.wait(10)
+    # Listening everywhere (SideroLink not configured) everyone is a reader: one address
+    # holds its 16 streams and no more, and the others are served meanwhile.
+    machine.send(op="prefix", prefix=None)
+    machine.send(op="apply", target="all")
+    flood, lines = _flood(topo, 300)
+    report = json.loads(lines.read(60))
+    assert report["open"] == 16 and report["refused"] == {"RESOURCE_EXHAUSTED": 284}, report
+    assert report["details"] == [
+        "RESOURCE_EXHAUSTED: too many open watches from this address (16 at most per reader); "
+        "close some and watch again"
+    ]
+    _admin_served(topo)
+    # Once the reader closes its streams it may watch again.
+    assert flood.stdin is not None
+    flood.stdin.write(b"close\n")
+    flood.stdin.flush()
+    assert json.loads(lines.read(30)) == {"reopened": True}
+    assert flood.wait(10) == 0

@@ -10,6 +10,7 @@ import yaml
 
 from gatekeeper.maintenance import catalog, output, policy
 from gatekeeper.maintenance.binding import ListenAll, ListenOn, NotListening, bind_target
+from gatekeeper.maintenance.client import ClientError, spec_dict
 from gatekeeper.maintenance.resources import (
     RESOURCE_DEFINITION_TYPE,
     EventType,
@@ -19,7 +20,7 @@ from gatekeeper.maintenance.resources import (
     ResourceStore,
 )
 from gatekeeper.maintenance.wire import encode_fields, to_proto
-from gatekeeper.pb.cosi import meta_pb2
+from gatekeeper.pb.cosi import meta_pb2, resource_pb2
 
 STATUS = catalog.SIDEROLINK_STATUS.type
 
@@ -234,3 +235,18 @@ def test_print_column_paths() -> None:
     assert output.json_path(data, "{.aliases[:]}") == "a b"
     assert output.json_path(data, "{.wg.port}") == "1"
     assert output.json_path(data, "{.missing}") == ""
+
+
+def test_a_hostile_yaml_spec_is_refused_by_the_client() -> None:
+    """`gatekeeper maint get -o yaml` parses what a machine sends: bounded like our files."""
+    levels = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels += [f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in pairs]
+    bomb = "".join(f"x{i}: {level}\n" for i, level in enumerate(levels)) + "y: *i\n"
+    resource = resource_pb2.Resource()
+    resource.metadata.id = "evil"
+    resource.spec.yaml_spec = bomb
+    with pytest.raises(ClientError, match=r"^resource 'evil' yaml_spec document 1: invalid YAML: "):
+        spec_dict(resource)
+    resource.spec.yaml_spec = "host: fd00::1\nconnected: true\n"
+    assert spec_dict(resource) == {"host": "fd00::1", "connected": True}

@@ -118,15 +118,15 @@ def test_endpoints_are_canonical(endpoint: str, canonical: str) -> None:
     ("endpoint", "complaint"),
     [
         ("example.com:51820", "not an IP address"),
-        ("fd00::1:51820", "'[address]:port'"),
+        ("fd00::1:51820", "write IPv6 addresses as [address]:port"),
         ("[192.0.2.1]:5", "only for IPv6"),
-        ("192.0.2.1", "missing ':port'"),
+        ("192.0.2.1", "missing port"),
         ("192.0.2.1:0", "port must be"),
         ("192.0.2.1:65536", "port must be"),
         ("192.0.2.1:+5", "port must be"),
-        ("192.0.2.1:51820\nremove=true", "expected 'ip:port'"),
-        ("", "missing ':port'"),
-        (":5", "missing ':port'"),
+        ("192.0.2.1:51820\nremove=true", "spaces or control characters"),
+        ("", "missing port"),
+        (":5", "missing host"),
     ],
 )
 def test_bad_endpoints_name_the_problem(endpoint: str, complaint: str) -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gatekeeper.agent.machine import MachineError, node_uuid
+from gatekeeper.config.cmdline import MAX_CMDLINE_BYTES
+from gatekeeper.config.documents import MAX_FILE_BYTES, MSG_TOO_LARGE
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.resolve import resolve_texts
 from gatekeeper.config.siderolink import SideroLinkConfig
@@ -29,12 +31,6 @@ log = logging.getLogger(__name__)
 
 # Whether a file that does not parse was meant to hold firewall documents.
 _NETWORK_KIND = re.compile(rb"kind:\s*[\"']?Network")
-
-# Bigger files are refused unread: a configuration is kilobytes, a thousand firewall
-# documents about 200 KiB.
-MAX_FILE_BYTES = 1 << 20
-# The kernel command line is at most a few KiB (COMMAND_LINE_SIZE).
-MAX_CMDLINE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -53,7 +49,7 @@ def read_file(path: Path, limit: int = MAX_FILE_BYTES) -> FileRead:
     except OSError as exc:
         return FileRead(str(path), None, f"cannot read: {exc.strerror or type(exc).__name__}")
     if len(data) > limit:
-        return FileRead(str(path), None, f"larger than {limit} bytes: refused")
+        return FileRead(str(path), None, MSG_TOO_LARGE)
     return FileRead(str(path), data)
 
 

@@ -37,6 +37,7 @@ from google.protobuf import any_pb2, struct_pb2
 
 from gatekeeper.agent.runner import Backoff
 from gatekeeper.config.cmdline import cmdline_values
+from gatekeeper.netaddr import join_host_port, split_host_port
 from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,8 @@ class Sinks:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535 or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    # The one host:port rule (gatekeeper.netaddr): an IPv6 literal needs brackets.
+    return split_host_port(text, "value")
 
 
 def sinks_from_cmdline(text: str) -> tuple[Sinks, list[str]]:
@@ -80,7 +79,7 @@ def sinks_from_cmdline(text: str) -> tuple[Sinks, list[str]]:
     if values:
         try:
             host, port = _host_port(values[0])
-            events = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            events = join_host_port(host, port)
         except ValueError as exc:
             problems.append(f"{EVENTS_SINK}: {exc}")
     logs = None

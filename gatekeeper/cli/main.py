@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="WireGuard endpoint advertised to machines (repeat for several, in order)",
+        help="WireGuard endpoint advertised to machines, IPv6 as [addr]:port "
+        "(repeat for several, in order)",
     )
     server.add_argument(
         "--wireguard-backend", default="auto", choices=["auto", "kernel", "userspace"]

@@ -157,12 +157,16 @@ def cmd_get(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except grpc.RpcError as exc:
         return _fail(client.describe_rpc_error(exc))
-    if args.output == "table":
-        sys.stdout.write(output.table(node, info, items))
-    elif args.output == "yaml":
-        sys.stdout.write(output.yaml_documents(node, items))
-    else:
-        sys.stdout.write(output.json_documents(node, items))
+    try:
+        if args.output == "table":
+            text = output.table(node, info, items)
+        elif args.output == "yaml":
+            text = output.yaml_documents(node, items)
+        else:
+            text = output.json_documents(node, items)
+    except client.ClientError as exc:  # a spec the bounded YAML reader refused
+        return _fail(str(exc))
+    sys.stdout.write(text)
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from gatekeeper.config.errors import ConfigError
 
 PROC_CMDLINE = "/proc/cmdline"
+MAX_CMDLINE_BYTES = 64 * 1024
 SIDEROLINK_API = "siderolink.api"
 
 # The kernel's isspace(): space, \t, \n, \v, \f, \r.
@@ -73,9 +74,19 @@ def siderolink_api_from_cmdline(text: str) -> str | None:
 
 
 def read_cmdline(path: str | Path = PROC_CMDLINE) -> str:
-    """The kernel command line as text (undecodable bytes become U+FFFD)."""
+    """The kernel command line as text (undecodable bytes become U+FFFD).
+
+    At most MAX_CMDLINE_BYTES: the kernel's own limit (COMMAND_LINE_SIZE) is 2 to 4 KiB on
+    most architectures, so a larger file is not a kernel command line; it is refused rather
+    than read whole.
+    """
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as stream:
+            data = stream.read(MAX_CMDLINE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or type(exc).__name__}", str(path)) from None
+    if len(data) > MAX_CMDLINE_BYTES:
+        raise ConfigError(
+            f"larger than {MAX_CMDLINE_BYTES // 1024} KiB, not a kernel command line", str(path)
+        )
     return data.decode("utf-8", errors="replace").rstrip("\0\n")

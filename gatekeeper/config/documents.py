@@ -7,23 +7,47 @@ other parts (the firewall's NetworkRuleConfig, ...) reuse it;
 
 Documents are numbered from 1 in file order, counting empty ones, so a number
 in an error matches what a person counts in the file.
+
+Every YAML the product reads goes through here, with two bounds (README "Limits"):
+
+- a file is at most MAX_FILE_BYTES (1 MiB). The largest real input is a firewall policy;
+  1000 NetworkRuleConfig documents (bench_firewall.py) are about 200 KB, so 1 MiB leaves five
+  times that (1 MiB of rules, about 7,600, parses in under a second on one core);
+- aliases may not expand a file beyond MAX_EXPANDED_NODES (1,000,000) nodes. Nodes are
+  composed first (an alias is a reference there, not a copy), their expanded total counted
+  with memoisation, and only then are Python values built. Without aliases a 1 MiB file holds
+  at most about 500,000 nodes, so only alias bombs ("billion laughs") reach the cap; go-yaml,
+  which Talos uses, refuses "excessive aliasing" in the same spirit.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
 from gatekeeper.config.errors import ConfigError, one_line
-from gatekeeper.config.siderolink import MSG_REQUIRED, SideroLinkConfig, parse_api_url
+from gatekeeper.config.siderolink import (
+    MSG_REQUIRED,
+    SideroLinkConfig,
+    check_token_size,
+    parse_api_url,
+)
 
 API_VERSION = "v1alpha1"
 SIDEROLINK_KIND = "SideroLinkConfig"
 _SIDEROLINK_FIELDS = frozenset({"apiVersion", "kind", "apiUrl", "uniqueToken"})
 _MAX_KEY_SHOWN = 40
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_EXPANDED_NODES = 1_000_000
+MSG_TOO_LARGE = f"file is larger than {MAX_FILE_BYTES // 1024} KiB"
+MSG_ALIASES = (
+    f"invalid YAML: aliases expand to more than {MAX_EXPANDED_NODES:,} nodes (an alias bomb?)"
+)
+MSG_RECURSIVE = "invalid YAML: an alias refers to a node that contains it"
 
 
 # libyaml's parser when PyYAML has it: about 6x faster on a thousand firewall documents.
@@ -88,13 +112,73 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return "invalid YAML"
 
 
+class _TooManyNodes(Exception):
+    pass
+
+
+class _Recursive(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node, budget: int, memo: dict[int, int]) -> int:
+    """How many nodes `root` stands for once every alias is expanded; stops past `budget`.
+
+    Iterative (deep nesting must not exhaust Python's stack) and memoised by node identity,
+    so a shared node is walked once however often it is referenced: linear in the composed
+    nodes, whatever the expansion. Scalars (most nodes) count 1 without a memo entry.
+    """
+    if isinstance(root, yaml.ScalarNode):
+        return 1
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, list[yaml.Node] | None]] = [(root, None)]
+    while stack:
+        node, children = stack.pop()
+        key = id(node)
+        if children is not None:
+            on_path.discard(key)
+            total = 1
+            for c in children:
+                total += 1 if isinstance(c, yaml.ScalarNode) else memo[id(c)]
+            if total > budget:
+                raise _TooManyNodes
+            memo[key] = total
+            continue
+        if key in memo:
+            continue
+        if key in on_path:
+            raise _Recursive
+        on_path.add(key)
+        kids = _children(node)
+        stack.append((node, kids))
+        stack.extend(
+            (c, None) for c in kids if not isinstance(c, yaml.ScalarNode) and id(c) not in memo
+        )
+    return memo[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def _load_all(text: str, where: str) -> list[object]:
     docs: list[object] = []
+    budget = MAX_EXPANDED_NODES
+    loader = _StrictLoader(text)
     try:
-        for doc in yaml.load_all(text, Loader=_StrictLoader):
-            docs.append(doc)
+        while loader.check_node():
+            node = loader.get_node()
+            budget -= _expanded_size(node, budget, {})
+            docs.append(loader.construct_document(node))
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_problem(exc), f"{where} document {len(docs) + 1}") from None
+    except _TooManyNodes:
+        raise ConfigError(MSG_ALIASES, f"{where} document {len(docs) + 1}") from None
+    except _Recursive:
+        raise ConfigError(MSG_RECURSIVE, f"{where} document {len(docs) + 1}") from None
     except RecursionError:
         raise ConfigError("invalid YAML: nested too deeply", where) from None
     except (ValueError, OverflowError):
@@ -102,11 +186,24 @@ def _load_all(text: str, where: str) -> list[object]:
         raise ConfigError(
             "invalid YAML: a value cannot be read", f"{where} document {len(docs) + 1}"
         ) from None
+    finally:
+        loader.dispose()
     return docs
+
+
+def load_yaml(text: str, where: str) -> object:
+    """One YAML value from text that is not a configuration file (a resource's yaml_spec),
+    with the same bounds; ConfigError when it is too large, malformed or an alias bomb."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(MSG_TOO_LARGE, where)
+    docs = _load_all(text, where)
+    return docs[0] if docs else None
 
 
 def parse_documents(text: str, where: str) -> list[tuple[int, dict[str, Any]]]:
     """(1-based index, mapping) for every non-empty document; checks the envelope of each."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(MSG_TOO_LARGE, where)
     result = []
     for index, doc in enumerate(_load_all(text, where), start=1):
         if doc is None:
@@ -170,15 +267,26 @@ def _siderolink_document(doc: dict[str, Any], doc_where: str, source: str) -> Si
     unique = doc.get("uniqueToken")
     if unique is not None and not isinstance(unique, str):
         raise ConfigError("uniqueToken must be a string", doc_where)
+    check_token_size("uniqueToken", unique, doc_where)
     return SideroLinkConfig(api=api, unique_token=unique or None, source=source)
 
 
+def read_bounded(stream: IO[bytes], limit: int) -> bytes | None:
+    """At most `limit` bytes of a stream, or None when it holds more (read, never stat:
+    /proc files report size 0)."""
+    data = stream.read(limit + 1)
+    return None if len(data) > limit else data
+
+
 def read_text(path: str | Path) -> str:
-    """A config file's text; unreadable or non-UTF-8 files raise ConfigError."""
+    """A config file's text; unreadable, oversized or non-UTF-8 files raise ConfigError."""
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as stream:
+            data = read_bounded(stream, MAX_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror or type(exc).__name__}", str(path)) from None
+    if data is None:
+        raise ConfigError(MSG_TOO_LARGE, str(path))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

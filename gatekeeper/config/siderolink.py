@@ -23,6 +23,12 @@ Where Talos is loose we choose and say so:
 - User info (``user:pass@``), whitespace, control characters, zone ids and
   invalid host names are rejected instead of being passed on to the dialer.
 
+Sizes are checked here, before anything is sent: the URL is at most 4 KiB (the longest
+host name is 253 bytes, so that leaves room for a long query), the join token and the unique
+token at most 1 KiB each (Talos's unique token is 32 characters, real join tokens are under
+100). Go gRPC servers take requests up to 4 MiB and ours up to 64 KiB; a 20 MB token would
+only be refused by the server, again at every retry.
+
 Error messages are fixed sentences that never quote the URL, so tokens stay
 out of logs.
 """
@@ -46,6 +52,9 @@ REDACTED = "<redacted>"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
 _DOCUMENT_SCHEMES = frozenset({"https", "grpc"})
+
+MAX_URL_BYTES = 4096
+MAX_TOKEN_BYTES = 1024
 
 MSG_REQUIRED = "apiUrl is required"
 MSG_SCHEME = "apiUrl scheme must be https:// or grpc://"
@@ -102,6 +111,9 @@ def parse_api_url(url: str, where: str, *, document: bool = False) -> ApiEndpoin
         raise ConfigError("apiUrl must be a string", where)
     if url == "":
         raise ConfigError(MSG_REQUIRED, where)
+    # Before anything else walks the text: a limit check costs nothing, a 20 MB scan does.
+    if len(url) > MAX_URL_BYTES or len(url.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
+        raise ConfigError(f"apiUrl is longer than {MAX_URL_BYTES} bytes", where)
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         raise ConfigError("apiUrl must not contain whitespace or control characters", where)
 
@@ -128,6 +140,7 @@ def parse_api_url(url: str, where: str, *, document: bool = False) -> ApiEndpoin
     port = _parse_port(parts.netloc, where)
     params = parse_qsl(parts.query, keep_blank_values=True)
     token = next((value for key, value in params if key == JOIN_TOKEN_PARAM), None)
+    check_token_size("apiUrl jointoken", token, where)
     tunnel = next((value for key, value in params if key == TUNNEL_PARAM), None)
     return ApiEndpoint(
         host=host,
@@ -136,6 +149,15 @@ def parse_api_url(url: str, where: str, *, document: bool = False) -> ApiEndpoin
         join_token=token or None,
         grpc_tunnel=tunnel in _TUNNEL_YES,
     )
+
+
+def check_token_size(name: str, value: str | None, where: str) -> None:
+    """ConfigError naming the field and the limit (never the value) when a token is too long."""
+    if value is not None and (
+        len(value) > MAX_TOKEN_BYTES
+        or len(value.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES
+    ):
+        raise ConfigError(f"{name} is longer than {MAX_TOKEN_BYTES} bytes", where)
 
 
 def _split_netloc(netloc: str, where: str) -> tuple[str, str | None]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gatekeeper.config.documents import parse_documents
+from gatekeeper.config.documents import parse_documents, read_text
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.firewall.policy import (
     DefaultAction,
@@ -58,9 +59,23 @@ class _Where:
         )
 
 
+_MAX_SHOWN = 64
+# Bounded formatting of non-string values: str() of a list walks all of it, and a document's
+# values may be large (up to the reader's bounds), so an error must never format them whole.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 20, 20
+
+
+def _shown(value: object) -> str:
+    """A value as an error message shows it: strings as they are, others as Python prints
+    them; at most _MAX_SHOWN characters either way."""
+    text = value if isinstance(value, str) else _SHORT.repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+
+
 def _go_quote(value: object) -> str:
     # Talos formats unparsable ranges with Go's %q; JSON string quoting is the same for ASCII.
-    return json.dumps(str(value), ensure_ascii=False)
+    return json.dumps(_shown(value), ensure_ascii=False)
 
 
 def split_documents(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
@@ -77,7 +92,7 @@ def split_documents(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
 def _check_fields(where: _Where, doc: Mapping[Any, Any], allowed: set[str], prefix: str) -> None:
     for key in doc:
         if key not in allowed:
-            raise where.fail(f"{prefix}{key}", f'unknown field "{key}"')
+            raise where.fail(f"{prefix}{_shown(key)}", f'unknown field "{_shown(key)}"')
 
 
 def parse_port_range(value: object) -> PortRange:
@@ -149,10 +164,10 @@ def parse_rule(where: _Where, doc: Mapping[Any, Any]) -> NetworkRule:
     if raw_protocol is None or raw_protocol == "":
         raise where.fail("portSelector.protocol", "portSelector.protocol is required")
     try:
-        protocol = Protocol(str(raw_protocol))
+        protocol = Protocol(raw_protocol if isinstance(raw_protocol, str) else "")
     except ValueError:
         raise where.fail(
-            "portSelector.protocol", f"{raw_protocol} does not belong to Protocol values"
+            "portSelector.protocol", f"{_shown(raw_protocol)} does not belong to Protocol values"
         ) from None
 
     raw_ingress = doc.get("ingress")
@@ -173,14 +188,18 @@ def parse_rule(where: _Where, doc: Mapping[Any, Any]) -> NetworkRule:
         try:
             subnet = _parse_prefix(subnet_raw)
         except ValueError:
-            raise where.fail(f"ingress[{i}].subnet", f"invalid subnet: {subnet_raw}") from None
+            raise where.fail(
+                f"ingress[{i}].subnet", f"invalid subnet: {_shown(subnet_raw)}"
+            ) from None
         except_: Network | None = None
         except_raw = entry.get("except")
         if except_raw is not None and except_raw != "":
             try:
                 except_ = _parse_prefix(except_raw)
             except ValueError:
-                raise where.fail(f"ingress[{i}].except", f"invalid except: {except_raw}") from None
+                raise where.fail(
+                    f"ingress[{i}].except", f"invalid except: {_shown(except_raw)}"
+                ) from None
         ingress.append(IngressRule(subnet, except_))
 
     return NetworkRule(
@@ -198,9 +217,11 @@ def parse_default_action(where: _Where, doc: Mapping[Any, Any]) -> DefaultAction
     if raw is None:
         return DefaultAction.ACCEPT
     try:
-        return DefaultAction(str(raw))
+        return DefaultAction(raw if isinstance(raw, str) else "")
     except ValueError:
-        raise where.fail("ingress", f"{raw} does not belong to DefaultAction values") from None
+        raise where.fail(
+            "ingress", f"{_shown(raw)} does not belong to DefaultAction values"
+        ) from None
 
 
 @dataclass
@@ -236,11 +257,9 @@ class PolicyBuilder:
 
     def add_file(self, path: Path) -> None:
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise FirewallDocumentError(f"cannot read: {exc.strerror or exc}", str(path)) from None
-        except UnicodeDecodeError:
-            raise FirewallDocumentError("not UTF-8 text", str(path)) from None
+            text = read_text(path)  # bounded: see gatekeeper.config.documents
+        except ConfigError as exc:
+            raise FirewallDocumentError(exc.message, exc.where) from None
         self.add_text(text, str(path))
 
     def build(self) -> FirewallPolicy:

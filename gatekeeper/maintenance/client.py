@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import yaml
 from google.protobuf import empty_pb2
 
+from gatekeeper.config.documents import load_yaml
+from gatekeeper.config.errors import ConfigError
 from gatekeeper.maintenance.binding import DEFAULT_PORT
 from gatekeeper.maintenance.resources import META_NAMESPACE, RESOURCE_DEFINITION_TYPE
 from gatekeeper.maintenance.tls import (
@@ -202,9 +203,18 @@ def watch(
 
 
 def spec_dict(resource: resource_pb2.Resource) -> Any:
-    """The spec as data, from yaml_spec (what generic clients print)."""
+    """The spec as data, from yaml_spec (what generic clients print).
+
+    The machine is not trusted with our memory: the YAML goes through the product's bounded
+    reader (size, alias expansion); ClientError when it is refused.
+    """
     text = resource.spec.yaml_spec
-    return yaml.safe_load(text) if text else None
+    if not text:
+        return None
+    try:
+        return load_yaml(text, f"resource {resource.metadata.id[:64]!r} yaml_spec")
+    except ConfigError as exc:
+        raise ClientError(str(exc)) from None
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:

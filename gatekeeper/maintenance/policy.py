@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from urllib.parse import unquote
+
+from gatekeeper.netaddr import grpc_peer_address
 
 NOT_AUTHORIZED = "not authorized"
 WRITE_DENIED = "write access is not allowed"
@@ -26,21 +27,10 @@ class Role(enum.Enum):
 def peer_address(peer: str) -> IPAddress | None:
     """The IP address in a gRPC peer string ('ipv6:[fd00::1]:5000', 'ipv4:10.0.0.1:5000').
 
-    grpc percent-encodes the brackets in some versions; IPv4-mapped IPv6 addresses are
-    returned as IPv4. Anything else (unix sockets, garbage) gives None.
+    IPv4-mapped IPv6 addresses are returned as IPv4; anything else gives None. The one
+    parser of peer strings is gatekeeper.netaddr.grpc_peer_address.
     """
-    text = unquote(peer)
-    family, _, rest = text.partition(":")
-    try:
-        if family == "ipv6":
-            host = rest[1 : rest.index("]")] if rest.startswith("[") else rest.rsplit(":", 1)[0]
-            addr = ipaddress.IPv6Address(host.split("%", 1)[0])
-            return addr.ipv4_mapped or addr
-        if family == "ipv4":
-            return ipaddress.IPv4Address(rest.rsplit(":", 1)[0])
-    except ValueError:
-        return None
-    return None
+    return grpc_peer_address(peer)
 
 
 def role_for(peer: str, overlay_prefix: IPNetwork | None) -> Role:

@@ -21,7 +21,7 @@ import os
 import platform
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -49,6 +49,7 @@ from gatekeeper.maintenance.resources import (
     ResourceStore,
     WatchOverflow,
 )
+from gatekeeper.maintenance.streams import StreamBudget, StreamLimits
 from gatekeeper.maintenance.tls import ServerIdentity, local_addresses
 from gatekeeper.maintenance.wire import to_proto
 from gatekeeper.pb.common import common_pb2
@@ -59,7 +60,9 @@ log = logging.getLogger(__name__)
 
 # Requests are a few hundred bytes; anything large is abuse.
 MAX_REQUEST_BYTES = 64 * 1024
-MAX_CONCURRENT_RPCS = 256
+# A backstop only, far above what the Watch budgets (streams.py) let anyone hold open: at
+# this cap grpc refuses every call, the admin's included, so readers must never reach it.
+MAX_CONCURRENT_RPCS = 1024
 WATCH_CLOSED = "the maintenance API listener is closing (moved or stopped); watch again"
 
 HANDSHAKE_TIMEOUT_MS = 10_000
@@ -125,6 +128,7 @@ class MaintenanceService:
         hostname: str | None = None,
         extra_sans: Sequence[IPAddress | str] = (),
         stop_grace: float = 0.5,
+        stream_limits: StreamLimits | None = None,
     ) -> None:
         self.store = store
         self.port = port
@@ -134,6 +138,8 @@ class MaintenanceService:
         self.extra_sans = [ipaddress.ip_address(str(a)) for a in extra_sans]
         self.stop_grace = stop_grace
         self.identity = ServerIdentity()
+        # One budget for the service, so a move to a new address does not reset it.
+        self.streams = StreamBudget(stream_limits)
         self._listener: _Listener | None = None
         self._applied: tuple[BindTarget, int] = (NotListening(), port)
         self._lock = asyncio.Lock()
@@ -303,6 +309,21 @@ class MaintenanceService:
         """
         if self.overlay_only and self.role(context) is not Role.ADMIN:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, policy.OVERLAY_ONLY)
+
+    @contextlib.asynccontextmanager
+    async def watch_slot(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Hold one Watch slot of the caller's budget; RESOURCE_EXHAUSTED when it is spent."""
+        peer = context.peer()
+        address = policy.peer_address(peer)
+        key = str(address) if address is not None else peer
+        role = policy.role_for(peer, self._overlay_prefix)
+        refusal = self.streams.acquire(role, key)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            yield
+        finally:
+            self.streams.release(role, key)
 
     def version_response(self) -> machine_pb2.VersionResponse:
         b = self.build
@@ -489,6 +510,24 @@ class _StateServicer(state_pb2_grpc.StateServicer):
             by_id = _id_filter(opts.id_query if opts.HasField("id_query") else None)
         except ResourceError as exc:
             await _abort_for(context, exc)
+        async with (
+            self._service.watch_slot(context),
+            contextlib.aclosing(self._watch(context, ns, rd, request, by_label, by_id)) as stream,
+        ):
+            async for response in stream:
+                yield response
+
+    async def _watch(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        ns: str,
+        rd: ResourceDefinition,
+        request: state_pb2.WatchRequest,
+        by_label: Callable[[Resource], bool],
+        by_id: Callable[[Resource], bool],
+    ) -> AsyncGenerator[state_pb2.WatchResponse, None]:
+        opts = request.options
+        single_id = request.id if request.HasField("id") else None
         events = self._service.store.watch(
             ns, rd.type, single_id, bootstrap=opts.bootstrap_contents
         )

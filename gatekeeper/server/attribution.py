@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from gatekeeper.server.ratelimit import clean_peer
+from gatekeeper import netaddr
 from gatekeeper.server.registry import MachineRecord, Registry
 
 
 def grpc_peer_address(peer: str) -> ipaddress.IPv6Address | None:
     """`ipv6:[fdae::5]:41234` -> fdae::5; anything else (IPv4, unix) -> None."""
-    kind, _, rest = clean_peer(peer).partition(":")
-    if kind != "ipv6":
-        return None
-    host = rest.rpartition(":")[0].strip("[]").split("%")[0]
-    try:
-        return ipaddress.IPv6Address(host)
-    except ValueError:
-        return None
+    address = netaddr.grpc_peer_address(peer)
+    return address if isinstance(address, ipaddress.IPv6Address) else None
 
 
 class Attributor:

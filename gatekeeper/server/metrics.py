@@ -19,6 +19,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import start_wsgi_server
 
+from gatekeeper.netaddr import split_host_port
+
 OUTCOMES = (
     "ok",
     "denied",
@@ -92,11 +94,10 @@ class ServerMetrics:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """`[::1]:9100`, `127.0.0.1:9100`, `:9100` -> (host, port); one clear error otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics listen address {text!r} is not HOST:PORT")
-    host = host.strip("[]") or "::"
-    return host, int(port)
+    host, port = split_host_port(  # the one rule: gatekeeper.netaddr
+        text, "metrics listen address", allow_port_zero=True, allow_empty_host=True
+    )
+    return host or "::", port
 
 
 @dataclass

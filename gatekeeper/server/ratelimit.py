@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
+from gatekeeper.netaddr import grpc_peer_address
+
 
 def clean_peer(peer: str) -> str:
     """gRPC percent-encodes its peer strings (`ipv6:%5Bfd00::1%5D:5000`): decode them."""
@@ -28,20 +30,12 @@ def clean_peer(peer: str) -> str:
 
 def source_of(peer: str) -> str:
     """gRPC's peer string (`ipv6:[addr]:port`, `ipv4:a.b.c.d:port`) -> the limiter's key."""
-    peer = clean_peer(peer)
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]").split("%")[0]
-        try:
-            addr = ipaddress.IPv6Address(host)
-        except ValueError:
-            return peer
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
+    addr = grpc_peer_address(peer)
+    if addr is None:
+        return clean_peer(peer)
+    if isinstance(addr, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
+    return str(addr)
 
 
 class FailureLimiter:

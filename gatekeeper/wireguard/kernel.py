@@ -38,6 +38,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
+from gatekeeper.netaddr import HostPortError, split_host_port
 from gatekeeper.wireguard import iplink
 from gatekeeper.wireguard.backend import (
     IPInterface,
@@ -78,17 +79,15 @@ class _PeerPart:
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, sep, port = endpoint.rpartition(":")
+    # The one host:port rule (gatekeeper.netaddr): `fd00::1:8090` is refused, as by the UAPI.
     try:
-        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-        number = int(port)
-    except ValueError:
-        number = -1
-        address = None
-    if not sep or address is None or not 0 < number < 65536:
+        host, number = split_host_port(endpoint, "peer endpoint")
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        why = exc.reason if isinstance(exc, HostPortError) else f"{host!r} is not an IP address"
         raise WireGuardError(
-            f"peer endpoint {endpoint!r} is not an IP literal with a port (host:port, [v6]:port)"
-        )
+            f"peer endpoint {endpoint[:80]!r} is not an IP literal with a port: {why}"
+        ) from None
     return str(address), number
 
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+from gatekeeper.netaddr import split_host_port
 from gatekeeper.wireguard.backend import IPNetwork, PeerConfig, PeerStats, WireGuardError
 from gatekeeper.wireguard.keys import KEY_LEN, PrivateKey, PublicKey
 
@@ -109,27 +110,17 @@ class DeviceState:
 
 def format_endpoint(endpoint: str) -> str:
     """Validate an `ip:port` / `[ipv6]:port` endpoint and return it in canonical form."""
-    if not isinstance(endpoint, str) or not endpoint.isprintable() or " " in endpoint:
+    if not isinstance(endpoint, str):
         raise ValueError(f"endpoint {endpoint!r}: expected 'ip:port' or '[ipv6]:port'")
-    host, sep, port_text = endpoint.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint {endpoint!r}: missing ':port'")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
+    host, port = split_host_port(endpoint, "endpoint")  # the one rule: gatekeeper.netaddr
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(
             f"endpoint {endpoint!r}: {host!r} is not an IP address (resolve names before use)"
         ) from None
-    if address.version == 6 and not bracketed:
-        raise ValueError(f"endpoint {endpoint!r}: write IPv6 addresses as '[address]:port'")
-    if address.version == 4 and bracketed:
+    if address.version == 4 and endpoint.startswith("["):
         raise ValueError(f"endpoint {endpoint!r}: brackets are only for IPv6 addresses")
-    if not _UINT.fullmatch(port_text) or not 0 < int(port_text) <= MAX_PORT:
-        raise ValueError(f"endpoint {endpoint!r}: port must be 1..{MAX_PORT}")
-    port = int(port_text)
     return f"[{address.compressed}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
