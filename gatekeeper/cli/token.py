@@ -19,14 +19,14 @@ from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.tokens import TokenRecord, new_token, parse_duration
 
 
-def _duration(text: str) -> float:
+def duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _uses(text: str) -> int:
+def uses_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -49,12 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--name", default="", help="a label to recognise the token by")
     create.add_argument(
         "--expires-in",
-        type=_duration,
+        type=duration_arg,
         metavar="DURATION",
         help="no new machines after this long (seconds, or 90m, 12h, 7d)",
     )
     create.add_argument(
-        "--max-uses", type=_uses, metavar="N", help="at most N new machines may join with it"
+        "--max-uses", type=uses_arg, metavar="N", help="at most N new machines may join with it"
     )
     add_state_dir(create)
     create.set_defaults(func=cmd_create)
@@ -74,18 +74,18 @@ def _audit(state_dir: str) -> AuditLog:
     return AuditLog(Path(state_dir) / AUDIT_NAME)
 
 
-def cmd_create(args: argparse.Namespace) -> int:
+def create_token(
+    state_dir: str, *, name: str, expires_in: float | None, max_uses: int | None
+) -> tuple[str, TokenRecord]:
+    """A new token stored (hashed) and audited: its text to show once, and its record."""
     now = time.time()
     try:
-        text, record = new_token(
-            name=args.name, now=now, expires_in=args.expires_in, max_uses=args.max_uses
-        )
-        registry = open_registry(args.state_dir, create=True)
-    except (ValueError, CliError) as exc:
-        return fail("token create", str(exc))
-    with registry:
+        text, record = new_token(name=name, now=now, expires_in=expires_in, max_uses=max_uses)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    with open_registry(state_dir, create=True) as registry:
         registry.add_token(record)
-    _audit(args.state_dir).write(
+    _audit(state_dir).write(
         now,
         "token.create",
         "ok",
@@ -94,6 +94,16 @@ def cmd_create(args: argparse.Namespace) -> int:
         expires=rfc3339(record.expires) if record.expires else None,
         max_uses=record.max_uses,
     )
+    return text, record
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    try:
+        text, record = create_token(
+            args.state_dir, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
+        )
+    except CliError as exc:
+        return fail("token create", str(exc))
     print(text)
     print(
         f"token {record.token_id} created; it is shown only now: put it in siderolink.api= "

@@ -17,6 +17,7 @@ import grpc
 
 from gatekeeper.overlay import overlay_prefix, server_address, split_endpoint
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
+from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.service import ProvisionService, add_provision_service
@@ -165,6 +166,19 @@ class Server:
         if not self.port:
             raise ServerError(f"cannot listen on {opts.listen}")
         await self.grpc.start()
+        # For `gatekeeper join-config`: what machines dial, recorded once it is true.
+        write_join_info(
+            opts.state_dir,
+            JoinInfo(
+                api_url=api_url(opts.listen, opts.endpoints, self.port, tls=bool(opts.tls_cert)),
+                tls=bool(opts.tls_cert),
+                server_address=str(server_address(prefix)),
+                events_port=opts.fleet.events_port,
+                logs_port=opts.fleet.logs_port,
+                tunnel_mode=opts.tunnel_mode.value,
+                fixed_token=bool(opts.join_token),
+            ),
+        )
         self._sync_task = asyncio.create_task(self._sync_endpoints())
         log.info(
             "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
