@@ -10,10 +10,10 @@ import sys
 from collections.abc import Sequence
 
 from gatekeeper import __version__
-from gatekeeper.cli import firewall, joinconfig, logs, machines, maint, token
+from gatekeeper.cli import firewall, joinconfig, logs, machines, maint, netcheck, ping, token
 
 # Subcommands that live in their own modules, in the order --help lists them.
-PLUGINS = (joinconfig, firewall, maint, token, machines, logs)
+PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs)
 
 
 def setup_logging(level: str) -> None:
