@@ -42,6 +42,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("--interval must be 0.1 to 3600 seconds")
+    return value
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -117,7 +127,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from gatekeeper.cli.status import print_status
 
-    return print_status(Path(args.run_dir), as_json=args.json)
+    try:
+        return print_status(
+            Path(args.run_dir),
+            Path(args.cmdline),
+            as_json=args.json,
+            watch=args.watch,
+            interval=args.interval,
+        )
+    except KeyboardInterrupt:
+        return 0  # the way out of --watch
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -276,9 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(func=_cmd_server)
 
-    status = sub.add_parser("status", help="show the agent's link status")
+    status = sub.add_parser(
+        "status",
+        help="show the agent's link status, with a health block",
+        description="The agent's status (from --run-dir), with a health block first: link "
+        "and backend, path and why, last handshake, rx/tx, RTT to the server, firewall, "
+        "maintenance API, telemetry sinks, the last path changes. Exit 0 when connected, 3 "
+        "when not, 1 without an agent status. Example: gatekeeper status --watch",
+    )
     status.add_argument("--run-dir", default="/run/gatekeeper")
-    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument(
+        "--cmdline",
+        default="/proc/cmdline",
+        help="kernel command line naming the telemetry sinks (as the agent's --cmdline)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status document with a health object as JSON (one line per update "
+        "with --watch)",
+    )
+    status.add_argument("--watch", "-w", action="store_true", help="print again until Ctrl-C")
+    status.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        help="seconds between updates with --watch (default 2)",
+    )
     status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser(
