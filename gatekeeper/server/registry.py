@@ -59,6 +59,10 @@ class MachineRecord:
     updated: float = 0.0
     # The registry token the machine first joined with (None: fixed token or open server).
     join_token_id: str | None = None
+    # How many Provisions the registry recorded for this machine (the claim counts them), and
+    # where the last one came from (the gRPC peer, `[addr]:port`), for `gatekeeper machines`.
+    provisions: int = 0
+    remote_address: str | None = None
 
 
 def machine_key(node_uuid: str, unique_token: str | None) -> str:

@@ -53,17 +53,24 @@ CREATE INDEX IF NOT EXISTS machines_public_key ON machines (public_key);
 """
 
 # Columns added after the first release, applied to registries that lack them.
-_MIGRATIONS = (("machines", "join_token_id", "TEXT"),)
+_MIGRATIONS = (
+    ("machines", "join_token_id", "TEXT"),
+    ("machines", "provisions", "INTEGER NOT NULL DEFAULT 0"),
+    ("machines", "remote_address", "TEXT"),
+)
 
 _COLUMNS = (
     "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
-    "updated, join_token_id"
+    "updated, join_token_id, provisions, remote_address"
 )
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
 
 def _record(row: tuple[object, ...]) -> MachineRecord:
-    key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id = row
+    (key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id) = row[
+        :10
+    ]
+    provisions, remote = row[10:]
     return MachineRecord(
         machine_key=str(key),
         node_uuid=str(uuid),
@@ -75,6 +82,8 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
         created=float(created),  # type: ignore[arg-type]
         updated=float(updated),  # type: ignore[arg-type]
         join_token_id=None if token_id is None else str(token_id),
+        provisions=int(provisions),  # type: ignore[call-overload]
+        remote_address=None if remote is None else str(remote),
     )
 
 
@@ -202,11 +211,12 @@ class SqliteRegistry:
                 )
         try:
             self._db.execute(
-                f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO machines ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
                 "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
                 "address = excluded.address, public_key = excluded.public_key, "
                 "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
-                "talos_version = excluded.talos_version, updated = excluded.updated",
+                "talos_version = excluded.talos_version, updated = excluded.updated, "
+                "provisions = machines.provisions + 1, remote_address = excluded.remote_address",
                 (
                     record.machine_key,
                     record.node_uuid,
@@ -218,6 +228,7 @@ class SqliteRegistry:
                     record.created or now,
                     now,
                     token_id if known is None and token_id else record.join_token_id,
+                    record.remote_address,
                 ),
             )
         except sqlite3.IntegrityError:
