@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from gatekeeper import __version__
 from gatekeeper.cli import firewall, joinconfig, logs, machines, maint, netcheck, ping, token
+from gatekeeper.cli.token import duration_arg
 
 # Subcommands that live in their own modules, in the order --help lists them.
 PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs)
@@ -49,6 +50,20 @@ def _interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0.1 <= value <= 3600:
         raise argparse.ArgumentTypeError("--interval must be 0.1 to 3600 seconds")
+    return value
+
+
+def _size(text: str) -> int:
+    """`4096`, `512K`, `2M`, `1G` (powers of 1024) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        value = int(body) * units.get(unit, 1)
+    except ValueError:
+        example = "examples: 65536, 512K, 2M"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size ({example})") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below 1K")
     return value
 
 
@@ -111,6 +126,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
             events_port=args.events_port,
             logs_port=args.logs_port,
             isolation=not args.no_isolation,
+            logs_max_bytes=args.logs_max_bytes_per_machine,
+            logs_max_age=args.logs_max_age,
+            events_max_bytes=args.events_max_bytes,
+            events_max_age=args.events_max_age,
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
     )
@@ -287,6 +306,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=8092,
         help="machine log receiver (JSON lines over TCP) on the overlay address (0: off; "
         "default 8092)",
+    )
+    server.add_argument(
+        "--logs-max-bytes-per-machine",
+        type=_size,
+        default=2 << 20,
+        metavar="SIZE",
+        help="disk space for each machine's logs (65536, 512K, 2M; default 2M); the oldest "
+        "half goes first",
+    )
+    server.add_argument(
+        "--logs-max-age",
+        type=duration_arg,
+        metavar="DURATION",
+        help="drop machine log lines older than this (90m, 12h, 7d; default: size only); "
+        "each line is kept at least this long and gone within about twice it",
+    )
+    server.add_argument(
+        "--events-max-bytes",
+        type=_size,
+        default=16 << 20,
+        metavar="SIZE",
+        help="disk space for the events of all machines (default 16M)",
+    )
+    server.add_argument(
+        "--events-max-age",
+        type=duration_arg,
+        metavar="DURATION",
+        help="drop events older than this (default: size only)",
     )
     server.add_argument(
         "--no-isolation",
