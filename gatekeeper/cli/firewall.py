@@ -299,8 +299,7 @@ def add_parser(subparsers: Any) -> None:
         description="Mark matching packets with meta nftrace (in a table of its own, removed "
         "at the end) and print, per packet, the rules of table inet gatekeeper it passed and "
         "its verdict, named as `firewall explain` names them. Exit 0 when a packet was "
-        "traced, 3 when none matched in time, 1 on errors. Needs root (nft monitor). "
-        "Example: gatekeeper firewall trace --iif eth0 --proto tcp --dport 22 --seconds 30",
+        "traced, 3 when none matched in time, 1 on errors. Needs root (nft monitor).",
     )
     trace.add_argument("--iif", metavar="IFACE", help="only packets arriving on this interface")
     trace.add_argument("--src", metavar="ADDR[/LEN]", help="only packets from this source")

@@ -9,9 +9,6 @@ This command prints a join token on purpose: the one you give it. Join tokens ar
 hashed, so an existing token cannot be printed again: pass it back with --token-file (the
 server's --join-token-file, or a token saved from `token create`), or mint a new one with
 --create-token. Treat the output like the token.
-
-Example:
-  gatekeeper join-config --create-token --name rack-4 --expires-in 7d > join.txt
 """
 
 from __future__ import annotations

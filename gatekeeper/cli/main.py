@@ -10,11 +10,22 @@ import sys
 from collections.abc import Sequence
 
 from gatekeeper import __version__
-from gatekeeper.cli import firewall, joinconfig, logs, machines, maint, netcheck, ping, token
+from gatekeeper.cli import (
+    completion,
+    firewall,
+    joinconfig,
+    logs,
+    machines,
+    maint,
+    netcheck,
+    ping,
+    token,
+)
+from gatekeeper.cli.examples import add_examples
 from gatekeeper.cli.token import duration_arg
 
 # Subcommands that live in their own modules, in the order --help lists them.
-PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs)
+PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs, completion)
 
 
 def setup_logging(level: str) -> None:
@@ -348,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The agent's status (from --run-dir), with a health block first: link "
         "and backend, path and why, last handshake, rx/tx, RTT to the server, firewall, "
         "maintenance API, telemetry sinks, the last path changes. Exit 0 when connected, 3 "
-        "when not, 1 without an agent status. Example: gatekeeper status --watch",
+        "when not, 1 without an agent status.",
     )
     status.add_argument("--run-dir", default="/run/gatekeeper")
     status.add_argument(
@@ -382,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in PLUGINS:
         module.add_parser(sub)
+    add_examples(parser)
     return parser
 
 

@@ -14,9 +14,6 @@ the server's last reply. Checks, each with a one-line result:
 
 Exit 0 when every check passed, 1 when the server cannot be reached (neither the API nor the
 overlay answers), 3 when it can but a check failed.
-
-Example:
-  gatekeeper netcheck --json
 """
 
 from __future__ import annotations

@@ -4,9 +4,6 @@ Reads the running agent's status (its run dir) for the server's overlay address 
 WireGuard uses (UDP to an endpoint, or the gRPC tunnel), then sends ICMPv6 echoes to the
 server's overlay address. Exit 0 when the server answered at least once, 1 when it did not
 (or there is no link to ping over), 2 on bad arguments.
-
-Example:
-  gatekeeper ping --count 5
 """
 
 from __future__ import annotations
