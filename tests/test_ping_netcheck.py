@@ -1,16 +1,20 @@
 """`gatekeeper ping` and `gatekeeper netcheck` on a machine, against a real server: what they
 print and how they exit while the link is up, over UDP and over the gRPC tunnel, and once the
-server is gone."""
+server is gone; over TLS, a certificate the machine does not trust."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fleetlab import gk
+from test_e2e_tls import self_signed  # the TLS tests' certificate maker
 
 from gatekeeper.lab.siderolink_lab import API_PORT, WG_PORT, Machine, SideroLinkLab
 
@@ -25,10 +29,17 @@ def sl() -> Iterator[SideroLinkLab]:
         yield lab
 
 
-def on_machine(m: Machine, *args: str) -> subprocess.CompletedProcess[str]:
+def on_machine(
+    m: Machine, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "gatekeeper", *args, "--run-dir", str(m.run_dir)]
     return subprocess.run(
-        m.ns.exec_argv(argv), capture_output=True, text=True, timeout=60, check=False
+        m.ns.exec_argv(argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -105,3 +116,28 @@ def test_ping_names_the_tunnel_and_refuses_without_an_agent(sl: SideroLinkLab) -
     )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith(f"gatekeeper ping: no agent status at {nowhere}/status.json")
+
+
+def test_netcheck_over_tls_names_a_certificate_it_does_not_trust(
+    sl: SideroLinkLab, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path, sl.server_underlay)
+    sl.start_server("--tls-cert", str(cert), "--tls-key", str(key))
+    config = gk(sl, "join-config", "--token-file", str(sl.workdir / "join-token")).stdout
+    assert config.startswith(f"siderolink.api=https://[{sl.server_underlay}]:{API_PORT}?")
+    m = sl.add_machine(start=False)
+    m.cmdline.write_text(config)
+    trust = {"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert)}
+    sl.start_agent(m, env=trust)
+    sl.wait_connected(m)
+
+    trusted = on_machine(m, "netcheck", "--json", env=trust)
+    assert trusted.returncode == 0, trusted.stdout
+    (grpc_check,) = checks(trusted)["grpc"]
+    assert grpc_check["ok"] and grpc_check["detail"].startswith("gRPC over TLSv1")
+
+    untrusted = on_machine(m, "netcheck", "--json")
+    assert untrusted.returncode == 3  # reachable, but a check failed
+    (grpc_check,) = checks(untrusted)["grpc"]
+    assert not grpc_check["ok"]
+    assert grpc_check["detail"].startswith("TLS certificate refused: ")

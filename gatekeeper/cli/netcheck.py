@@ -40,6 +40,7 @@ from gatekeeper.link.lifecycle import LINK_MTU
 from gatekeeper.overlay import split_endpoint
 
 TIMEOUT = 3.0
+GRPC_ROOTS = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
 PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
 
 
@@ -102,7 +103,8 @@ def check_grpc(host: str, port: int, *, tls: bool) -> Check:
         # The TLS handshake by itself, so that a certificate problem is named precisely.
         try:
             with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
-                context = ssl.create_default_context()
+                # The roots gRPC (so the agent) trusts: the system's, or its own variable's.
+                context = ssl.create_default_context(cafile=os.environ.get(GRPC_ROOTS) or None)
                 with context.wrap_socket(raw, server_hostname=host) as wrapped:
                     version = wrapped.version()
         except ssl.SSLCertVerificationError as exc:
