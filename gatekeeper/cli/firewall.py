@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper.agent.status_file import read_status
+from gatekeeper.cli.argtypes import seconds_in, whole_in
 from gatekeeper.firewall import render
 from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable, Nftables
 from gatekeeper.firewall.documents import FirewallDocumentError, PolicyBuilder, expand_paths
@@ -70,26 +71,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is out of range 1-65535")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 86400 seconds")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("--count must be at least 1")
     return value
 
 
@@ -306,9 +287,11 @@ def add_parser(subparsers: Any) -> None:
     trace.add_argument("--proto", choices=["tcp", "udp", "icmp", "icmpv6"])
     trace.add_argument("--dport", type=int, metavar="N", help="destination port (tcp, udp)")
     trace.add_argument(
-        "--seconds", type=_positive, default=10.0, help="how long to trace (default 10)"
+        "--seconds", type=seconds_in(0, 86400), default=10.0, help="how long to trace (default 10)"
     )
-    trace.add_argument("--count", type=_count, metavar="N", help="stop after N packets")
+    trace.add_argument(
+        "--count", type=whole_in(1, 1_000_000), metavar="N", help="stop after N packets"
+    )
     trace.add_argument("--json", action="store_true", help="one JSON object per packet")
     trace.set_defaults(func=run_trace)
 

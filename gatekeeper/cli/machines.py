@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.fleetstate import (
     CliError,
     add_state_dir,
@@ -31,16 +32,6 @@ from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.fleet import CONNECTED_WITHIN
 from gatekeeper.server.registry import MachineRecord
 from gatekeeper.server.tokens import TokenRecord
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError("--interval must be 0.1 to 3600 seconds")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--watch", "-w", action="store_true", help="list again every --interval s, until Ctrl-C"
     )
     machines.add_argument(
-        "--interval", type=_interval, default=2.0, help="seconds between lists (default 2)"
+        "--interval",
+        type=seconds_in(0.1, 3600),
+        default=2.0,
+        help="seconds between lists (default 2)",
     )
     add_state_dir(machines)
     machines.set_defaults(func=cmd_list)

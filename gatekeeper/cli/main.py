@@ -21,6 +21,7 @@ from gatekeeper.cli import (
     ping,
     token,
 )
+from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.examples import add_examples
 from gatekeeper.cli.token import duration_arg
 
@@ -52,16 +53,6 @@ def _port(text: str) -> int:
     if port == 0:
         raise argparse.ArgumentTypeError("port 0 is not allowed here: use 1-65535")
     return port
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError("--interval must be 0.1 to 3600 seconds")
-    return value
 
 
 def _size(text: str) -> int:
@@ -376,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", "-w", action="store_true", help="print again until Ctrl-C")
     status.add_argument(
         "--interval",
-        type=_interval,
+        type=seconds_in(0.1, 3600),
         default=2.0,
         help="seconds between updates with --watch (default 2)",
     )

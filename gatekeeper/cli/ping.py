@@ -18,31 +18,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, read_status
+from gatekeeper.cli.argtypes import seconds_in, whole_in
 from gatekeeper.cli.echo import EchoError, echo
 
 
 class NoLink(RuntimeError):
     """Nothing to ping over; the message says why in one line."""
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError("--count must be 1 to 1000")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 60:
-        raise argparse.ArgumentTypeError("seconds must be more than 0 and at most 60")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,12 +33,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--count", "-c", type=_count, default=3, help="echoes (default 3)")
     parser.add_argument(
-        "--timeout", type=_seconds, default=2.0, help="seconds to wait for each reply (default 2)"
+        "--count", "-c", type=whole_in(1, 1000), default=3, help="echoes (default 3)"
     )
     parser.add_argument(
-        "--interval", type=_seconds, default=0.5, help="seconds between echoes (default 0.5)"
+        "--timeout",
+        type=seconds_in(0, 60),
+        default=2.0,
+        help="seconds to wait for each reply (default 2)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=seconds_in(0, 60),
+        default=0.5,
+        help="seconds between echoes (default 0.5)",
     )
     parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="the agent's run dir")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -62,13 +62,14 @@ def format_status(doc: dict[str, Any], health: list[tuple[str, str]] | None = No
     return "\n".join(out)
 
 
-def render(run_dir: Path, cmdline: Path, *, as_json: bool) -> tuple[str, int]:
+def render(run_dir: Path, cmdline: Path, *, as_json: bool, one_line: bool) -> tuple[str, int]:
     """The text (or JSON) to print and the exit status it goes with."""
     doc = read_status(run_dir)
     health = observe(doc, cmdline)
     code = 0 if doc.get("connected") else 3
     if as_json:
-        return json.dumps({**doc, "health": health.as_dict()}, sort_keys=True), code
+        full = {**doc, "health": health.as_dict()}
+        return json.dumps(full, indent=None if one_line else 2, sort_keys=True), code
     return format_status(doc, health.rows()), code
 
 
@@ -77,7 +78,8 @@ def print_status(
 ) -> int:
     while True:
         try:
-            text, code = render(run_dir, cmdline, as_json=as_json)
+            # --watch --json: one document per line, for `| jq` and friends.
+            text, code = render(run_dir, cmdline, as_json=as_json, one_line=watch)
         except (FileNotFoundError, json.JSONDecodeError) as exc:
             print(f"gatekeeper status: {exc}", file=sys.stderr)
             if not watch:
@@ -86,8 +88,6 @@ def print_status(
         if watch and not as_json and sys.stdout.isatty():
             sys.stdout.write(CLEAR)
         if text:
-            if as_json and not watch:
-                text = json.dumps(json.loads(text), indent=2, sort_keys=True)
             print(text, flush=True)
         if not watch:
             return code
