@@ -160,6 +160,24 @@ def test_trace_cleans_up_and_says_when_nothing_matched(sl: SideroLinkLab, machin
     tables = machine.ns.run(["nft", "list", "tables"])
     assert "gatekeeper_trace" not in tables and "inet gatekeeper" in tables
 
+    # Stopped midway (SIGTERM, as a service manager does): the marking table goes too.
+    proc = subprocess.Popen(
+        machine.ns.exec_argv([*GK, "trace", "--seconds", "60"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None and proc.stderr.readline().startswith("tracing for")
+        assert "gatekeeper_trace" in machine.ns.run(["nft", "list", "tables"])
+        proc.terminate()  # `ip netns exec` execs: this PID is the trace itself
+        assert proc.wait(timeout=20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "gatekeeper_trace" not in machine.ns.run(["nft", "list", "tables"])
+
     text = firewall(machine, "show", "--run-dir", str(machine.run_dir)).stdout
     assert "#  PACKETS      BYTES RULE" in text
 
