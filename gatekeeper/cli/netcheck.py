@@ -3,8 +3,9 @@
 From the running agent's status (its run dir): the API address and the WireGuard endpoints of
 the server's last reply. Checks, each with a one-line result:
 - api: a TCP connection to the API, per address family the host resolves to;
-- grpc: an HTTP/2 (gRPC) connection to it, over TLS with the system roots for https://, so a
-  certificate problem shows here; a proxy from the environment (https_proxy, grpc_proxy) is
+- grpc: an HTTP/2 (gRPC) connection to it, over TLS for https:// with the roots gRPC (and so
+  the agent) trusts: the system's, or GRPC_DEFAULT_SSL_ROOTS_FILE_PATH; a certificate
+  problem shows here; a proxy from the environment (https_proxy, grpc_proxy) is
   named, since gRPC dials through it;
 - udp: per WireGuard endpoint, whether there is a route, and for the endpoint in use the age
   of the last handshake (WireGuard answers nobody but its peers, so an endpoint not in use
