@@ -82,6 +82,16 @@ def test_ping_and_netcheck_over_udp_then_with_the_server_gone(sl: SideroLinkLab)
     text = on_machine(m, "netcheck")
     assert text.returncode == 0 and "ok    mtu" in text.stdout
 
+    # A proxy in the environment: gRPC dials through it (here: nothing listens there), and
+    # netcheck names it without the credentials in its URL.
+    proxy = {"https_proxy": f"http://ops:s3cret@[{sl.server_underlay}]:3999"}
+    proxied = on_machine(m, "netcheck", "--json", env=proxy)
+    assert proxied.returncode == 3 and "s3cret" not in proxied.stdout
+    (grpc_check,) = checks(proxied)["grpc"]
+    assert not grpc_check["ok"] and grpc_check["detail"] == (
+        f"no gRPC (HTTP/2) connection through the proxy https_proxy=http://[{sl.server_underlay}]:3999"
+    )
+
     sl.stop_server()
     gone = on_machine(m, "ping", "--count", "1", "--timeout", "1")
     assert gone.returncode == 1

@@ -42,7 +42,8 @@ from gatekeeper.overlay import split_endpoint
 
 TIMEOUT = 3.0
 GRPC_ROOTS = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
-PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+# What gRPC core reads, in its order (lower case only).
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,18 @@ def check_api(host: str, port: int) -> list[Check]:
 
 
 def proxy_seen() -> str | None:
+    """The proxy gRPC dials through, from the variables it reads (in its order)."""
     for name in PROXY_VARIABLES:
         value = os.environ.get(name)
         if value:
-            shown = urlsplit(value)
+            shown = urlsplit(value if "://" in value else f"http://{value}")
             # A proxy URL may carry a password: show where it goes, not who logs in.
-            return (
-                f"{name}={shown.scheme}://{shown.hostname}{f':{shown.port}' if shown.port else ''}"
-            )
+            host = shown.hostname or "?"
+            host = f"[{host}]" if ":" in host else host
+            port = f":{shown.port}" if shown.port else ""
+            exempt = os.environ.get("no_proxy")
+            unless = f" (unless no_proxy={exempt} exempts it)" if exempt else ""
+            return f"{name}={shown.scheme}://{host}{port}{unless}"
     return None
 
 
