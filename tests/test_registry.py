@@ -168,3 +168,32 @@ def test_duplicate_keys_of_an_old_registry_are_resolved_and_the_key_made_unique(
     got = reg.get("new")
     assert got is not None and got.conflict_time == 5.0 and got.conflict_from == "fd00:6b:1::103"
     assert reg.integrity_check() == "ok"
+
+
+def test_a_registry_from_before_the_counters_gains_them_and_counts_claims(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    # The machines table as the first releases made it: no provisions, no remote_address.
+    db = sqlite3.connect(tmp_path / "registry.sqlite3")
+    db.executescript(
+        "CREATE TABLE machines (machine_key TEXT PRIMARY KEY, node_uuid TEXT NOT NULL, "
+        "address TEXT NOT NULL UNIQUE, public_key TEXT NOT NULL, endpoint TEXT, "
+        "tunnel INTEGER NOT NULL DEFAULT 0, talos_version TEXT NOT NULL DEFAULT '', "
+        "created REAL NOT NULL, updated REAL NOT NULL);"
+        "INSERT INTO machines VALUES ('k1', 'old', 'fdae:41e4:649b:9303::5', 'pk', NULL, 0, "
+        "'', 1.0, 1.0);"
+    )
+    db.commit()
+    db.close()
+    reg = SqliteRegistry(tmp_path)
+    (old,) = reg.machines()
+    assert old.provisions == 0 and old.remote_address is None
+    fresh = record("uuid-1", "fdae:41e4:649b:9303::7")
+    reg.claim(MachineRecord(**{**fresh.__dict__, "remote_address": "[fd00::9]:4000"}))
+    reg.claim(MachineRecord(**{**fresh.__dict__, "remote_address": "[fd00::9]:4001"}))
+    again = reg.get(fresh.machine_key)
+    assert again is not None and again.provisions == 2
+    assert again.remote_address == "[fd00::9]:4001"
+    reg.close()

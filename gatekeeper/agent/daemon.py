@@ -208,6 +208,7 @@ class Agent:
             backend_reason=self.device.backend_reason or None,
             public_key=self.public_key.base64(),
             listen_port=self.options.listen_port,
+            maintenance_port=self.options.maintenance_port,
             config_error=self._config_error,
             firewall="error" if self.firewall_error else "ok",
             firewall_error=self.firewall_error,

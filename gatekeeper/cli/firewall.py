@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper.agent.status_file import read_status
+from gatekeeper.cli.argtypes import seconds_in, whole_in
 from gatekeeper.firewall import render
 from gatekeeper.firewall.apply import FirewallApplyError, FirewallUnavailable, Nftables
 from gatekeeper.firewall.documents import FirewallDocumentError, PolicyBuilder, expand_paths
@@ -199,6 +200,35 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_trace(args: argparse.Namespace) -> int:
+    from gatekeeper.firewall.trace import TracedPacket, TraceFilter, TraceFilterError
+    from gatekeeper.firewall.tracer import run_trace as trace
+
+    try:
+        flt = TraceFilter.make(args.iif, args.src, args.proto, args.dport)
+    except TraceFilterError as exc:
+        return _fail(args, str(exc))
+
+    def ready() -> None:
+        print(f"tracing for {args.seconds:g} s (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    def packet(traced: TracedPacket) -> None:
+        if args.json:
+            print(json.dumps(traced.as_dict()), flush=True)
+        else:
+            print(traced.text() + "\n", flush=True)
+
+    try:
+        seen = trace(flt, seconds=args.seconds, count=args.count, on_ready=ready, on_packet=packet)
+    except (FirewallUnavailable, FirewallApplyError) as exc:
+        return _fail(args, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    if not seen:
+        print("no matching packet reached table inet gatekeeper", file=sys.stderr)
+    return 0 if seen else 3
+
+
 def run_remove(args: argparse.Namespace) -> int:
     try:
         Nftables().apply(render.remove_commands())
@@ -267,6 +297,27 @@ def add_parser(subparsers: Any) -> None:
     exp.add_argument("--dport", type=int, metavar="N", help="destination port (tcp, udp)")
     exp.add_argument("--state", default="new", choices=["new", "established", "related", "invalid"])
     exp.set_defaults(func=run_explain)
+
+    trace = sub.add_parser(
+        "trace",
+        help="follow real packets through the live table (nftrace)",
+        description="Mark matching packets with meta nftrace (in a table of its own, removed "
+        "at the end) and print, per packet, the rules of table inet gatekeeper it passed and "
+        "its verdict, named as `firewall explain` names them. Exit 0 when a packet was "
+        "traced, 3 when none matched in time, 1 on errors. Needs root (nft monitor).",
+    )
+    trace.add_argument("--iif", metavar="IFACE", help="only packets arriving on this interface")
+    trace.add_argument("--src", metavar="ADDR[/LEN]", help="only packets from this source")
+    trace.add_argument("--proto", choices=["tcp", "udp", "icmp", "icmpv6"])
+    trace.add_argument("--dport", type=int, metavar="N", help="destination port (tcp, udp)")
+    trace.add_argument(
+        "--seconds", type=seconds_in(0, 86400), default=10.0, help="how long to trace (default 10)"
+    )
+    trace.add_argument(
+        "--count", type=whole_in(1, 1_000_000), metavar="N", help="stop after N packets"
+    )
+    trace.add_argument("--json", action="store_true", help="one JSON object per packet")
+    trace.set_defaults(func=run_trace)
 
     check = sub.add_parser("check", parents=[common], help="validate documents, touch nothing")
     check.add_argument("files", nargs="*", metavar="FILE")

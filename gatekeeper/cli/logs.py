@@ -11,15 +11,32 @@ import argparse
 import contextlib
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, machines_by_uuid, open_registry
+from gatekeeper.cli.token import duration_arg
 from gatekeeper.server.escape import shown
 from gatekeeper.server.events import EVENTS_JOURNAL
 from gatekeeper.server.fleet import events_dir, logs_dir
-from gatekeeper.server.journal import read_journal
+from gatekeeper.server.journal import entry_time, read_journal
 from gatekeeper.server.registry import RegistryError, machine_key
+
+SINCE_HELP = "only what the server received in this last stretch (30s, 10m, 2h, 7d)"
+
+
+def _recent(entries: Iterator[dict[str, Any]], since: float | None) -> Iterator[dict[str, Any]]:
+    """The entries stored within the last `since` seconds (all of them without `since`)."""
+    if since is None:
+        yield from entries
+        return
+    cutoff = time.time() - since
+    for entry in entries:
+        stored = entry_time(entry)
+        if stored is None or stored >= cutoff:
+            yield entry
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     logs.add_argument("node_uuid", metavar="UUID")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--json", action="store_true", help="one stored JSON object per line")
+    logs.add_argument("--since", type=duration_arg, metavar="DURATION", help=SINCE_HELP)
     add_state_dir(logs)
     logs.set_defaults(func=cmd_logs)
 
@@ -44,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     events.add_argument("--machine", metavar="UUID", help="only this machine's events")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     events.add_argument("--json", action="store_true", help="one stored JSON object per line")
+    events.add_argument("--since", type=duration_arg, metavar="DURATION", help=SINCE_HELP)
     add_state_dir(events)
     events.set_defaults(func=cmd_events)
 
@@ -93,7 +112,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except CliError as exc:
         return fail("logs", str(exc))
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        for entry in read_journal(path, follow=args.follow):
+        for entry in _recent(read_journal(path, follow=args.follow), args.since):
             _print(json.dumps(entry) if args.json else format_log(entry))
     return 0
 
@@ -105,7 +124,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     wanted = args.machine.strip().lower() if args.machine else None
     path = events_dir(state) / f"{EVENTS_JOURNAL}.jsonl"
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        for entry in read_journal(path, follow=args.follow):
+        for entry in _recent(read_journal(path, follow=args.follow), args.since):
             if wanted and str(entry.get("machine", "")).lower() != wanted:
                 continue
             _print(json.dumps(entry) if args.json else format_event(entry))

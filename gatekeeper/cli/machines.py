@@ -19,9 +19,11 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.fleetstate import (
     CliError,
     add_state_dir,
@@ -35,6 +37,7 @@ from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.escape import shown
 from gatekeeper.server.fleet import CONNECTED_WITHIN
 from gatekeeper.server.registry import MachineRecord, RegistryError
+from gatekeeper.server.tokens import TokenRecord
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,6 +48,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     machines.add_argument("--json", action="store_true", help="print JSON")
+    which = machines.add_mutually_exclusive_group()
+    which.add_argument("--connected", action="store_true", help="only connected machines")
+    which.add_argument("--offline", action="store_true", help="only machines not connected")
+    machines.add_argument("--token", metavar="ID", help="only machines that joined with token ID")
+    machines.add_argument("--tunnel", action="store_true", help="only machines on the gRPC tunnel")
+    machines.add_argument(
+        "--watch", "-w", action="store_true", help="list again every --interval s, until Ctrl-C"
+    )
+    machines.add_argument(
+        "--interval",
+        type=seconds_in(0.1, 3600),
+        default=2.0,
+        help="seconds between lists (default 2)",
+    )
     add_state_dir(machines)
     machines.set_defaults(func=cmd_list)
     sub = machines.add_subparsers(dest="machines_command", required=False, metavar="COMMAND")
@@ -54,27 +71,73 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     remove.set_defaults(func=cmd_remove)
 
 
+# A machine's join token expiring within this long is worth a warning.
+TOKEN_WARN_WITHIN = 7 * 86400
+
+
+def _warnings(
+    r: MachineRecord,
+    endpoint: str | None,
+    token: TokenRecord | None,
+    duplicates: Counter[str],
+    now: float,
+) -> list[str]:
+    warnings = []
+    if token is not None and token.revoked is not None:
+        warnings.append("join token revoked: cannot provision again")
+    elif token is not None and token.expires is not None and token.expires > now:
+        left = token.expires - now
+        if left < TOKEN_WARN_WITHIN:
+            warnings.append(f"join token expires in {_duration(left)}")
+    if not r.tunnel and not endpoint:
+        warnings.append("no endpoint")
+    if r.tunnel:
+        warnings.append("using the tunnel")
+    if duplicates[r.node_uuid.lower()] > 1:
+        warnings.append("duplicate UUID")
+    return warnings
+
+
 def machine_rows(
-    records: list[MachineRecord], live: dict[str, dict[str, Any]] | None, now: float
+    records: list[MachineRecord],
+    live: dict[str, dict[str, Any]] | None,
+    now: float,
+    tokens: dict[str, TokenRecord] | None = None,
 ) -> list[dict[str, Any]]:
+    tokens = tokens or {}
+    duplicates = Counter(r.node_uuid.lower() for r in records)
     rows = []
     for r in records:
         peer = live.get(r.public_key) if live is not None else None
         handshake = peer.get("last_handshake") if peer else None
+        connected = None if live is None else bool(handshake and now - handshake < CONNECTED_WITHIN)
+        endpoint = (peer.get("endpoint") if peer else None) or r.endpoint
+        token = tokens.get(r.join_token_id) if r.join_token_id else None
         rows.append(
             {
                 "uuid": r.node_uuid,
                 "address": str(r.address),
                 # None: unknown (no server running to ask).
-                "connected": None
-                if live is None
-                else bool(handshake and now - handshake < CONNECTED_WITHIN),
+                "connected": connected,
                 "last_handshake": rfc3339(handshake) if handshake else None,
-                "endpoint": (peer.get("endpoint") if peer else None) or r.endpoint,
+                # The last sign of life of a machine that is not connected: its last
+                # handshake, or its last Provision when it never handshook.
+                "offline_since": None
+                if connected is not False
+                else rfc3339(handshake or r.updated or r.created),
+                "endpoint": endpoint,
+                "remote_address": r.remote_address,
                 "tunnel": r.tunnel,
                 "version": r.talos_version,
                 "registered": rfc3339(r.created),
                 "public_key": r.public_key,
+                "rx_bytes": peer.get("rx_bytes") if peer else None,
+                "tx_bytes": peer.get("tx_bytes") if peer else None,
+                "join_token": None
+                if r.join_token_id is None
+                else {"id": r.join_token_id, "name": token.name if token else None},
+                "provisions": r.provisions,
+                "warnings": _warnings(r, endpoint, token, duplicates, now),
                 # A second machine refused for claiming this identity while it was connected.
                 "conflict": None
                 if r.conflict_time is None
@@ -84,11 +147,18 @@ def machine_rows(
     return rows
 
 
-def _conflict(record: MachineRecord, now: float) -> str:
+def _conflict(row: dict[str, Any], record: MachineRecord, now: float) -> str:
     if record.conflict_time is None:
         return "-"
     ago = max(0.0, now - record.conflict_time)
     return f"{shown(record.conflict_from or '?', 48)} {ago:.0f}s ago"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(0.0, seconds):.0f}s"
 
 
 def _ago(stamp: str | None, handshake: float | None, now: float) -> str:
@@ -97,12 +167,118 @@ def _ago(stamp: str | None, handshake: float | None, now: float) -> str:
     return f"{max(0, now - handshake):.0f}s ago"
 
 
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value, unit = float(n), "B"
+    for bigger in ("K", "M", "G", "T"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n}B" if unit == "B" else f"{value:.1f}{unit}"
+
+
+def _token_label(token: dict[str, Any] | None) -> str:
+    if token is None:
+        return "-"
+    return f"{token['id']} ({token['name']})" if token["name"] else str(token["id"])
+
+
+def select_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.connected:
+        rows = [r for r in rows if r["connected"] is True]
+    if args.offline:
+        rows = [r for r in rows if r["connected"] is False]
+    if args.token:
+        wanted = args.token.strip().partition(".")[0]  # a whole token pasted: its id part
+        rows = [r for r in rows if (r["join_token"] or {}).get("id") == wanted]
+    if args.tunnel:
+        rows = [r for r in rows if r["tunnel"]]
+    return rows
+
+
+def _table(
+    rows: list[dict[str, Any]],
+    records: dict[str, MachineRecord],
+    live: dict[str, dict[str, Any]] | None,
+    now: float,
+) -> None:
+    header = (
+        "UUID",
+        "ADDRESS",
+        "CONNECTED",
+        "LAST HANDSHAKE",
+        "ENDPOINT",
+        "TUNNEL",
+        "VERSION",
+        "RX/TX",
+        "REMOTE",
+        "TOKEN",
+        "PROV",
+        "WARNINGS",
+        "CONFLICT",
+    )
+    table = []
+    for row in rows:
+        peer = live.get(row["public_key"]) if live else None
+        connected = row["connected"]
+        if connected is None:
+            state = "?"
+        elif connected:
+            state = "yes"
+        else:
+            since = (peer or {}).get("last_handshake")
+            state = f"no, {_duration(now - since)}" if since else "no"
+        token = row["join_token"]
+        # Machines chose their UUID and version (and older registries kept them unchecked):
+        # never raw control characters on the operator's terminal.
+        table.append(
+            (
+                shown(row["uuid"], 64),
+                row["address"],
+                state,
+                "?"
+                if live is None
+                else _ago(row["last_handshake"], (peer or {}).get("last_handshake"), now),
+                shown(row["endpoint"] or "-", 64),
+                "yes" if row["tunnel"] else "no",
+                shown(row["version"] or "-", 64),
+                "?" if live is None else f"{_bytes(row['rx_bytes'])}/{_bytes(row['tx_bytes'])}",
+                shown(row["remote_address"] or "-", 64),
+                "-" if token is None else shown(_token_label(token), 64),
+                str(row["provisions"]),
+                ", ".join(row["warnings"]) or "-",
+                _conflict(row, records[row["public_key"]], now),
+            )
+        )
+    print_table(header, table)
+    conflicts = [r for r in records.values() if r.conflict_time is not None]
+    if conflicts:
+        print(
+            f"({len(conflicts)} with CONFLICT: another machine claimed that identity while it "
+            "was connected and was refused; duplicate SMBIOS UUIDs need unique tokens)"
+        )
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    while True:
+        code = _list_once(args)
+        if not args.watch or code != 0:
+            return code
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+        print(flush=True)
+
+
+def _list_once(args: argparse.Namespace) -> int:
     try:
         # Listing only reads: it works on a read-only registry too.
         registry = open_registry(args.state_dir, readonly=True)
         with registry:
             records = registry.machines()
+            tokens = {t.token_id: t for t in registry.tokens()}
     except (CliError, RegistryError) as exc:
         return fail("machines", str(exc))
     if registry.stale_wal:
@@ -116,45 +292,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return fail("machines", str(exc))
     live = None if reply is None else {p["public_key"]: p for p in reply.get("peers", [])}
+    if live is None and (args.connected or args.offline):
+        return fail("machines", "--connected and --offline need the running server (none found)")
     now = time.time()
-    rows = machine_rows(records, live, now)
+    rows = select_rows(machine_rows(records, live, now, tokens), args)
     if args.json:
         # JSON escapes every control character itself.
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=None if args.watch else 2), flush=True)
         return 0
-    header = (
-        "UUID", "ADDRESS", "CONNECTED", "LAST HANDSHAKE", "ENDPOINT", "TUNNEL", "VERSION",
-        "CONFLICT",
-    )  # fmt: skip
-    table = []
-    for row, record in zip(rows, records, strict=True):
-        peer = live.get(record.public_key) if live else None
-        connected = row["connected"]
-        # Machines chose their UUID and version (and older registries kept them unchecked):
-        # never raw control characters on the operator's terminal.
-        table.append(
-            (
-                shown(row["uuid"], 64),
-                row["address"],
-                "?" if connected is None else ("yes" if connected else "no"),
-                "?"
-                if live is None
-                else _ago(row["last_handshake"], peer and peer.get("last_handshake"), now),
-                shown(row["endpoint"] or "-", 64),
-                "yes" if row["tunnel"] else "no",
-                shown(row["version"] or "-", 64),
-                _conflict(record, now),
-            )
-        )
-    print_table(header, table)
-    conflicts = [r for r in records if r.conflict_time is not None]
-    if conflicts:
-        print(
-            f"({len(conflicts)} with CONFLICT: another machine claimed that identity while it "
-            "was connected and was refused; duplicate SMBIOS UUIDs need unique tokens)"
-        )
+    _table(rows, {r.public_key: r for r in records}, live, now)
     if live is None:
         print(f"(no server running on {args.state_dir}: live columns unknown)")
+    sys.stdout.flush()
     return 0
 
 

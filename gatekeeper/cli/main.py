@@ -10,10 +10,23 @@ import sys
 from collections.abc import Sequence
 
 from gatekeeper import __version__
-from gatekeeper.cli import firewall, logs, machines, maint, token
+from gatekeeper.cli import (
+    completion,
+    firewall,
+    joinconfig,
+    logs,
+    machines,
+    maint,
+    netcheck,
+    ping,
+    token,
+)
+from gatekeeper.cli.argtypes import seconds_in
+from gatekeeper.cli.examples import add_examples
+from gatekeeper.cli.token import duration_arg
 
 # Subcommands that live in their own modules, in the order --help lists them.
-PLUGINS = (firewall, maint, token, machines, logs)
+PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs, completion)
 
 
 def setup_logging(level: str) -> None:
@@ -40,6 +53,20 @@ def _port(text: str) -> int:
     if port == 0:
         raise argparse.ArgumentTypeError("port 0 is not allowed here: use 1-65535")
     return port
+
+
+def _size(text: str) -> int:
+    """`4096`, `512K`, `2M`, `1G` (powers of 1024) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        value = int(body) * units.get(unit, 1)
+    except ValueError:
+        example = "examples: 65536, 512K, 2M"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size ({example})") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below 1K")
+    return value
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -101,6 +128,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
             events_port=args.events_port,
             logs_port=args.logs_port,
             isolation=not args.no_isolation,
+            logs_max_bytes=args.logs_max_bytes_per_machine,
+            logs_max_age=args.logs_max_age,
+            events_max_bytes=args.events_max_bytes,
+            events_max_age=args.events_max_age,
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
     )
@@ -117,7 +148,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from gatekeeper.cli.status import print_status
 
-    return print_status(Path(args.run_dir), as_json=args.json)
+    try:
+        return print_status(
+            Path(args.run_dir),
+            Path(args.cmdline),
+            as_json=args.json,
+            watch=args.watch,
+            interval=args.interval,
+        )
+    except KeyboardInterrupt:
+        return 0  # the way out of --watch
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -274,15 +314,67 @@ def build_parser() -> argparse.ArgumentParser:
         "default 8092)",
     )
     server.add_argument(
+        "--logs-max-bytes-per-machine",
+        type=_size,
+        default=2 << 20,
+        metavar="SIZE",
+        help="disk space for each machine's logs (65536, 512K, 2M; default 2M); the oldest "
+        "half goes first",
+    )
+    server.add_argument(
+        "--logs-max-age",
+        type=duration_arg,
+        metavar="DURATION",
+        help="drop machine log lines older than this (90m, 12h, 7d; default: size only); "
+        "each line is kept at least this long and gone within about twice it",
+    )
+    server.add_argument(
+        "--events-max-bytes",
+        type=_size,
+        default=16 << 20,
+        metavar="SIZE",
+        help="disk space for the events of all machines (default 16M)",
+    )
+    server.add_argument(
+        "--events-max-age",
+        type=duration_arg,
+        metavar="DURATION",
+        help="drop events older than this (default: size only)",
+    )
+    server.add_argument(
         "--no-isolation",
         action="store_true",
         help="do not install the nftables table that stops machine-to-machine traffic",
     )
     server.set_defaults(func=_cmd_server)
 
-    status = sub.add_parser("status", help="show the agent's link status")
+    status = sub.add_parser(
+        "status",
+        help="show the agent's link status, with a health block",
+        description="The agent's status (from --run-dir), with a health block first: link "
+        "and backend, path and why, last handshake, rx/tx, RTT to the server, firewall, "
+        "maintenance API, telemetry sinks, the last path changes. Exit 0 when connected, 3 "
+        "when not, 1 without an agent status.",
+    )
     status.add_argument("--run-dir", default="/run/gatekeeper")
-    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument(
+        "--cmdline",
+        default="/proc/cmdline",
+        help="kernel command line naming the telemetry sinks (as the agent's --cmdline)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status document with a health object as JSON (one line per update "
+        "with --watch)",
+    )
+    status.add_argument("--watch", "-w", action="store_true", help="print again until Ctrl-C")
+    status.add_argument(
+        "--interval",
+        type=seconds_in(0.1, 3600),
+        default=2.0,
+        help="seconds between updates with --watch (default 2)",
+    )
     status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser(
@@ -296,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in PLUGINS:
         module.add_parser(sub)
+    add_examples(parser)
     return parser
 
 

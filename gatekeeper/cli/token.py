@@ -21,14 +21,14 @@ from gatekeeper.server.registry import RegistryError
 from gatekeeper.server.tokens import TokenRecord, new_token, parse_duration
 
 
-def _duration(text: str) -> float:
+def duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _uses(text: str) -> int:
+def uses_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -51,12 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--name", default="", help="a label to recognise the token by")
     create.add_argument(
         "--expires-in",
-        type=_duration,
+        type=duration_arg,
         metavar="DURATION",
         help="no new machines after this long (seconds, or 90m, 12h, 7d)",
     )
     create.add_argument(
-        "--max-uses", type=_uses, metavar="N", help="at most N new machines may join with it"
+        "--max-uses", type=uses_arg, metavar="N", help="at most N new machines may join with it"
     )
     add_state_dir(create)
     create.set_defaults(func=cmd_create)
@@ -85,20 +85,21 @@ def _audit_or_warn(
         )
 
 
-def cmd_create(args: argparse.Namespace) -> int:
+def create_token(
+    state_dir: str, *, name: str, expires_in: float | None, max_uses: int | None
+) -> tuple[str, TokenRecord]:
+    """A new token stored (hashed) and audited: its text to show once, and its record."""
     now = time.time()
     try:
-        text, record = new_token(
-            name=args.name, now=now, expires_in=args.expires_in, max_uses=args.max_uses
-        )
-        registry = open_registry(args.state_dir, create=True)
+        text, record = new_token(name=name, now=now, expires_in=expires_in, max_uses=max_uses)
+        registry = open_registry(state_dir, create=True)
         with registry:
             registry.add_token(record)
-    except (ValueError, CliError, RegistryError) as exc:
-        return fail("token create", str(exc))
+    except (ValueError, RegistryError) as exc:
+        raise CliError(str(exc)) from None
     # Stored: the token works from now on, whether or not its audit line can be written.
     _audit_or_warn(
-        args.state_dir,
+        state_dir,
         "token create",
         "token.create",
         now,
@@ -106,6 +107,16 @@ def cmd_create(args: argparse.Namespace) -> int:
         expires=rfc3339(record.expires) if record.expires else None,
         max_uses=record.max_uses,
     )
+    return text, record
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    try:
+        text, record = create_token(
+            args.state_dir, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
+        )
+    except CliError as exc:
+        return fail("token create", str(exc))
     print(text)
     print(
         f"token {record.token_id} created; it is shown only now: put it in siderolink.api= "

@@ -248,17 +248,21 @@ def diff_lines(desired: TableView, live: TableView | None) -> list[str]:
 
 
 def format_table(view: TableView, *, counters: bool = True) -> str:
-    """One readable table per chain: number, packets, rule, comment."""
+    """One readable table per chain: number (as `explain` counts), packets, bytes, rule."""
     out: list[str] = []
     for chain in view.chains:
         out.append(chain.header())
         rows = view.chain_rules(chain.name)
         if not rows:
             out.append("  (no rules)")
+        elif counters:
+            out.append(f"  {'#':>3} {'PACKETS':>8} {'BYTES':>10} RULE")
         for i, rule in enumerate(rows, start=1):
             count = ""
             if counters:
-                count = f"{rule.packets:>8} " if rule.packets is not None else f"{'-':>8} "
+                packets = "-" if rule.packets is None else str(rule.packets)
+                nbytes = "-" if rule.bytes is None else str(rule.bytes)
+                count = f"{packets:>8} {nbytes:>10} "
             note = f"  [{rule.comment}]" if rule.comment else ""
             out.append(f"  {i:>3} {count}{rule.text}{note}")
         out.append("")

@@ -25,6 +25,7 @@ from gatekeeper.server.devicewatch import (
     SwappableDevice,
 )
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
+from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
 from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
@@ -210,6 +211,19 @@ class Server:
         if not self.port:
             raise ServerError(f"cannot listen on {opts.listen}")
         await self.grpc.start()
+        # For `gatekeeper join-config`: what machines dial, recorded once it is true.
+        write_join_info(
+            opts.state_dir,
+            JoinInfo(
+                api_url=api_url(opts.listen, opts.endpoints, self.port, tls=bool(opts.tls_cert)),
+                tls=bool(opts.tls_cert),
+                server_address=str(server_address(prefix)),
+                events_port=opts.fleet.events_port,
+                logs_port=opts.fleet.logs_port,
+                tunnel_mode=opts.tunnel_mode.value,
+                fixed_token=bool(opts.join_token),
+            ),
+        )
         self._sync_task = asyncio.create_task(self._sync_endpoints())
         provisioner = self.provisioner
         self.watch = DeviceWatch(self.device, create, provisioner.restore_peers)

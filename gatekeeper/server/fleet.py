@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -71,6 +72,17 @@ class FleetOptions:
     isolation: bool = True
     # Log connections in all (the server sizes it to its open-file limit); None: the default.
     log_max_connections: int | None = None
+    # Retention: bytes on disk per machine's logs and for all events (two files of half
+    # each, see journal.py), and a maximum age (None: size only).
+    logs_max_bytes: int = 2 * LOG_MAX_BYTES
+    logs_max_age: float | None = None
+    events_max_bytes: int = 2 * EVENT_MAX_BYTES
+    events_max_age: float | None = None
+
+
+def sweep_every(max_ages: list[float]) -> float:
+    """How often the journals are swept: a small part of the shortest age, at most a minute."""
+    return max(0.5, min(60.0, min(max_ages) / 4))
 
 
 def logs_dir(state_dir: Path) -> Path:
@@ -101,6 +113,7 @@ class Fleet:
         self.metrics_server: MetricsServer | None = None
         self.provision_guard: ProvisionGuard | None = None
         self._journals: list[Journal] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self._isolated = False
         self.events_port = 0
         self.logs_port = 0
@@ -151,7 +164,11 @@ class Fleet:
         address = str(server_address(prefix))
         attributor = Attributor(registry, prefix)
         if opts.events_port:
-            journal = Journal(events_dir(self.state_dir), max_bytes=EVENT_MAX_BYTES)
+            journal = Journal(
+                events_dir(self.state_dir),
+                max_bytes=max(1, opts.events_max_bytes // 2),
+                max_age=opts.events_max_age,
+            )
             self._journals.append(journal)
             self.events_server = grpc.aio.server(options=events_server_options())
             add_event_sink(self.events_server, EventSinkService(attributor, journal, self.metrics))
@@ -165,7 +182,11 @@ class Fleet:
                 raise FleetError(f"cannot listen for events on [{address}]:{opts.events_port}")
             await self.events_server.start()
         if opts.logs_port:
-            journal = Journal(logs_dir(self.state_dir), max_bytes=LOG_MAX_BYTES)
+            journal = Journal(
+                logs_dir(self.state_dir),
+                max_bytes=max(1, opts.logs_max_bytes // 2),
+                max_age=opts.logs_max_age,
+            )
             self._journals.append(journal)
             self.log_receiver = LogReceiver(
                 attributor,
@@ -180,6 +201,9 @@ class Fleet:
                     f"cannot listen for machine logs on [{address}]:{opts.logs_port}: "
                     f"{exc.strerror or exc}"
                 ) from None
+        ages = [a for a in (opts.logs_max_age, opts.events_max_age) if a is not None]
+        if ages:
+            self._sweeper = asyncio.create_task(self._sweep(sweep_every(ages)))
         log.info(
             "fleet: isolation %s, events %s, logs %s, metrics %s",
             "on" if self._isolated else "off",
@@ -188,7 +212,21 @@ class Fleet:
             opts.metrics_listen or "off",
         )
 
+    async def _sweep(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            for journal in self._journals:
+                try:
+                    # On the loop, as the appends are: a stat per file, no rewriting.
+                    journal.sweep()
+                except OSError as exc:
+                    log.warning("journal sweep in %s failed: %s", journal.directory, exc)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self.events_server is not None:
             await self.events_server.stop(grace=0.5)
         if self.log_receiver is not None:

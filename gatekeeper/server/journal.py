@@ -5,6 +5,12 @@ current file passes `max_bytes` it replaces the old one, so a journal never hold
 about twice that. Machine logs get one journal per machine (named by machine key, a hex
 digest: never a name a machine chose), events one shared journal.
 
+With a maximum age, `sweep()` (the server calls it periodically) deletes a file whose newest
+entry is older than that, and rotates a current file whose oldest entry is older than half
+of it (when the rotated place is free): every entry is kept at least the maximum age (unless
+the size limit pushes it out first) and gone within about twice it, without rewriting files
+under a reader.
+
 Plain files, because readers are other processes (`gatekeeper logs --follow`): they read the
 files as they grow and notice rotation by the inode changing. Nothing is fsynced: telemetry is
 best effort, unlike the registry.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -26,12 +33,33 @@ EVENT_MAX_BYTES = 8 << 20
 OPEN_FILES = 64
 
 
+def entry_time(entry: dict[str, Any]) -> float | None:
+    """When the server stored an entry (`received` for logs, `time` for events)."""
+    stamp = entry.get("received") or entry.get("time")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+
+
+def _first_entry_time(path: Path) -> float | None:
+    try:
+        with open(path, "rb") as f:
+            doc = _parse(f.readline())
+    except OSError:
+        return None
+    return None if doc is None else entry_time(doc)
+
+
 class Journal:
     """Appends to many journals in one directory, keeping a few files open (LRU)."""
 
-    def __init__(self, directory: Path, *, max_bytes: int) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int, max_age: float | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.max_age = max_age
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._open: collections.OrderedDict[str, IO[bytes]] = collections.OrderedDict()
 
@@ -47,10 +75,45 @@ class Journal:
         f.write(data)
         f.flush()
         if f.tell() >= self.max_bytes:
+            self._rotate(name)
+
+    def _rotate(self, name: str) -> None:
+        f = self._open.pop(name, None)
+        if f is not None:
             f.close()
-            del self._open[name]
-            path = self.path(name)
+        path = self.path(name)
+        with contextlib.suppress(FileNotFoundError):
             os.replace(path, path.with_name(path.name + ".1"))
+
+    def sweep(self, now: float | None = None) -> int:
+        """Apply the maximum age (see the module's doc); the number of files removed."""
+        if self.max_age is None:
+            return 0
+        now = time.time() if now is None else now
+        removed = 0
+        # Rotated files first: a current file rotates only onto a free place, so entries
+        # younger than the maximum age in an older file are never replaced early.
+        paths = sorted(self.directory.glob("*.jsonl.1")) + sorted(self.directory.glob("*.jsonl"))
+        for path in paths:
+            try:
+                newest = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            name = path.name.split(".jsonl")[0]
+            if newest < now - self.max_age:
+                if path.suffix == ".jsonl":
+                    f = self._open.pop(name, None)
+                    if f is not None:
+                        f.close()
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed += 1
+            elif path.suffix == ".jsonl":
+                oldest = _first_entry_time(path)
+                rotated = path.with_name(path.name + ".1")
+                if oldest is not None and oldest < now - self.max_age / 2 and not rotated.exists():
+                    self._rotate(name)
+        return removed
 
     def _file(self, name: str) -> IO[bytes]:
         f = self._open.get(name)

@@ -18,6 +18,7 @@ from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
 from gatekeeper.server.escape import shown
 from gatekeeper.server.identity import LivePeers, host_of, is_low_order
+from gatekeeper.server.ratelimit import peer_address
 from gatekeeper.server.registry import (
     AddressTaken,
     KeyTaken,
@@ -186,6 +187,7 @@ class Provisioner:
             talos_version=req.talos_version or "",
             created=existing.created if existing else time.time(),
             join_token_id=existing.join_token_id if existing else admission.token_id,
+            remote_address=peer_address(req.peer),
         )
         self.device.set_peer(
             # No keepalive from our side: the machine keeps the session alive, and a

@@ -28,6 +28,14 @@ def clean_peer(peer: str) -> str:
     return unquote(peer)
 
 
+def peer_address(peer: str) -> str | None:
+    """gRPC's peer string -> `[addr]:port` or `a.b.c.d:port`; None when there is none."""
+    kind, sep, rest = clean_peer(peer).partition(":")
+    if not sep or kind not in ("ipv4", "ipv6") or not rest:
+        return None
+    return rest
+
+
 def source_of(peer: str) -> str:
     """gRPC's peer string (`ipv6:[addr]:port`, `ipv4:a.b.c.d:port`) -> the limiter's key."""
     addr = grpc_peer_address(peer)

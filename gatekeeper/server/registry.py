@@ -67,6 +67,10 @@ class MachineRecord:
     # SMBIOS UUID, a clone): when, and from which address. None: never.
     conflict_time: float | None = None
     conflict_from: str | None = None
+    # How many Provisions the registry recorded for this machine (the claim counts them), and
+    # where the last one came from (the gRPC peer, `[addr]:port`), for `gatekeeper machines`.
+    provisions: int = 0
+    remote_address: str | None = None
 
 
 def machine_key(node_uuid: str, unique_token: str | None) -> str:

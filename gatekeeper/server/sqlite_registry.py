@@ -67,6 +67,8 @@ _MIGRATIONS = (
     ("machines", "join_token_id", "TEXT"),
     ("machines", "conflict_time", "REAL"),
     ("machines", "conflict_from", "TEXT"),
+    ("machines", "provisions", "INTEGER NOT NULL DEFAULT 0"),
+    ("machines", "remote_address", "TEXT"),
 )
 
 _COLUMN_NAMES = (
@@ -82,16 +84,19 @@ _COLUMN_NAMES = (
     "join_token_id",
     "conflict_time",
     "conflict_from",
+    "provisions",
+    "remote_address",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
-_WRITTEN = ", ".join(_COLUMN_NAMES[:10])
+# What a claim writes: the conflict columns are set by record_conflict alone.
+_WRITTEN = ", ".join((*_COLUMN_NAMES[:10], "provisions", "remote_address"))
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
 
 def _record(row: tuple[object, ...]) -> MachineRecord:
     (
         key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id,
-        conflict_time, conflict_from,
+        conflict_time, conflict_from, provisions, remote,
     ) = row  # fmt: skip
     return MachineRecord(
         machine_key=str(key),
@@ -106,6 +111,8 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
         join_token_id=None if token_id is None else str(token_id),
         conflict_time=None if conflict_time is None else float(conflict_time),  # type: ignore[arg-type]
         conflict_from=None if conflict_from is None else str(conflict_from),
+        provisions=int(provisions or 0),  # type: ignore[call-overload]
+        remote_address=None if remote is None else str(remote),
     )
 
 
@@ -347,11 +354,12 @@ class SqliteRegistry:
                 )
         try:
             self._db.execute(
-                f"INSERT INTO machines ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO machines ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
                 "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
                 "address = excluded.address, public_key = excluded.public_key, "
                 "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
-                "talos_version = excluded.talos_version, updated = excluded.updated",
+                "talos_version = excluded.talos_version, updated = excluded.updated, "
+                "provisions = machines.provisions + 1, remote_address = excluded.remote_address",
                 (
                     record.machine_key,
                     record.node_uuid,
@@ -363,6 +371,7 @@ class SqliteRegistry:
                     record.created or now,
                     now,
                     token_id if known is None and token_id else record.join_token_id,
+                    record.remote_address,
                 ),
             )
         except sqlite3.IntegrityError as exc:
