@@ -26,8 +26,10 @@ from gatekeeper.agent.probe import send_probe
 from gatekeeper.agent.provision_client import ProvisionError, provision
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, status_document, write_status
 from gatekeeper.agent.telemetry import Telemetry
+from gatekeeper.agent.unique_token import DEFAULT_STATE_DIR, TOKEN_NAME, UniqueTokenStore
 from gatekeeper.config.errors import ConfigError
 from gatekeeper.config.resolve import resolve_config
+from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION
 from gatekeeper.firewall.controller import FirewallController
 from gatekeeper.firewall.policy import FirewallPolicy, LinkState
 from gatekeeper.link.lifecycle import (
@@ -88,6 +90,8 @@ class AgentOptions:
     # for them too); None turns the agent's firewall off.
     firewall_paths: list[Path] | None = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
+    unique_token_file: Path = DEFAULT_STATE_DIR / TOKEN_NAME
+    talos_version: str = DEFAULT_TALOS_VERSION
 
 
 def resolve_endpoint(endpoint: str) -> str:
@@ -136,6 +140,7 @@ class Agent:
         self._last_config_error: str | None = None
         # talos.events.sink= / talos.logging.kernel=: status events and kernel log lines.
         self.telemetry = Telemetry(options.cmdline)
+        self.unique_tokens = UniqueTokenStore(options.unique_token_file)
 
     # -- running --------------------------------------------------------------------------
 
@@ -318,7 +323,10 @@ class Agent:
                 config = resolve_config(self.options.cmdline, self.options.config)
                 identity = Identity(
                     node_uuid=node_uuid(self.options.node_uuid),
-                    unique_token=config.unique_token if config else None,
+                    # The document's uniqueToken wins over the generated one.
+                    unique_token=(config.unique_token or self.unique_tokens.token())
+                    if config
+                    else None,
                 )
             except (ConfigError, MachineError) as exc:
                 if str(exc) != self._last_config_error:
@@ -339,7 +347,13 @@ class Agent:
     async def _provision(self, p: Provision) -> None:
         log.info("provisioning with %s", p.config.api.redacted_url())
         try:
-            reply = await provision(p.config.api, p.identity, self.public_key, tunnel=p.tunnel)
+            reply = await provision(
+                p.config.api,
+                p.identity,
+                self.public_key,
+                tunnel=p.tunnel,
+                talos_version=self.options.talos_version,
+            )
         except (ProvisionError, BadReply) as exc:
             await self.events.put(ProvisionFailed(p.attempt, str(exc)))
         except Exception as exc:  # never let one odd failure end the retry loop

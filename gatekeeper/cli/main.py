@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from gatekeeper import __version__
 from gatekeeper.cli import firewall, logs, machines, maint, token
+from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION, check_talos_version
 
 # Subcommands that live in their own modules, in the order --help lists them.
 PLUGINS = (firewall, maint, token, machines, logs)
@@ -42,10 +43,18 @@ def _port(text: str) -> int:
     return port
 
 
+def _talos_version(text: str) -> str:
+    try:
+        return check_talos_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.agent.daemon import AgentOptions, run_agent
+    from gatekeeper.agent.unique_token import TOKEN_NAME
     from gatekeeper.link.lifecycle import Timing, TunnelPreference
 
     options = AgentOptions(
@@ -60,6 +69,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         timing=Timing.for_link_timeout(args.link_timeout),
         tunnel_preference=TunnelPreference(args.tunnel),
         firewall_paths=None if args.no_firewall else [Path(p) for p in args.firewall_config],
+        unique_token_file=Path(args.unique_token_file or Path(args.state_dir) / TOKEN_NAME),
+        talos_version=args.talos_version,
     )
     asyncio.run(run_agent(options))
     return 0
@@ -201,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--no-firewall", action="store_true", help="leave the nftables ingress firewall alone"
+    )
+    agent.add_argument(
+        "--state-dir",
+        default="/var/lib/gatekeeper-agent",
+        help="where the machine's unique token is kept across restarts (default "
+        "/var/lib/gatekeeper-agent)",
+    )
+    agent.add_argument(
+        "--unique-token-file",
+        metavar="PATH",
+        help="the unique token file (default STATE_DIR/unique-token, generated on first start, "
+        "mode 0600); a SideroLinkConfig document's uniqueToken wins over it",
+    )
+    agent.add_argument(
+        "--talos-version",
+        type=_talos_version,
+        default=DEFAULT_TALOS_VERSION,
+        help="the Talos API level sent in Provision's talos_version (a semantic version; "
+        f"default {DEFAULT_TALOS_VERSION}); the Version API reports gatekeeper's own version",
     )
     agent.set_defaults(func=_cmd_agent)
 

@@ -169,6 +169,9 @@ class SideroLinkLab:
             str(machine.run_dir),
             "--wireguard-backend",
             "userspace",
+            # Each machine its own unique token, as separate machines have.
+            "--state-dir",
+            str(machine.run_dir / "state"),
             *extra,
         )
         # Every machine names its link `siderolink`: give each its own UAPI socket directory.
