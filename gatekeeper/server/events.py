@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -22,11 +23,20 @@ from gatekeeper.server.attribution import Attributor, grpc_peer_address
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
+from gatekeeper.tunnel.guard import TokenBucket
 
 log = logging.getLogger(__name__)
 
 EVENTS_JOURNAL = "events"
-MAX_EVENT_BYTES = 64 << 10
+# What Go gRPC servers (and so Omni and the reference) accept by default: Talos may send events
+# with large payloads (docs/compatibility.md).
+MAX_EVENT_BYTES = 4 << 20
+# A bounded total per machine on top of that: a burst of 16 MiB, then 1 MiB/s. Beyond it
+# Publish answers RESOURCE_EXHAUSTED and nothing is stored. With at most 4 calls in flight per
+# connection, one connection holds at most 16 MiB of requests at a time.
+MACHINE_BURST_BYTES = 16 << 20
+MACHINE_BYTES_PER_SECOND = 1 << 20
+MAX_CALLS_PER_CONNECTION = 4
 MAX_ID = 128
 STRUCT_URL = "type.googleapis.com/google.protobuf.Struct"
 
@@ -51,11 +61,19 @@ def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) 
 
 class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
     def __init__(
-        self, attributor: Attributor, journal: Journal, metrics: ServerMetrics | None = None
+        self,
+        attributor: Attributor,
+        journal: Journal,
+        metrics: ServerMetrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.attributor = attributor
         self.journal = journal
         self.metrics = metrics
+        self.clock = clock
+        # machine key -> its byte budget (a few hundred bytes per registered machine).
+        self._budgets: dict[str, TokenBucket] = {}
 
     async def Publish(
         self, request: events_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -69,6 +87,20 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED, "events are accepted only from machines"
             )
         assert machine is not None
+        budget = self._budgets.get(machine.machine_key)
+        if budget is None:
+            budget = TokenBucket(MACHINE_BYTES_PER_SECOND, MACHINE_BURST_BYTES)
+            self._budgets[machine.machine_key] = budget
+        size = request.ByteSize()
+        if budget.delay(size, self.clock()) > 0:
+            budget.delay(-size, self.clock())  # refused: not counted
+            if self.metrics:
+                self.metrics.telemetry_refused.labels("events").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"event budget exceeded ({MACHINE_BURST_BYTES >> 20} MiB, then "
+                f"{MACHINE_BYTES_PER_SECOND >> 20} MiB/s per machine); slow down",
+            )
         self.journal.append(EVENTS_JOURNAL, [event_entry(request, machine.node_uuid, str(address))])
         if self.metrics:
             self.metrics.events.inc()
@@ -78,7 +110,7 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
 def events_server_options() -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", MAX_EVENT_BYTES),
-        ("grpc.max_concurrent_streams", 16),
+        ("grpc.max_concurrent_streams", MAX_CALLS_PER_CONNECTION),
     ]
 
 
