@@ -218,3 +218,219 @@ def test_resources_as_talosctl_gets_them_over_the_overlay(sl: SideroLinkLab) -> 
     virtual = ipaddress.IPv6Address(bytes.fromhex(tunnel["node_address"]["ip"]))
     assert virtual in TUNNEL_PREFIX and tunnel["node_address"]["port"] == 50889
     assert f"nodeAddress: '[{virtual}]:50889'\n" in resources["tunnel"]["yaml"]
+
+
+# -- server side ------------------------------------------------------------------------------
+
+
+def wg_show(ifname: str, what: str) -> dict[str, str]:
+    """`wg show IFNAME WHAT` as key -> value (the real wireguard-tools)."""
+    out = subprocess.run(
+        ["wg", "show", ifname, what], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return dict(line.split("\t", 1) for line in out.splitlines() if line)
+
+
+_PROVISIONS = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import grpc, wirecompat
+out = []
+for args in json.loads(sys.argv[2]):
+    try:
+        out.append(wirecompat.raw_provision(sys.argv[1], **args))
+    except grpc.RpcError as e:
+        out.append({{"code": e.code().name, "details": e.details()}})
+print(json.dumps(out))
+"""
+
+
+def provisions(machine: Machine, target: str, calls: list[dict[str, Any]]) -> list[Any]:
+    done = subprocess.run(
+        machine.ns.exec_argv(
+            [sys.executable, "-c", _PROVISIONS.format(tests=str(TESTS)), target, json.dumps(calls)]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: list[Any] = json.loads(done.stdout)
+    return result
+
+
+def new_key() -> str:
+    from gatekeeper.wireguard.keys import PrivateKey
+
+    return PrivateKey.generate().public_key().base64()
+
+
+def test_every_server_peer_has_keepalive_25s(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine)
+    # A UDP machine that provisioned but has not handshaken yet, too.
+    quiet = sl.add_machine(start=False)
+    key = new_key()
+    (reply,) = provisions(
+        quiet,
+        f"[{sl.server_underlay}]:8090",
+        [{"node_uuid": quiet.node_uuid, "node_public_key": key, "join_token": sl.join_token}],
+    )
+    assert reply["grpc_peer_addr_port"] == ""
+    keepalive = wg_show(sl.server_wg_interface, "persistent-keepalive")
+    assert keepalive[status["public_key"]] == "25" and keepalive[key] == "25"
+
+
+def test_tunnel_reply_names_an_unguessable_stable_stream(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    target = f"[{sl.server_underlay}]:8090"
+    key, other = new_key(), new_key()
+    base = {"node_uuid": machine.node_uuid, "join_token": sl.join_token}
+    first, again, rekeyed = provisions(
+        machine,
+        target,
+        [
+            {**base, "node_public_key": key, "wireguard_over_grpc": True},
+            {**base, "node_public_key": key, "wireguard_over_grpc": True},
+            {**base, "node_public_key": other, "wireguard_over_grpc": True},
+        ],
+    )
+    virtual = first["grpc_peer_addr_port"]
+    # 8: exactly [grpc_peer_addr_port], as the reference and Omni answer in tunnel mode.
+    assert first["server_endpoint"] == [virtual]
+    address = ipaddress.IPv6Address(virtual.rpartition(":")[0].strip("[]"))
+    assert address in TUNNEL_PREFIX and virtual.endswith("]:50889")
+    # 9: not derived from the overlay address, kept while the key is kept, new with a new key.
+    node = ipaddress.IPv6Interface(first["node_address_prefix"]).ip
+    assert address.packed[8:] != node.packed[8:]
+    assert again["grpc_peer_addr_port"] == virtual
+    assert rekeyed["grpc_peer_addr_port"] not in ("", virtual)
+    # A restarted server (same key, same registry) keeps the name.
+    sl.stop_server()
+    sl.start_server()
+    (after,) = provisions(
+        machine, target, [{**base, "node_public_key": other, "wireguard_over_grpc": True}]
+    )
+    assert after["grpc_peer_addr_port"] == rekeyed["grpc_peer_addr_port"]
+
+
+_OUTSIDER_STREAM = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import wirecompat
+out = []
+for header in json.loads(sys.argv[2]):
+    with wirecompat.open_raw_stream(sys.argv[1], header, timeout=10) as stream:
+        stream.send(b"\\x01" + bytes(147))  # a WireGuard handshake initiation's size
+        code, details = stream.wait_end(timeout=10)
+        out.append([code.name, details])
+print(json.dumps(out))
+"""
+
+
+def test_an_outsider_cannot_displace_a_machines_stream(sl: SideroLinkLab) -> None:
+    sl.start_server("--tunnel-mode", "always")
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine, timeout=30)
+    assert status["link_name"] == "siderolinktun"
+    streams_before = status["tunnel_stream"]["streams"]
+    outsider = sl.add_machine(start=False)
+    # What an outsider can know or guess: the machine's overlay address moved into the tunnel
+    # prefix (the old derivation), with either reference port.
+    node = ipaddress.IPv6Interface(status["node_address"]).ip
+    guessed = ipaddress.IPv6Address(TUNNEL_PREFIX.network_address.packed[:8] + node.packed[8:])
+    headers = [f"[{guessed}]:50889", f"[{guessed}]:50888"]
+    done = subprocess.run(
+        outsider.ns.exec_argv(
+            [
+                sys.executable,
+                "-c",
+                _OUTSIDER_STREAM.format(tests=str(TESTS)),
+                f"[{sl.server_underlay}]:8090",
+                json.dumps(headers),
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [["PERMISSION_DENIED", "peer not allowed"]] * 2
+    # The machine's own stream was never replaced: same stream, link still answering.
+    assert sl.ping(machine, status["server_address"])
+    now = machine.status()
+    assert now["connected"] and now["tunnel_stream"]["streams"] == streams_before
+    assert "peer replaced" not in machine.log.read_text()
+
+
+def test_disable_last_endpoint_restores_peers_without_one(sl: SideroLinkLab) -> None:
+    from gatekeeper.lab.siderolink_lab import registry_endpoints
+
+    sl.start_server("--disable-last-endpoint")
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine)
+    deadline = time.monotonic() + 20
+    while not registry_endpoints(sl.state_dir).get(machine.node_uuid):
+        assert time.monotonic() < deadline, "the server never recorded the machine's endpoint"
+        time.sleep(0.2)
+    sl.stop_server()
+    sl.start_server("--disable-last-endpoint")
+    # 11: the peer is back, without the last endpoint (omni#2730: behind a load balancer).
+    endpoints = wg_show(sl.server_wg_interface, "endpoints")
+    assert endpoints[status["public_key"]] == "(none)"
+    # Without the switch the same restart hands the peer its last endpoint at once.
+    sl.stop_server()
+    sl.start_server()
+    endpoints = wg_show(sl.server_wg_interface, "endpoints")
+    assert endpoints[status["public_key"]] == registry_endpoints(sl.state_dir)[machine.node_uuid]
+
+
+_PUBLISH = """
+import json, sys
+import grpc
+from google.protobuf import any_pb2
+from gatekeeper.pb.events import events_pb2, events_pb2_grpc
+out = []
+options = [("grpc.max_send_message_length", 64 << 20)]
+with grpc.insecure_channel(sys.argv[1], options=options) as ch:
+    stub = events_pb2_grpc.EventSinkServiceStub(ch)
+    for size in json.loads(sys.argv[2]):
+        data = any_pb2.Any(type_url="talos/runtime/big", value=bytes(size))
+        try:
+            stub.Publish(events_pb2.EventRequest(id=f"e{size}", data=data), timeout=20)
+            out.append("OK")
+        except grpc.RpcError as e:
+            out.append(e.code().name + ": " + (e.details() or ""))
+print(json.dumps(out))
+"""
+
+
+def test_events_take_what_go_servers_take_with_a_bound_per_machine(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine)
+    server = f"[{status['server_address']}]:8090"
+    mib = 1 << 20
+    # 1 MiB (refused before at 64 KiB), just under 4 MiB, over 4 MiB, then a flood of
+    # 3 MiB events past the machine's 16 MiB budget.
+    sizes = [mib, 4 * mib - 1024, 4 * mib + 1024, *[3 * mib] * 6]
+    done = subprocess.run(
+        machine.ns.exec_argv([sys.executable, "-c", _PUBLISH, server, json.dumps(sizes)]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert results[:2] == ["OK", "OK"]
+    assert results[2].startswith("RESOURCE_EXHAUSTED")
+    flood = results[3:]
+    assert flood[:2] == ["OK", "OK"]  # 1 + 4 + 6 MiB so far: inside the burst
+    assert any(r.startswith("RESOURCE_EXHAUSTED: event budget exceeded") for r in flood[2:])
+    # Refusals are answers, not crashes.
+    assert sl.server_proc is not None and sl.server_proc.poll() is None

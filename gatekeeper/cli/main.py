@@ -114,6 +114,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             isolation=not args.no_isolation,
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
+        restore_last_endpoint=not args.disable_last_endpoint,
     )
     try:
         asyncio.run(serve(options))
@@ -303,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-isolation",
         action="store_true",
         help="do not install the nftables table that stops machine-to-machine traffic",
+    )
+    server.add_argument(
+        "--disable-last-endpoint",
+        action="store_true",
+        help="after a restart, do not handshake machines at their last known endpoint; wait "
+        "for them to come (behind a load balancer the old source port's reply is dropped)",
     )
     server.set_defaults(func=_cmd_server)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 
 MAX_FIELD = 256
 
-# The server keeps its peers alive too. After a restart this is what brings machines back in
-# milliseconds: turning keepalive on makes WireGuard send at once, so the server handshakes
-# with every restored peer at its last endpoint (the machine's fixed listen port) instead of
-# waiting for the machine to notice the lost session (15 s or more).
+# The server keeps every peer alive, as the reference server and Omni do (25 s). After a
+# restart this is also what brings machines back in milliseconds: turning keepalive on makes
+# WireGuard send at once, so the server handshakes with every restored peer at its last
+# endpoint (the machine's fixed listen port) instead of waiting for the machine to notice the
+# lost session (15 s or more). See docs/compatibility.md.
 SERVER_KEEPALIVE = 25
 
 
@@ -90,6 +92,8 @@ class Provisioner:
         max_machines: int | None = None,
         tunnel_mode: TunnelMode = TunnelMode.OFF,
         tunnels: TunnelPeers | None = None,
+        tunnel_secret: bytes | None = None,
+        restore_last_endpoint: bool = True,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -103,6 +107,15 @@ class Provisioner:
         self.tunnel_mode = tunnel_mode if tunnels is not None else TunnelMode.OFF
         self.tunnels = tunnels
         self.tunnel_prefix = tunnel_prefix_for(prefix)
+        # Names tunnel streams unguessably (tunnel/header.py); the server derives it from its
+        # key so that names survive restarts. A throwaway one only where no key is given.
+        self.tunnel_secret = tunnel_secret or secrets.token_bytes(32)
+        # omni#2730's disableLastEndpoint: behind a load balancer a restarted server must not
+        # handshake the old source port first (the reply is dropped); the machine comes to us.
+        self.restore_last_endpoint = restore_last_endpoint
+        # overlay address -> virtual [addr]:port of machines admitted to the tunnel, so that
+        # `machines remove` (which knows the address) can end the stream.
+        self._virtuals: dict[ipaddress.IPv6Address, str] = {}
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
@@ -155,12 +168,7 @@ class Provisioner:
             created=existing.created if existing else time.time(),
             join_token_id=existing.join_token_id if existing else admission.token_id,
         )
-        self.device.set_peer(
-            # No keepalive from our side: the machine keeps the session alive, and a
-            # keepalive on a peer without an endpoint makes wireguard-go spin (measured: 22%
-            # CPU idle with 10,000 such peers, against 0% without).
-            self._peer(key, address)
-        )
+        self.device.set_peer(self._peer(key, address))
         # A machine provisioning again with the key it has keeps its live peer whatever
         # happens below; only a peer this request added is taken back, and a peer taken over
         # from the machine's previous identity is given back.
@@ -186,7 +194,7 @@ class Provisioner:
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
-        virtual = self._tunnel_peer(record, key, was_tunnel=bool(existing and existing.tunnel))
+        virtual = self._tunnel_peer(record, key, previous=existing)
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             uuid,
@@ -195,27 +203,38 @@ class Provisioner:
             ", again" if existing else "",
         )
         return ProvisionOutput(
-            server_endpoints=self.endpoints,
+            # In tunnel mode the reference and Omni answer exactly [grpc_peer_addr_port].
+            server_endpoints=(virtual,) if virtual else self.endpoints,
             server_public_key=self.server_public_key.base64(),
             node_address_prefix=f"{address}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
             grpc_peer_addr_port=virtual,
         )
 
-    def _tunnel_peer(self, record: MachineRecord, key: PublicKey, *, was_tunnel: bool) -> str:
+    def _virtual(self, public_key: str) -> str:
+        return tunnel_addr_port(self.tunnel_prefix, self.tunnel_secret, public_key)
+
+    def _tunnel_peer(
+        self, record: MachineRecord, key: PublicKey, *, previous: MachineRecord | None
+    ) -> str:
         """Admit (or drop) the machine's tunnel stream; its virtual `[addr]:port` or "".
 
         In tunnel mode the device's endpoint for the machine is the hub's relay socket, so
-        WireGuard's replies reach the machine's stream.
+        WireGuard's replies reach the machine's stream. The name follows the key: a machine
+        back with a new key gets a new one, and the old one is forgotten.
         """
-        virtual = tunnel_addr_port(self.tunnel_prefix, record.address)
+        virtual = self._virtual(record.public_key)
         if self.tunnels is None:
             return ""
+        if previous is not None and previous.tunnel:
+            old = self._virtual(previous.public_key)
+            if old != virtual or not record.tunnel:
+                self.tunnels.revoke(old)
         if not record.tunnel:
-            if was_tunnel:
-                self.tunnels.revoke(virtual)
+            self._virtuals.pop(record.address, None)
             return ""
         relay = self.tunnels.allow(virtual)
+        self._virtuals[record.address] = virtual
         self.device.set_peer(
             PeerConfig(
                 public_key=key,
@@ -228,20 +247,28 @@ class Provisioner:
 
     def _restore_endpoint(self, record: MachineRecord) -> str | None:
         if not record.tunnel:
-            return record.endpoint
+            return record.endpoint if self.restore_last_endpoint else None
         if self.tunnels is None or self.tunnel_mode is TunnelMode.OFF:
             return None  # its stream will be refused and the machine provisions again
-        return self.tunnels.allow(tunnel_addr_port(self.tunnel_prefix, record.address))
+        virtual = self._virtual(record.public_key)
+        self._virtuals[record.address] = virtual
+        return self.tunnels.allow(virtual)
 
     def forget_tunnel(self, address: ipaddress.IPv6Address) -> None:
         """A removed machine's tunnel stream ends now rather than when the machine gives up."""
-        if self.tunnels is not None:
-            self.tunnels.revoke(tunnel_addr_port(self.tunnel_prefix, address))
+        virtual = self._virtuals.pop(address, None)
+        if self.tunnels is not None and virtual is not None:
+            self.tunnels.revoke(virtual)
 
     @staticmethod
     def _peer(key: PublicKey, address: ipaddress.IPv6Address) -> PeerConfig:
-        """A machine's peer: its key, and its own /128 only (machines never reach each other)."""
-        return PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
+        """A machine's peer: its key, its own /128 only (machines never reach each other),
+        keepalive 25 s as the reference sets on every peer."""
+        return PeerConfig(
+            public_key=key,
+            allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),),
+            persistent_keepalive=SERVER_KEEPALIVE,
+        )
 
     def _allocate(self) -> ipaddress.IPv6Address:
         return allocate_node_address(
@@ -249,7 +276,11 @@ class Provisioner:
         )
 
     def restore_peers(self) -> int:
-        """Put every known machine back on the device, with its last endpoint (after restart)."""
+        """Put every known machine back on the device, with its last endpoint (after restart).
+
+        Without `restore_last_endpoint` (--disable-last-endpoint) UDP peers come back without
+        one: the server waits for each machine's next handshake instead of sending first.
+        """
         records = self.registry.machines()
         self.device.set_peers(
             [
@@ -257,7 +288,9 @@ class Provisioner:
                     public_key=PublicKey.from_base64(r.public_key),
                     allowed_ips=(ipaddress.IPv6Network(f"{r.address}/128"),),
                     endpoint=endpoint,
-                    # Only where there is somewhere to send to (see provision()).
+                    # Only where there is somewhere to send to: keepalive on a peer without an
+                    # endpoint makes wireguard-go spin (measured: 22% CPU idle with 10,000 such
+                    # peers, against 0% without). docs/compatibility.md lists this difference.
                     persistent_keepalive=SERVER_KEEPALIVE if endpoint else None,
                 )
                 for r, endpoint in ((r, self._restore_endpoint(r)) for r in records)
