@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--join-token-file", help="file holding the fixed join token")
     server.add_argument(
-        "--installation-id", default="", help="derives the overlay prefix (spec section 5)"
+        "--installation-id",
+        default="",
+        help="derives the overlay prefix (docs/compatibility.md, Addresses)",
     )
     server.add_argument("--wireguard-interface", default="siderolink")
     server.add_argument(
