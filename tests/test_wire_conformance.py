@@ -7,10 +7,12 @@ descriptors of tests/test_maintenance_wire.py), never from gatekeeper/pb.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleetlab import gk
 
 from gatekeeper.lab.netns import Namespace
 from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
@@ -434,3 +437,120 @@ def test_events_take_what_go_servers_take_with_a_bound_per_machine(sl: SideroLin
     assert any(r.startswith("RESOURCE_EXHAUSTED: event budget exceeded") for r in flood[2:])
     # Refusals are answers, not crashes.
     assert sl.server_proc is not None and sl.server_proc.poll() is None
+
+
+# -- 6: names resolved at every reconnect, an HTTP CONNECT proxy --------------------------------
+
+API_NAME = "sl.gatekeeper.test"
+
+
+@contextlib.contextmanager
+def netns_hosts(ns: Namespace, text: str) -> Iterator[Path]:
+    """/etc/netns/NS/hosts: `ip netns exec NS` bind-mounts it over /etc/hosts for that command
+    only. Rewritten in place (same inode) later, the running command sees the new lines."""
+    folder = Path("/etc/netns") / ns.name
+    folder.mkdir(parents=True)
+    hosts = folder / "hosts"
+    hosts.write_text(text)
+    try:
+        yield hosts
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_reconnect_resolves_the_api_name_again(sl: SideroLinkLab) -> None:
+    """talos#12580: the server moves to another address under the same name."""
+    old, new = sl.server_underlay, "fd00:6b:1::2"
+    sl.server_ns.run(["ip", "addr", "add", f"{new}/64", "dev", "br0", "nodad"])
+    sl.start_server("--listen", "[::]:8090", endpoint=f"{API_NAME}:51820")
+    url = f"grpc://{API_NAME}:8090?jointoken={sl.join_token}"
+    machine = sl.add_machine(start=False, api_url=url)
+    with netns_hosts(machine.ns, f"{old} {API_NAME}\n") as hosts:
+        # No default route in the lab: do not wait for one before dialling a name.
+        sl.start_agent(machine, "--network-timeout", "0.5", "--link-timeout", "6")
+        first = sl.wait_connected(machine, timeout=20)
+        assert first["endpoint"] == f"{API_NAME}:51820"
+        with hosts.open("r+") as f:  # in place: the bind mount keeps the inode
+            f.write(f"{new} {API_NAME}\n")
+            f.truncate()
+        sl.server_ns.run(["ip", "addr", "del", f"{old}/64", "dev", "br0"])
+        again = sl.wait_status(
+            machine,
+            lambda s: s.get("connected") and s.get("since", 0) > first["since"],
+            40,
+            "connected again at the new address",
+        )
+        assert sl.ping(machine, again["server_address"])
+        # Provision dialled the name again (the old address is gone) ...
+        assert again["provisions"] > first["provisions"]
+        assert again["endpoint"] == f"{API_NAME}:51820"
+    # ... and so did WireGuard (the server sees the machine over the link).
+    peers = wg_show(sl.server_wg_interface, "endpoints")
+    assert peers[again["public_key"]] == f"[{machine.underlay}]:51821"
+
+
+PROXY_PORT = 8888
+
+
+def start_tinyproxy(sl: SideroLinkLab, host: Machine) -> Path:
+    """Debian's tinyproxy in `host`'s namespace (stopped by PID with the lab); its log path."""
+    if shutil.which("tinyproxy") is None:
+        pytest.skip("tinyproxy not found: install the Debian package tinyproxy")
+    conf = sl.workdir / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {PROXY_PORT}\nListen {host.underlay}\nAllow fd00:6b:1::/64\n"
+        "ConnectPort 8090\nLogLevel Connect\nMaxClients 20\nTimeout 60\n"
+    )
+    log = sl.workdir / "tinyproxy.log"
+    proc = sl.lab.spawn(host.ns, ["tinyproxy", "-d", "-c", str(conf)], log=log)
+    deadline = time.monotonic() + 10
+    probe = f"import socket; socket.create_connection(('{host.underlay}', {PROXY_PORT}), 1)"
+    while subprocess.run(host.ns.exec_argv([sys.executable, "-c", probe]), check=False).returncode:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "tinyproxy did not listen"
+        time.sleep(0.1)
+    return log
+
+
+def block_direct_api(sl: SideroLinkLab, machine: Machine) -> None:
+    """The machine may not reach the API port itself (WireGuard's UDP still may)."""
+    machine.ns.run(["nft", "add table inet gk_test_noapi"])
+    machine.ns.run(
+        ["nft", "add chain inet gk_test_noapi out { type filter hook output priority 0 ; }"]
+    )
+    rule = f"ip6 daddr {sl.server_underlay} tcp dport 8090 drop"
+    machine.ns.run(["nft", f"add rule inet gk_test_noapi out {rule}"])
+
+
+def test_provision_and_the_tunnel_go_through_an_http_connect_proxy(sl: SideroLinkLab) -> None:
+    """talos#11703: https_proxy / no_proxy from the environment, as Talos's dialer uses."""
+    sl.start_server("--tunnel-mode", "always")
+    proxy_host = sl.add_machine(start=False)
+    proxy_log = start_tinyproxy(sl, proxy_host)
+    machine = sl.add_machine(start=False)
+    # Events go to the server's overlay address: over WireGuard, never via the proxy.
+    machine.cmdline.write_text(
+        f"siderolink.api={sl.api_url()} talos.events.sink=[fdae:41e4:649b:9303::1]:8090\n"
+    )
+    block_direct_api(sl, machine)
+    proxy = f"http://[{proxy_host.underlay}]:{PROXY_PORT}"
+    sl.start_agent(machine, env={"https_proxy": proxy, "no_proxy": ""})
+    status = sl.wait_connected(machine, timeout=30)
+    assert status["link_name"] == "siderolinktun"  # CreateStream, too, went through it
+    assert sl.ping(machine, status["server_address"])
+    deadline = time.monotonic() + 20
+    while not gk(sl, "events", "--json", "--machine", machine.node_uuid).stdout.strip():
+        assert time.monotonic() < deadline, "no event arrived over the overlay"
+        time.sleep(0.3)
+    # One CONNECT for Provision, one for CreateStream.
+    text = proxy_log.read_text()
+    assert text.count(f"CONNECT [{sl.server_underlay}]:8090 HTTP/1.1") >= 2, text
+
+
+def test_no_proxy_names_hosts_that_are_dialled_directly(sl: SideroLinkLab) -> None:
+    sl.start_server()
+    machine = sl.add_machine(start=False)
+    # A proxy that does not exist: only no_proxy can make this work.
+    env = {"https_proxy": "http://[fd00:6b:1::fe]:8888", "no_proxy": sl.server_underlay}
+    sl.start_agent(machine, env=env)
+    sl.wait_connected(machine, timeout=30)

@@ -19,6 +19,12 @@ class ProvisionError(RuntimeError):
 
 
 def open_channel(api: ApiEndpoint) -> grpc.aio.Channel:
+    """A fresh channel: the API's name is resolved again at every attempt (talos#12580).
+
+    gRPC honours `https_proxy` / `http_proxy` / `grpc_proxy` and `no_proxy` from the
+    environment and then tunnels through HTTP CONNECT, as Talos's dialer does for Provision
+    (talos#11703); the tunnel client's channel does the same (docs/compatibility.md).
+    """
     if api.tls:
         return grpc.aio.secure_channel(api.target(), grpc.ssl_channel_credentials())
     return grpc.aio.insecure_channel(api.target())
