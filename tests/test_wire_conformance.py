@@ -273,7 +273,8 @@ def test_every_server_peer_has_keepalive_25s(sl: SideroLinkLab) -> None:
     sl.start_server()
     machine = sl.add_machine()
     status = sl.wait_connected(machine)
-    # A UDP machine that provisioned but has not handshaken yet, too.
+    # A UDP machine that provisioned but never handshook: nowhere to send to, so no keepalive
+    # yet (it would only make wireguard-go spin; docs/compatibility.md).
     quiet = sl.add_machine(start=False)
     key = new_key()
     (reply,) = provisions(
@@ -282,8 +283,19 @@ def test_every_server_peer_has_keepalive_25s(sl: SideroLinkLab) -> None:
         [{"node_uuid": quiet.node_uuid, "node_public_key": key, "join_token": sl.join_token}],
     )
     assert reply["grpc_peer_addr_port"] == ""
+    # The server turns it on once it knows the machine's endpoint (its next sync, <= 5 s).
+    deadline = time.monotonic() + 15
+    while (keepalive := wg_show(sl.server_wg_interface, "persistent-keepalive"))[
+        status["public_key"]
+    ] != "25":
+        assert time.monotonic() < deadline, keepalive
+        time.sleep(0.2)
+    assert keepalive[key] == "off"
+    # A restarted server puts it back at once, with the endpoint it had.
+    sl.stop_server()
+    sl.start_server()
     keepalive = wg_show(sl.server_wg_interface, "persistent-keepalive")
-    assert keepalive[status["public_key"]] == "25" and keepalive[key] == "25"
+    assert keepalive[status["public_key"]] == "25" and keepalive[key] == "off"
 
 
 def test_tunnel_reply_names_an_unguessable_stable_stream(sl: SideroLinkLab) -> None:
