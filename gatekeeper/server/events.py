@@ -23,7 +23,6 @@ from gatekeeper.server.attribution import Attributor, grpc_peer_address
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
-from gatekeeper.tunnel.guard import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,25 @@ MACHINE_BYTES_PER_SECOND = 1 << 20
 MAX_CALLS_PER_CONNECTION = 4
 MAX_ID = 128
 STRUCT_URL = "type.googleapis.com/google.protobuf.Struct"
+
+
+class ByteBudget:
+    """Bytes per second with a burst allowance: `take` says yes (and counts) or no (and not)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def take(self, n: int, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if n > self._tokens:
+            return False
+        self._tokens -= n
+        return True
 
 
 def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) -> dict[str, Any]:
@@ -73,7 +91,7 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
         self.metrics = metrics
         self.clock = clock
         # machine key -> its byte budget (a few hundred bytes per registered machine).
-        self._budgets: dict[str, TokenBucket] = {}
+        self._budgets: dict[str, ByteBudget] = {}
 
     async def Publish(
         self, request: events_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -89,11 +107,9 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
         assert machine is not None
         budget = self._budgets.get(machine.machine_key)
         if budget is None:
-            budget = TokenBucket(MACHINE_BYTES_PER_SECOND, MACHINE_BURST_BYTES)
+            budget = ByteBudget(MACHINE_BYTES_PER_SECOND, MACHINE_BURST_BYTES)
             self._budgets[machine.machine_key] = budget
-        size = request.ByteSize()
-        if budget.delay(size, self.clock()) > 0:
-            budget.delay(-size, self.clock())  # refused: not counted
+        if not budget.take(request.ByteSize(), self.clock()):
             if self.metrics:
                 self.metrics.telemetry_refused.labels("events").inc()
             await context.abort(
