@@ -2,7 +2,8 @@
 
 Its Provision answers come from `wirecompat` (messages built from field numbers, not the
 project's generated code); its WireGuard side is a real wireguard-go device. It prints one JSON
-line when ready and adds the peer of the first machine that provisions.
+line when ready, then one line per Provision request it receives (as the machine sent it), and
+makes the latest requester's key its peer.
 
     python compat_server.py LISTEN_ADDR IFNAME WG_PORT ENDPOINT...   (endpoints in wire order)
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import threading
 import time
 
 import wirecompat
@@ -38,17 +40,23 @@ def main() -> None:
             server_address=str(SERVER.ip),
         ) as server:
             print(json.dumps({"ready": True}), flush=True)
-            while not server.requests:
-                time.sleep(0.05)
-            request = server.requests[0]
-            device.set_peer(
-                PeerConfig(
-                    public_key=PublicKey.from_base64(request["node_public_key"]),
-                    allowed_ips=(ipaddress.IPv6Network(NODE.split("/")[0] + "/128"),),
+            done = threading.Event()
+            # Run until the test closes our stdin.
+            threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+            seen = 0
+            while not done.is_set():
+                if len(server.requests) == seen:
+                    time.sleep(0.05)
+                    continue
+                request = server.requests[seen]
+                seen += 1
+                device.set_peer(
+                    PeerConfig(
+                        public_key=PublicKey.from_base64(request["node_public_key"]),
+                        allowed_ips=(ipaddress.IPv6Network(NODE.split("/")[0] + "/128"),),
+                    ),
                 )
-            )
-            print(json.dumps({"request": request}), flush=True)
-            sys.stdin.read()  # run until the test closes our stdin
+                print(json.dumps({"request": request}), flush=True)
 
 
 if __name__ == "__main__":

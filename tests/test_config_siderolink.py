@@ -137,6 +137,12 @@ def test_redacted_url_and_repr_hide_the_join_token() -> None:
     assert "s3cr3t" not in str(cfg) and "un1que" not in str(cfg)
 
 
+def test_the_admin_url_carries_the_token_url_encoded() -> None:
+    api = parse_api_url("grpc://[fd00::1]:8090?jointoken=a%2Bb%26c&grpc_tunnel=true", W)
+    assert api.url() == "grpc://[fd00::1]:8090?jointoken=a%2Bb%26c&grpc_tunnel=true"
+    assert parse_api_url(api.url(), W) == api
+
+
 def test_redacted_url_without_token() -> None:
     api = parse_api_url("grpc://[fd00::1]:3445", W)
     assert api.redacted_url() == "grpc://[fd00::1]:3445"

@@ -47,6 +47,13 @@ async def service() -> AsyncIterator[MaintenanceService]:
     catalog.publish_siderolink_status(
         store, host="sl.example:443", connected=True, link_name="siderolink", tunnel=False
     )
+    catalog.publish_siderolink_tunnel(
+        store,
+        api_endpoint="https://sl.example/?jointoken=s3cret",
+        link_name="siderolinktun",
+        mtu=1280,
+        node_address="[fdae:41e4:649b:9304::5]:50889",
+    )
     svc = MaintenanceService(store, port=0, stop_grace=0.1)
     await svc.apply(ListenOn("127.0.0.1"))
     try:
@@ -217,8 +224,12 @@ async def test_readers_are_refused_sensitive_types_admins_are_not(
     get = state_pb2.GetRequest(namespace="config", type=CONFIG, id="siderolink")
     async with channel("127.0.0.1", service.bound_port or 0) as ch:
         _, state = stubs(ch)
+        tunnel = state_pb2.GetRequest(
+            namespace="config", type=catalog.SIDEROLINK_TUNNEL.type, id="siderolink-tunnel"
+        )
         calls: list[Callable[[], Awaitable[object]]] = [
             lambda: state.Get(get, timeout=5),
+            lambda: state.Get(tunnel, timeout=5),
             lambda: anext(
                 aiter(state.List(state_pb2.ListRequest(namespace="config", type=CONFIG)))
             ),
@@ -228,11 +239,12 @@ async def test_readers_are_refused_sensitive_types_admins_are_not(
                 await call()
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert err.value.details() == "not authorized"
-        # The same caller inside the overlay prefix is an admin; the token stays redacted.
+        # The same caller inside the overlay prefix is an admin: it reads the config whole, as
+        # Talos gives it to SideroLink peers (the join token included).
         service.overlay_prefix = "127.0.0.0/8"
         reply = await state.Get(get, timeout=5)
-    assert "jointoken=<redacted>" in reply.resource.spec.yaml_spec
-    assert "s3cret" not in reply.SerializeToString().decode("latin-1")
+    assert "apiEndpoint: https://sl.example/?jointoken=s3cret\n" in reply.resource.spec.yaml_spec
+    assert "joinToken: s3cret\n" in reply.resource.spec.yaml_spec
 
 
 async def test_every_write_is_refused_and_unknown_methods_are_unimplemented(

@@ -84,8 +84,33 @@ MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
     ),
     ("GetResponse", [("resource", 1, MSG, OPTIONAL, ".indep.Resource")]),
     (
-        "SiderolinkStatusSpec",  # Talos's siderolink.StatusSpec: host = 1, connected = 2
-        [("host", 1, STRING, OPTIONAL, ""), ("connected", 2, BOOL, OPTIONAL, "")],
+        "SiderolinkStatusSpec",  # Talos's siderolink.StatusSpec
+        [
+            ("host", 1, STRING, OPTIONAL, ""),
+            ("connected", 2, BOOL, OPTIONAL, ""),
+            ("link_name", 3, STRING, OPTIONAL, ""),
+            ("grpc_tunnel", 4, BOOL, OPTIONAL, ""),
+        ],
+    ),
+    (
+        "SiderolinkConfigSpec",  # Talos's siderolink.ConfigSpec
+        [
+            ("api_endpoint", 1, STRING, OPTIONAL, ""),
+            ("host", 2, STRING, OPTIONAL, ""),
+            ("join_token", 3, STRING, OPTIONAL, ""),
+            ("insecure", 4, BOOL, OPTIONAL, ""),
+            ("tunnel", 5, BOOL, OPTIONAL, ""),
+        ],
+    ),
+    ("NetIPPort", [("ip", 1, BYTES, OPTIONAL, ""), ("port", 2, INT32, OPTIONAL, "")]),
+    (
+        "SiderolinkTunnelSpec",  # Talos's siderolink.TunnelSpec (node_address: common.NetIPPort)
+        [
+            ("api_endpoint", 1, STRING, OPTIONAL, ""),
+            ("link_name", 2, STRING, OPTIONAL, ""),
+            ("mtu", 3, INT64, OPTIONAL, ""),
+            ("node_address", 4, MSG, OPTIONAL, ".indep.NetIPPort"),
+        ],
     ),
     (
         "ResourceDefinitionSpec",  # cosi.resource.meta, sensitivity read as its enum number
@@ -123,7 +148,7 @@ def test_version_and_get_on_the_wire() -> None:
     async def scenario() -> None:
         store = catalog.new_store()
         catalog.publish_siderolink_status(
-            store, host="sl.example:443", connected=True, link_name="siderolink", tunnel=False
+            store, host="sl.example", connected=True, link_name="siderolink", tunnel=False
         )
         build = BuildInfo(tag="v9.8.7", sha="abc1234", built="2025-01-02T03:04:05Z")
         svc = MaintenanceService(store, port=0, build=build, hostname="machine-1")
@@ -184,9 +209,9 @@ def test_version_and_get_on_the_wire() -> None:
             "running",
         )
         assert md.created.seconds > 1_600_000_000
-        assert status.resource.spec.yaml_spec.startswith("host: sl.example:443\nconnected: true\n")
+        assert status.resource.spec.yaml_spec.startswith("host: sl.example\nconnected: true\n")
         spec = classes["SiderolinkStatusSpec"].FromString(status.resource.spec.proto_spec)
-        assert (spec.host, spec.connected) == ("sl.example:443", True)
+        assert (spec.host, spec.connected, spec.link_name) == ("sl.example", True, "siderolink")
 
         rd_spec = classes["ResourceDefinitionSpec"].FromString(rd.resource.spec.proto_spec)
         assert rd_spec.resource_type == "SiderolinkConfigs.siderolink.talos.dev"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,9 +15,12 @@ from gatekeeper.tunnel.header import (
     HeaderError,
     canonical_peer,
     header_from_metadata,
+    parse_addr_port,
     tunnel_addr_port,
+    tunnel_secret,
 )
 from gatekeeper.tunnel.queue import DropOldestQueue
+from gatekeeper.wireguard.keys import PrivateKey
 
 TRANSPORT = b"\x04\0\0\0" + bytes(28)  # the smallest transport message (a keepalive)
 
@@ -111,11 +112,17 @@ def test_header_is_read_from_metadata_pairs() -> None:
     assert header_from_metadata(None) is None and header_from_metadata([]) is None
 
 
-def test_virtual_address_is_the_tunnel_prefix_with_the_node_s_low_bits() -> None:
+def test_virtual_address_is_unguessable_and_stable_per_key() -> None:
     prefix = overlay_prefix("", TUNNEL_SUFFIX)
-    node = ipaddress.IPv6Address("fdae:41e4:649b:9303:1a2b:3c4d:5e6f:7081")
-    assert tunnel_addr_port(prefix, node) == "[fdae:41e4:649b:9304:1a2b:3c4d:5e6f:7081]:50889"
-    assert tunnel_addr_port(prefix, node, 50888).endswith("]:50888")
+    secret, other_secret = tunnel_secret("server-a"), tunnel_secret("server-b")
+    key_a, key_b = (PrivateKey.generate().public_key().base64() for _ in range(2))
+    virtual = tunnel_addr_port(prefix, secret, key_a)
+    address, port = parse_addr_port(virtual)
+    assert address in prefix and port == 50889
+    assert tunnel_addr_port(prefix, secret, key_a) == virtual  # the same key: the same name
+    assert tunnel_addr_port(prefix, secret, key_b) != virtual  # a new key: a new name
+    assert tunnel_addr_port(prefix, other_secret, key_a) != virtual  # needs the server's secret
+    assert tunnel_addr_port(prefix, secret, key_a, 50888).endswith("]:50888")
 
 
 # -- batching -------------------------------------------------------------------------------

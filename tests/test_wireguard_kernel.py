@@ -14,6 +14,7 @@ from pyroute2.netlink.generic.wireguard import (
     WGDEVICE_F_REPLACE_PEERS,
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
+    WGPEER_F_UPDATE_ONLY,
     wgmsg,
 )
 
@@ -75,6 +76,18 @@ def test_set_peer_without_keepalive_turns_it_off_and_keeps_the_endpoint() -> Non
     assert wire_peer.get_attr("WGPEER_A_ENDPOINT") is None
     assert msg.get_attr("WGDEVICE_A_PRIVATE_KEY") is None
     assert msg.get_attr("WGDEVICE_A_FLAGS") is None
+
+
+def test_update_only_is_flagged_on_every_part_of_the_peer() -> None:
+    many_ips = tuple(ipaddress.IPv6Network((0xFD << 120 | n, 128)) for n in range(3000))
+    peer = PeerConfig(_key(), many_ips, persistent_keepalive=25, update_only=True)
+    parts = [p for m in _wire(set_messages(3, peers=[peer])) for p in _peers(m)]
+    assert len(parts) > 1
+    assert parts[0].get_attr("WGPEER_A_FLAGS") == WGPEER_F_REPLACE_ALLOWEDIPS | WGPEER_F_UPDATE_ONLY
+    # A later part alone must not create the peer either.
+    assert [p.get_attr("WGPEER_A_FLAGS") for p in parts[1:]] == [WGPEER_F_UPDATE_ONLY] * (
+        len(parts) - 1
+    )
 
 
 def test_remove_sends_only_the_key_and_the_remove_flag() -> None:

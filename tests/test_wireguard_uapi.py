@@ -412,3 +412,10 @@ def test_garbage_bytes_give_only_defined_errors(data: bytes) -> None:
 def test_plausible_garbage_gives_only_defined_errors(lines: list[tuple[str, str]]) -> None:
     _parse_everything(("".join(f"{k}={v}\n" for k, v in lines) + "\n").encode())
     _parse_everything(("set=1\n" + "".join(f"{k}={v}\n" for k, v in lines) + "\n").encode())
+
+
+def test_update_only_comes_right_after_the_peers_key() -> None:
+    text = uapi.encode_peers([PeerConfig(KEY_A, (NET6,), update_only=True)]).decode()
+    lines = text.splitlines()
+    assert lines[lines.index(f"public_key={KEY_A.hex()}") + 1] == "update_only=true"
+    assert "update_only" not in uapi.encode_peers([PeerConfig(KEY_A, (NET6,))]).decode()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -33,6 +34,8 @@ from gatekeeper.agent.provision_client import ProvisionError, provision
 from gatekeeper.agent.runner import Backoff, Runner
 from gatekeeper.agent.status_file import DEFAULT_RUN_DIR, status_document, write_status
 from gatekeeper.agent.telemetry import Telemetry
+from gatekeeper.agent.unique_token import DEFAULT_STATE_DIR, TOKEN_NAME, UniqueTokenStore
+from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION
 from gatekeeper.firewall.controller import FirewallController
 from gatekeeper.firewall.policy import DefaultAction, FirewallPolicy, LinkState
 from gatekeeper.link.lifecycle import (
@@ -89,6 +92,8 @@ class AgentOptions:
     # for them too); None: no document policy, only the always-present overlay guard.
     firewall_paths: list[Path] | None = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
+    unique_token_file: Path = DEFAULT_STATE_DIR / TOKEN_NAME
+    talos_version: str = DEFAULT_TALOS_VERSION
 
 
 class Agent:
@@ -142,6 +147,7 @@ class Agent:
         self.telemetry = Telemetry(backoff=backoff)
         self._status_dirty = asyncio.Event()
         self._status_doc: dict[str, Any] | None = None
+        self.unique_tokens = UniqueTokenStore(options.unique_token_file)
 
     # -- running --------------------------------------------------------------------------
 
@@ -271,8 +277,14 @@ class Agent:
             await self.events.put(ConfigRejected(desired.error))
         else:
             self._config_error = None
-            assert desired.identity is not None
-            await self.events.put(ConfigChanged(desired.siderolink, desired.identity))
+            identity = desired.identity
+            assert identity is not None
+            if desired.siderolink is not None and identity.unique_token is None:
+                # The document's uniqueToken wins; else the one generated once and kept
+                # (a file: read or created off the loop, then cached).
+                token = await asyncio.to_thread(self.unique_tokens.token)
+                identity = dataclasses.replace(identity, unique_token=token)
+            await self.events.put(ConfigChanged(desired.siderolink, identity))
         if self.firewall_documents:
             if desired.firewall is not None:
                 self.firewall.set_policy(desired.firewall)
@@ -404,7 +416,13 @@ class Agent:
     async def _provision(self, p: Provision) -> None:
         log.info("provisioning with %s", p.config.api.redacted_url())
         try:
-            reply = await provision(p.config.api, p.identity, self.public_key, tunnel=p.tunnel)
+            reply = await provision(
+                p.config.api,
+                p.identity,
+                self.public_key,
+                tunnel=p.tunnel,
+                talos_version=self.options.talos_version,
+            )
         except (ProvisionError, BadReply) as exc:
             await self.events.put(ProvisionFailed(p.attempt, str(exc)))
         except Exception as exc:  # never let one odd failure end the retry loop

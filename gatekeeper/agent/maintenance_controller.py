@@ -74,9 +74,10 @@ class MaintenanceController:
         if config is None:
             catalog.clear_siderolink_config(store)
         else:
+            # Sensitive, admins only: in full, as Talos has it (docs/compatibility.md).
             catalog.publish_siderolink_config(
                 store,
-                api_endpoint=config.api.redacted_url(),
+                api_endpoint=config.api.url(),
                 host=config.api.target(),
                 join_token=config.api.join_token,
                 insecure=not config.api.tls,
@@ -84,11 +85,21 @@ class MaintenanceController:
             )
             catalog.publish_siderolink_status(
                 store,
-                host=config.api.target(),
+                host=config.api.host,  # bare, as Talos stores it: no brackets, no port
                 connected=status.connected,
                 link_name=status.link_name or "",
                 tunnel=status.tunnel,
             )
+        if config is not None and spec is not None and spec.grpc_peer_addr_port:
+            catalog.publish_siderolink_tunnel(
+                store,
+                api_endpoint=config.api.url(),
+                link_name=spec.name,
+                mtu=spec.mtu,
+                node_address=spec.grpc_peer_addr_port,
+            )
+        else:
+            catalog.clear_siderolink_tunnel(store)
         if self._published_link and (spec is None or spec.name != self._published_link):
             catalog.remove_link_status(store, self._published_link)
             self._published_link = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from gatekeeper import __version__
 from gatekeeper.config.siderolink import ApiEndpoint
+from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION
 from gatekeeper.link.lifecycle import Identity, Provisioned
 from gatekeeper.link.reply import parse_reply
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
@@ -19,20 +19,30 @@ class ProvisionError(RuntimeError):
 
 
 def open_channel(api: ApiEndpoint) -> grpc.aio.Channel:
+    """A fresh channel: the API's name is resolved again at every attempt (talos#12580).
+
+    gRPC honours `https_proxy` / `http_proxy` / `grpc_proxy` and `no_proxy` from the
+    environment and then tunnels through HTTP CONNECT, as Talos's dialer does for Provision
+    (talos#11703); the tunnel client's channel does the same (docs/compatibility.md).
+    """
     if api.tls:
         return grpc.aio.secure_channel(api.target(), grpc.ssl_channel_credentials())
     return grpc.aio.insecure_channel(api.target())
 
 
 def build_request(
-    identity: Identity, public_key: PublicKey, api: ApiEndpoint, tunnel: bool
+    identity: Identity,
+    public_key: PublicKey,
+    api: ApiEndpoint,
+    tunnel: bool,
+    talos_version: str = DEFAULT_TALOS_VERSION,
 ) -> provision_pb2.ProvisionRequest:
     request = provision_pb2.ProvisionRequest(
         node_uuid=identity.node_uuid,
         node_public_key=public_key.base64(),
         # Talos always sends the unique token (possibly empty) and the join token only when set.
         node_unique_token=identity.unique_token or "",
-        talos_version=f"gatekeeper-{__version__}",
+        talos_version=talos_version,
     )
     if api.join_token:
         request.join_token = api.join_token
@@ -47,9 +57,10 @@ async def provision(
     public_key: PublicKey,
     *,
     tunnel: bool,
+    talos_version: str = DEFAULT_TALOS_VERSION,
     deadline: float = PROVISION_DEADLINE,
 ) -> Provisioned:
-    request = build_request(identity, public_key, api, tunnel)
+    request = build_request(identity, public_key, api, tunnel, talos_version)
     async with open_channel(api) as channel:
         stub = provision_pb2_grpc.ProvisionServiceStub(channel)  # type: ignore[no-untyped-call]
         try:

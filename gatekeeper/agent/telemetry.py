@@ -216,7 +216,12 @@ class Telemetry:
                     if channel is not None:
                         await channel.close(None)
                     target = self.sinks.events
-                    channel = grpc.aio.insecure_channel(target)
+                    # The sink is on the overlay, reached over WireGuard only: never through
+                    # an https_proxy from the environment (that is for the API, see
+                    # provision_client.py), which could not reach it anyway.
+                    channel = grpc.aio.insecure_channel(
+                        target, options=[("grpc.enable_http_proxy", 0)]
+                    )
                 stub = events_pb2_grpc.EventSinkServiceStub(channel)  # type: ignore[no-untyped-call]
                 try:
                     await stub.Publish(self._events[0], timeout=PUBLISH_DEADLINE)

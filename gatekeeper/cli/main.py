@@ -24,6 +24,7 @@ from gatekeeper.cli import (
 from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.examples import add_examples
 from gatekeeper.cli.token import duration_arg
+from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION, check_talos_version
 
 # Subcommands that live in their own modules, in the order --help lists them.
 PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs, completion)
@@ -69,10 +70,18 @@ def _size(text: str) -> int:
     return value
 
 
+def _talos_version(text: str) -> str:
+    try:
+        return check_talos_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.agent.daemon import AgentOptions, run_agent
+    from gatekeeper.agent.unique_token import TOKEN_NAME
     from gatekeeper.link.lifecycle import Timing, TunnelPreference
 
     options = AgentOptions(
@@ -87,6 +96,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         timing=Timing.for_link_timeout(args.link_timeout),
         tunnel_preference=TunnelPreference(args.tunnel),
         firewall_paths=None if args.no_firewall else [Path(p) for p in args.firewall_config],
+        unique_token_file=Path(args.unique_token_file or Path(args.state_dir) / TOKEN_NAME),
+        talos_version=args.talos_version,
     )
     asyncio.run(run_agent(options))
     return 0
@@ -134,6 +145,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             events_max_age=args.events_max_age,
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
+        restore_last_endpoint=not args.disable_last_endpoint,
     )
     try:
         asyncio.run(serve(options))
@@ -245,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="no document policy (ingress accept); the rule that keeps the overlay address "
         "reachable only through the overlay links stays",
     )
+    agent.add_argument(
+        "--state-dir",
+        default="/var/lib/gatekeeper-agent",
+        help="where the machine's unique token is kept across restarts (default "
+        "/var/lib/gatekeeper-agent)",
+    )
+    agent.add_argument(
+        "--unique-token-file",
+        metavar="PATH",
+        help="the unique token file (default STATE_DIR/unique-token, generated on first start, "
+        "mode 0600); a SideroLinkConfig document's uniqueToken wins over it",
+    )
+    agent.add_argument(
+        "--talos-version",
+        type=_talos_version,
+        default=DEFAULT_TALOS_VERSION,
+        help="the Talos API level sent in Provision's talos_version (a semantic version; "
+        f"default {DEFAULT_TALOS_VERSION}); the Version API reports gatekeeper's own version",
+    )
     agent.set_defaults(func=_cmd_agent)
 
     server = sub.add_parser(
@@ -263,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--join-token-file", help="file holding the fixed join token")
     server.add_argument(
-        "--installation-id", default="", help="derives the overlay prefix (spec section 5)"
+        "--installation-id",
+        default="",
+        help="derives the overlay prefix (docs/compatibility.md, Addresses)",
     )
     server.add_argument("--wireguard-interface", default="siderolink")
     server.add_argument(
@@ -345,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-isolation",
         action="store_true",
         help="do not install the nftables table that stops machine-to-machine traffic",
+    )
+    server.add_argument(
+        "--disable-last-endpoint",
+        action="store_true",
+        help="after a restart, do not handshake machines at their last known endpoint; wait "
+        "for them to come (behind a load balancer the old source port's reply is dropped)",
     )
     server.set_defaults(func=_cmd_server)
 

@@ -39,7 +39,7 @@ import ipaddress
 import re
 import string
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from gatekeeper.config.errors import ConfigError
 
@@ -78,10 +78,17 @@ class ApiEndpoint:
 
     def redacted_url(self) -> str:
         """A canonical URL for logs and status output, with the join token replaced."""
+        return self._url(REDACTED)
+
+    def url(self) -> str:
+        """The canonical URL with the join token: only for admins of the maintenance API."""
+        return self._url(quote(self.join_token or "", safe=""))
+
+    def _url(self, token: str) -> str:
         scheme = "https" if self.tls else "grpc"
         params = []
         if self.join_token is not None:
-            params.append(f"{JOIN_TOKEN_PARAM}={REDACTED}")
+            params.append(f"{JOIN_TOKEN_PARAM}={token}")
         if self.grpc_tunnel:
             params.append(f"{TUNNEL_PARAM}=true")
         query = "?" + "&".join(params) if params else ""

@@ -98,7 +98,8 @@ class SideroLinkLab:
         qs = "&".join(f"{k}={v}" for k, v in params.items())
         return f"grpc://[{self.server_underlay}]:{API_PORT}?{qs}"
 
-    def start_server(self, *extra: str, wait: float = 10.0) -> None:
+    def start_server(self, *extra: str, wait: float = 10.0, endpoint: str | None = None) -> None:
+        """`endpoint` replaces the advertised WireGuard endpoint (default: the underlay's)."""
         token_file = self.workdir / "join-token"
         token_file.write_text(self.join_token)
         token_file.chmod(0o600)
@@ -117,7 +118,7 @@ class SideroLinkLab:
             "--wireguard-port",
             str(WG_PORT),
             "--endpoint",
-            f"[{self.server_underlay}]:{WG_PORT}",
+            endpoint or f"[{self.server_underlay}]:{WG_PORT}",
             *extra,
         )
         self.server_proc = self.lab.spawn(self.server_ns, argv, log=self.server_log)
@@ -175,6 +176,9 @@ class SideroLinkLab:
             str(machine.run_dir),
             "--wireguard-backend",
             "userspace",
+            # Each machine its own unique token, as separate machines have.
+            "--state-dir",
+            str(machine.run_dir / "state"),
             *extra,
         )
         # Every machine names its link `siderolink`: give each its own UAPI socket directory

@@ -1,12 +1,11 @@
 """The resource types a Gatekeeper machine publishes, and one helper per type to publish it.
 
-Type names, namespaces, ids, YAML keys and printed columns are Talos's where Talos has the
-resource (see SIDEROLINK.md section 7), so `talosctl get siderolinkstatus` habits carry over.
-Where we publish more than Talos does (linkName and grpcTunnel in the SideroLink status), the
-extra keys come after Talos's and use new field numbers.
+Type names, namespaces, ids, YAML keys, field numbers and printed columns are Talos's (see
+docs/compatibility.md), so `talosctl get siderolinkstatus` habits carry over.
 
-Secrets never enter the store: the SideroLink config is published with the join token
-redacted, in the URL and in its own field, whoever reads it.
+Sensitive types (the SideroLink config and tunnel, which hold the join token) are published in
+full, as Talos does: SideroLink peers are admins and reading them is what the overlay is for.
+Everyone else is a reader and is refused them (`PERMISSION_DENIED`), see policy.py.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from gatekeeper.maintenance.resources import (
     SpecField,
 )
 
-REDACTED = "<redacted>"  # as everywhere else (logs, status)
-
 CONFIG_NAMESPACE = "config"
 NETWORK_NAMESPACE = "network"
 HARDWARE_NAMESPACE = "hardware"
@@ -35,6 +32,7 @@ RUNTIME_NAMESPACE = "runtime"
 
 SIDEROLINK_CONFIG_ID = "siderolink"
 SIDEROLINK_STATUS_ID = "siderolink-status"
+SIDEROLINK_TUNNEL_ID = "siderolink-tunnel"
 VERSION_ID = "version"
 SYSTEM_INFORMATION_ID = "systeminformation"
 
@@ -71,6 +69,26 @@ SIDEROLINK_STATUS = ResourceDefinition(
         SpecField("connected", 2, FieldKind.BOOL),
         SpecField("linkName", 3),
         SpecField("grpcTunnel", 4, FieldKind.BOOL),
+    ),
+)
+
+# Talos publishes it only in tunnel mode. nodeAddress is the virtual [addr]:port that names the
+# machine's stream (a netip.AddrPort upstream: common.NetIPPort on the wire).
+SIDEROLINK_TUNNEL = ResourceDefinition(
+    "SiderolinkTunnels.siderolink.talos.dev",
+    CONFIG_NAMESPACE,
+    print_columns=(
+        PrintColumn("API Endpoint", "{.apiEndpoint}"),
+        PrintColumn("Interface name", "{.ifaceName}"),
+        PrintColumn("MTU", "{.mtu}"),
+        PrintColumn("Node address", "{.nodeAddress}"),
+    ),
+    sensitive=True,
+    proto_fields=(
+        SpecField("apiEndpoint", 1),
+        SpecField("linkName", 2),
+        SpecField("mtu", 3, FieldKind.UINT),
+        SpecField("nodeAddress", 4, FieldKind.ADDR_PORT),
     ),
 )
 
@@ -140,6 +158,7 @@ SYSTEM_INFORMATION = ResourceDefinition(
 CATALOG: tuple[ResourceDefinition, ...] = (
     SIDEROLINK_CONFIG,
     SIDEROLINK_STATUS,
+    SIDEROLINK_TUNNEL,
     LINK_STATUS,
     ADDRESS_STATUS,
     VERSION,
@@ -155,31 +174,6 @@ def new_store() -> ResourceStore:
 # -- SideroLink ----------------------------------------------------------------------------
 
 
-def redact_api_url(url: str) -> str:
-    """The API URL with every `jointoken` query value and any URL password replaced.
-
-    Works on the raw text (no re-encoding), so everything else reads exactly as configured.
-    """
-    head, sep, query = url.partition("?")
-    scheme, slashes, rest = head.partition("://")
-    if not slashes:
-        scheme, rest = "", head
-    userinfo, at, hostpart = rest.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":" + REDACTED
-    head = f"{scheme}{slashes}{userinfo}{at}{hostpart}"
-    if not sep:
-        return head
-    query, hash_sep, fragment = query.partition("#")
-    params = []
-    for param in query.split("&"):
-        name, _eq, _value = param.partition("=")
-        if name.casefold() == "jointoken":
-            param = f"{name}={REDACTED}"
-        params.append(param)
-    return f"{head}?{'&'.join(params)}{hash_sep}{fragment}"
-
-
 def publish_siderolink_config(
     store: ResourceStore,
     *,
@@ -189,11 +183,14 @@ def publish_siderolink_config(
     insecure: bool,
     tunnel: bool,
 ) -> Resource:
-    """SiderolinkConfigs (config/siderolink): the configured API, secrets redacted."""
+    """SiderolinkConfigs (config/siderolink): the configured API, join token included.
+
+    Sensitive: only admins (SideroLink peers) can read it, and they get it whole, as in Talos.
+    """
     spec = {
-        "apiEndpoint": redact_api_url(api_endpoint),
+        "apiEndpoint": api_endpoint,
         "host": host,
-        "joinToken": REDACTED if join_token else "",
+        "joinToken": join_token or "",
         "insecure": insecure,
         "tunnel": tunnel,
     }
@@ -203,9 +200,33 @@ def publish_siderolink_config(
 
 
 def clear_siderolink_config(store: ResourceStore) -> None:
-    """SideroLink is no longer configured: drop its config and status."""
+    """SideroLink is no longer configured: drop its config, status and tunnel."""
     store.delete(CONFIG_NAMESPACE, SIDEROLINK_CONFIG.type, SIDEROLINK_CONFIG_ID)
     store.delete(CONFIG_NAMESPACE, SIDEROLINK_STATUS.type, SIDEROLINK_STATUS_ID)
+    clear_siderolink_tunnel(store)
+
+
+def publish_siderolink_tunnel(
+    store: ResourceStore, *, api_endpoint: str, link_name: str, mtu: int, node_address: str
+) -> Resource:
+    """SiderolinkTunnels (config/siderolink-tunnel): in tunnel mode only, as in Talos.
+
+    `api_endpoint` is the configured API URL (it carries the join token: sensitive);
+    `node_address` the virtual `[addr]:port` from the Provision reply.
+    """
+    spec = {
+        "apiEndpoint": api_endpoint,
+        "linkName": link_name,
+        "mtu": mtu,
+        "nodeAddress": node_address,
+    }
+    return store.put(
+        CONFIG_NAMESPACE, SIDEROLINK_TUNNEL.type, SIDEROLINK_TUNNEL_ID, spec, owner=OWNER
+    )
+
+
+def clear_siderolink_tunnel(store: ResourceStore) -> None:
+    store.delete(CONFIG_NAMESPACE, SIDEROLINK_TUNNEL.type, SIDEROLINK_TUNNEL_ID)
 
 
 def publish_siderolink_status(
@@ -216,7 +237,10 @@ def publish_siderolink_status(
     link_name: str,
     tunnel: bool,
 ) -> Resource:
-    """SiderolinkStatuses (config/siderolink-status): host, connected, link name, tunnel mode."""
+    """SiderolinkStatuses (config/siderolink-status): host, connected, link name, tunnel mode.
+
+    `host` is the bare host name or address (no brackets, no port), as Talos stores it.
+    """
     spec = {"host": host, "connected": connected, "linkName": link_name, "grpcTunnel": tunnel}
     return store.put(
         CONFIG_NAMESPACE, SIDEROLINK_STATUS.type, SIDEROLINK_STATUS_ID, spec, owner=OWNER

@@ -62,6 +62,8 @@ class FieldKind(enum.Enum):
     BOOL = "bool"
     UINT = "uint"
     STRINGS = "strings"
+    # "[addr]:port" in YAML; Talos's common.NetIPPort {bytes ip = 1; int32 port = 2} on the wire.
+    ADDR_PORT = "addr_port"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ aliases); for other types it covers the fields listed in the definition's proto_
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +86,16 @@ def encode_fields(spec: Mapping[str, Any], fields: tuple[SpecField, ...]) -> byt
         elif f.kind is FieldKind.STRINGS:
             for item in value:
                 out += _length_delimited(f.number, str(item).encode())
+        elif f.kind is FieldKind.ADDR_PORT and value != "":
+            out += _length_delimited(f.number, _addr_port(str(value)))
     return bytes(out)
+
+
+def _addr_port(text: str) -> bytes:
+    """common.NetIPPort for "[addr]:port" / "a.b.c.d:port": the address's bytes, the port."""
+    host, _, port = text.rpartition(":")
+    ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    return _length_delimited(1, ip.packed) + _varint(2 << 3 | 0) + _varint(int(port))
 
 
 def _definition_proto_from_spec(spec: Mapping[str, Any]) -> bytes:

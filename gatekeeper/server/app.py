@@ -32,6 +32,7 @@ from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.service import ProvisionService, add_provision_service
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenPolicy
+from gatekeeper.tunnel.header import tunnel_secret
 from gatekeeper.tunnel.peers import TunnelMode
 from gatekeeper.tunnel.server import TUNNEL_BATCH_BYTES, TunnelHub, add_to_server
 from gatekeeper.tunnel.server import server_options as tunnel_server_options
@@ -65,6 +66,8 @@ class ServerOptions:
     fleet: FleetOptions = field(default_factory=FleetOptions)
     # WireGuard over gRPC: off, allow (machines that ask), always (every machine).
     tunnel_mode: TunnelMode = TunnelMode.ALLOW
+    # False (--disable-last-endpoint): restored peers get no endpoint (omni#2730).
+    restore_last_endpoint: bool = True
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -178,6 +181,8 @@ class Server:
             max_machines=opts.fleet.max_machines,
             tunnel_mode=opts.tunnel_mode,
             tunnels=self.tunnels,
+            tunnel_secret=tunnel_secret(identity.private_key.base64()),
+            restore_last_endpoint=opts.restore_last_endpoint,
         )
         try:
             restored = self.provisioner.restore_peers()

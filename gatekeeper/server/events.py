@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -29,13 +30,40 @@ from gatekeeper.server.registry import MachineRecord
 log = logging.getLogger(__name__)
 
 EVENTS_JOURNAL = "events"
-MAX_EVENT_BYTES = 64 << 10
+# What Go gRPC servers (and so Omni and the reference) accept by default: Talos may send events
+# with large payloads (docs/compatibility.md).
+MAX_EVENT_BYTES = 4 << 20
+# A bounded total per machine on top of that: a burst of 16 MiB, then 1 MiB/s. Beyond it
+# Publish answers RESOURCE_EXHAUSTED and nothing is stored. With at most 4 calls in flight per
+# connection, one connection holds at most 16 MiB of requests at a time.
+MACHINE_BURST_BYTES = 16 << 20
+MACHINE_BYTES_PER_SECOND = 1 << 20
+MAX_CALLS_PER_CONNECTION = 4
 MAX_ID = 128
 STRUCT_URL = "type.googleapis.com/google.protobuf.Struct"
 
 
 class BadEvent(ValueError):
     """The event cannot be stored as sent; the message is safe to send back."""
+
+
+class ByteBudget:
+    """Bytes per second with a burst allowance: `take` says yes (and counts) or no (and not)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def take(self, n: int, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if n > self._tokens:
+            return False
+        self._tokens -= n
+        return True
 
 
 def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) -> dict[str, Any]:
@@ -64,17 +92,37 @@ def event_entry(request: events_pb2.EventRequest, node_uuid: str, address: str) 
 
 class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
     def __init__(
-        self, attributor: Attributor, journal: Journal, metrics: ServerMetrics | None = None
+        self,
+        attributor: Attributor,
+        journal: Journal,
+        metrics: ServerMetrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.attributor = attributor
         self.journal = journal
         self.metrics = metrics
+        self.clock = clock
+        # machine key -> its byte budget (a few hundred bytes per registered machine).
+        self._budgets: dict[str, ByteBudget] = {}
 
     async def Publish(
         self, request: events_pb2.EventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> events_pb2.EventResponse:
         address = grpc_peer_address(context.peer())
         machine = await self._machine(address, context)
+        budget = self._budgets.get(machine.machine_key)
+        if budget is None:
+            budget = ByteBudget(MACHINE_BYTES_PER_SECOND, MACHINE_BURST_BYTES)
+            self._budgets[machine.machine_key] = budget
+        if not budget.take(request.ByteSize(), self.clock()):
+            if self.metrics:
+                self.metrics.telemetry_refused.labels("events").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"event budget exceeded ({MACHINE_BURST_BYTES >> 20} MiB, then "
+                f"{MACHINE_BYTES_PER_SECOND >> 20} MiB/s per machine); slow down",
+            )
         try:
             entry = event_entry(request, machine.node_uuid, str(address))
         except BadEvent as exc:
@@ -116,7 +164,7 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
 def events_server_options() -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", MAX_EVENT_BYTES),
-        ("grpc.max_concurrent_streams", 16),
+        ("grpc.max_concurrent_streams", MAX_CALLS_PER_CONNECTION),
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +44,15 @@ UUID_PATTERN = re.compile(
 )
 KEY_ELSEWHERE = "node_public_key belongs to another machine"
 
-# The server keeps its peers alive too. After a restart this is what brings machines back in
-# milliseconds: turning keepalive on makes WireGuard send at once, so the server handshakes
-# with every restored peer at its last endpoint (the machine's fixed listen port) instead of
-# waiting for the machine to notice the lost session (15 s or more).
+# The server keeps every peer alive, as the reference server and Omni do (25 s), from the
+# moment it has somewhere to send to: a keepalive on a peer without an endpoint does nothing
+# on the wire but makes wireguard-go spin (measured: 6.4% CPU idle with 2,000 such peers, 22%
+# with 10,000, 0% without). So a new peer gets it when the device learns its endpoint (the
+# machine's first handshake, see sync_endpoints), a restored one at once. After a restart this
+# is also what brings machines back in milliseconds: turning keepalive on makes WireGuard send
+# at once, so the server handshakes with every restored peer at its last endpoint (the
+# machine's fixed listen port) instead of waiting for the machine to notice the lost session
+# (15 s or more). See docs/compatibility.md.
 SERVER_KEEPALIVE = 25
 
 
@@ -104,6 +110,8 @@ class Provisioner:
         max_machines: int | None = None,
         tunnel_mode: TunnelMode = TunnelMode.OFF,
         tunnels: TunnelPeers | None = None,
+        tunnel_secret: bytes | None = None,
+        restore_last_endpoint: bool = True,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -118,6 +126,15 @@ class Provisioner:
         self.tunnels = tunnels
         self.tunnel_prefix = tunnel_prefix_for(prefix)
         self.live = LivePeers(device)
+        # Names tunnel streams unguessably (tunnel/header.py); the server derives it from its
+        # key so that names survive restarts. A throwaway one only where no key is given.
+        self.tunnel_secret = tunnel_secret or secrets.token_bytes(32)
+        # omni#2730's disableLastEndpoint: behind a load balancer a restarted server must not
+        # handshake the old source port first (the reply is dropped); the machine comes to us.
+        self.restore_last_endpoint = restore_last_endpoint
+        # overlay address -> virtual [addr]:port of machines admitted to the tunnel, so that
+        # `machines remove` (which knows the address) can end the stream.
+        self._virtuals: dict[ipaddress.IPv6Address, str] = {}
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
@@ -189,12 +206,9 @@ class Provisioner:
             join_token_id=existing.join_token_id if existing else admission.token_id,
             remote_address=peer_address(req.peer),
         )
-        self.device.set_peer(
-            # No keepalive from our side: the machine keeps the session alive, and a
-            # keepalive on a peer without an endpoint makes wireguard-go spin (measured: 22%
-            # CPU idle with 10,000 such peers, against 0% without).
-            self._peer(key, address)
-        )
+        # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
+        # peer without one it only makes wireguard-go spin (see sync_endpoints).
+        self.device.set_peer(self._peer(key, address))
         try:
             # One write: the new record and, when the key moves from the machine's previous
             # identity, that identity's removal (the key index is unique).
@@ -222,7 +236,7 @@ class Provisioner:
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
-        virtual = self._tunnel_peer(record, key, was_tunnel=bool(existing and existing.tunnel))
+        virtual = self._tunnel_peer(record, key, previous=existing)
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             uuid,
@@ -231,7 +245,8 @@ class Provisioner:
             ", again" if existing else "",
         )
         return ProvisionOutput(
-            server_endpoints=self.endpoints,
+            # In tunnel mode the reference and Omni answer exactly [grpc_peer_addr_port].
+            server_endpoints=(virtual,) if virtual else self.endpoints,
             server_public_key=self.server_public_key.base64(),
             node_address_prefix=f"{address}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
@@ -250,9 +265,7 @@ class Provisioner:
         if not live:
             return False, None
         if record.tunnel and self.tunnels is not None:
-            source = self.tunnels.stream_source(
-                tunnel_addr_port(self.tunnel_prefix, record.address)
-            )
+            source = self.tunnels.stream_source(self._virtual(record.public_key))
             return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
 
@@ -300,20 +313,30 @@ class Provisioner:
         else:
             self.device.set_peer(self._peer(key, holder.address))
 
-    def _tunnel_peer(self, record: MachineRecord, key: PublicKey, *, was_tunnel: bool) -> str:
+    def _virtual(self, public_key: str) -> str:
+        return tunnel_addr_port(self.tunnel_prefix, self.tunnel_secret, public_key)
+
+    def _tunnel_peer(
+        self, record: MachineRecord, key: PublicKey, *, previous: MachineRecord | None
+    ) -> str:
         """Admit (or drop) the machine's tunnel stream; its virtual `[addr]:port` or "".
 
         In tunnel mode the device's endpoint for the machine is the hub's relay socket, so
-        WireGuard's replies reach the machine's stream.
+        WireGuard's replies reach the machine's stream. The name follows the key: a machine
+        back with a new key gets a new one, and the old one is forgotten.
         """
-        virtual = tunnel_addr_port(self.tunnel_prefix, record.address)
+        virtual = self._virtual(record.public_key)
         if self.tunnels is None:
             return ""
+        if previous is not None and previous.tunnel:
+            old = self._virtual(previous.public_key)
+            if old != virtual or not record.tunnel:
+                self.tunnels.revoke(old)
         if not record.tunnel:
-            if was_tunnel:
-                self.tunnels.revoke(virtual)
+            self._virtuals.pop(record.address, None)
             return ""
         relay = self.tunnels.allow(virtual)
+        self._virtuals[record.address] = virtual
         self.device.set_peer(
             PeerConfig(
                 public_key=key,
@@ -326,19 +349,26 @@ class Provisioner:
 
     def _restore_endpoint(self, record: MachineRecord) -> str | None:
         if not record.tunnel:
-            return record.endpoint
+            return record.endpoint if self.restore_last_endpoint else None
         if self.tunnels is None or self.tunnel_mode is TunnelMode.OFF:
             return None  # its stream will be refused and the machine provisions again
-        return self.tunnels.allow(tunnel_addr_port(self.tunnel_prefix, record.address))
+        virtual = self._virtual(record.public_key)
+        self._virtuals[record.address] = virtual
+        return self.tunnels.allow(virtual)
 
     def forget_tunnel(self, address: ipaddress.IPv6Address) -> None:
         """A removed machine's tunnel stream ends now rather than when the machine gives up."""
-        if self.tunnels is not None:
-            self.tunnels.revoke(tunnel_addr_port(self.tunnel_prefix, address))
+        virtual = self._virtuals.pop(address, None)
+        if self.tunnels is not None and virtual is not None:
+            self.tunnels.revoke(virtual)
 
     @staticmethod
     def _peer(key: PublicKey, address: ipaddress.IPv6Address) -> PeerConfig:
-        """A machine's peer: its key, and its own /128 only (machines never reach each other)."""
+        """A machine's peer: its key, and its own /128 only (machines never reach each other).
+
+        No keepalive yet: the peer has no endpoint until the machine's first handshake, and
+        sync_endpoints turns it on then (SERVER_KEEPALIVE: why).
+        """
         return PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
 
     def _allocate(self) -> ipaddress.IPv6Address:
@@ -347,7 +377,11 @@ class Provisioner:
         )
 
     def restore_peers(self) -> int:
-        """Put every known machine back on the device, with its last endpoint (after restart)."""
+        """Put every known machine back on the device, with its last endpoint (after restart).
+
+        Without `restore_last_endpoint` (--disable-last-endpoint) UDP peers come back without
+        one: the server waits for each machine's next handshake instead of sending first.
+        """
         records = self.registry.machines()
         self.device.set_peers(
             [
@@ -355,7 +389,8 @@ class Provisioner:
                     public_key=PublicKey.from_base64(r.public_key),
                     allowed_ips=(ipaddress.IPv6Network(f"{r.address}/128"),),
                     endpoint=endpoint,
-                    # Only where there is somewhere to send to (see provision()).
+                    # Only where there is somewhere to send to (SERVER_KEEPALIVE: why); the
+                    # others get it at their next handshake (sync_endpoints).
                     persistent_keepalive=SERVER_KEEPALIVE if endpoint else None,
                 )
                 for r, endpoint in ((r, self._restore_endpoint(r)) for r in records)
@@ -364,11 +399,25 @@ class Provisioner:
         return len(records)
 
     def sync_endpoints(self) -> int:
-        """Store the endpoints the device has learned, so a restart can reach machines first."""
+        """Store the endpoints the device has learned, so a restart can reach machines first.
+
+        A peer that has an endpoint and no keepalive yet gets SERVER_KEEPALIVE here.
+        """
         by_key = {r.public_key: r for r in self.registry.machines()}
         changed: dict[str, str] = {}
+        keep_alive: list[PeerConfig] = []
         for stats in self.device.peers():
             record = by_key.get(stats.public_key.base64())
+            if record and stats.endpoint and stats.persistent_keepalive != SERVER_KEEPALIVE:
+                keep_alive.append(
+                    PeerConfig(
+                        public_key=stats.public_key,
+                        allowed_ips=(ipaddress.IPv6Network(f"{record.address}/128"),),
+                        persistent_keepalive=SERVER_KEEPALIVE,
+                        # `machines remove` may have taken the peer away meanwhile.
+                        update_only=True,
+                    )
+                )
             # A tunnel peer's endpoint is a relay socket of this process: not worth keeping.
             if (
                 record
@@ -378,4 +427,6 @@ class Provisioner:
             ):
                 changed[record.machine_key] = stats.endpoint
         self.registry.update_endpoints(changed)
+        if keep_alive:
+            self.device.set_peers(keep_alive)
         return len(changed)

@@ -1,18 +1,20 @@
 """The `x-siderolink-ipv6-addr` header and the tunnel's virtual addresses (sans-I/O).
 
 A tunnel peer is named by a virtual IPv6 address:port in the installation's `…:9304::/64`
-prefix (spec sections 4 and 5). Gatekeeper derives it from the machine's overlay address: the
-tunnel prefix followed by the same low 64 bits, port 50889. It is therefore stable across
-re-provisions and server restarts (a restarted server re-admits the same streams without a
-new Provision), and needs no extra registry column. The value is an identifier, not a
-secret, just as in the reference: a stream carries only WireGuard datagrams, which the
-server's device authenticates with the machine's key, so a stranger who guesses it can at
-worst displace a stream (which the machine's relay notices and reports), never read or
-inject overlay traffic.
+prefix, port 50889. Like Omni, Gatekeeper makes it unguessable and keeps it while the machine
+keeps its key (docs/compatibility.md): the low 64 bits are an HMAC of the machine's public key
+under a secret only the server holds (derived from its private key). So it is stable across
+re-provisions and server restarts (a restarted server re-admits the same streams without a new
+Provision) and needs no registry column, yet nobody who merely knows the machine's overlay
+address can name its stream, and so nobody else can displace it ("peer replaced") either.
+A stream carries only WireGuard datagrams, which the server's device authenticates with the
+machine's key: even a stream under the right name cannot read or inject overlay traffic.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 from collections.abc import Iterable
 
@@ -79,13 +81,18 @@ def tunnel_prefix_for(overlay: ipaddress.IPv6Network) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network((bytes(packed[:8]) + bytes(8), 64))
 
 
+def tunnel_secret(server_private_key: str) -> bytes:
+    """The HMAC key for virtual addresses, from the server's private key (base64)."""
+    return hashlib.sha256(b"gatekeeper tunnel address\0" + server_private_key.encode()).digest()
+
+
 def tunnel_addr_port(
     tunnel_prefix: ipaddress.IPv6Network,
-    node_address: ipaddress.IPv6Address,
+    secret: bytes,
+    node_public_key: str,
     port: int = VIRTUAL_PORT,
 ) -> str:
-    """The virtual `[addr]:port` of the machine at `node_address` (module doc: why derived)."""
-    virtual = ipaddress.IPv6Address(
-        tunnel_prefix.network_address.packed[:8] + node_address.packed[8:]
-    )
+    """The virtual `[addr]:port` of the machine with this key (module doc: why an HMAC)."""
+    digest = hmac.new(secret, node_public_key.encode(), hashlib.sha256).digest()
+    virtual = ipaddress.IPv6Address(tunnel_prefix.network_address.packed[:8] + digest[:8])
     return format_addr_port(virtual, port)

@@ -297,6 +297,9 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
             virtual = canonical_peer(header_from_metadata(metadata))
         except HeaderError as exc:
             self._log_refusal(who, "tunnel stream from %s refused: %s", who, exc)
+            # The reference returns a plain Go error here (UNKNOWN on the wire); we say what is
+            # wrong with a code a client can act on. A deliberate difference, see
+            # docs/compatibility.md.
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         attached = self.hub.attach(virtual, batching.announced(metadata), who)
         if attached is None:

@@ -29,6 +29,9 @@ class PeerConfig:
     # "host:port" or "[v6]:port", already resolved to an IP literal by the caller.
     endpoint: str | None = None
     persistent_keepalive: int | None = None
+    # Change the peer only if the device still has it; never (re)create it. For updates that
+    # race with a removal (an administrator removing a machine while its keepalive is set).
+    update_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,22 @@ def check_remove_peer(backend: Backend, ifname: str) -> None:
         _expect(_keys(device) == {b}, "removing an unknown peer changed the device")
 
 
+def check_update_only_never_creates_a_peer(backend: Backend, ifname: str) -> None:
+    a, gone = _key(), _key()
+    net = (_net("fd00::a/128"),)
+    with _device(backend, ifname) as device:
+        device.configure(PrivateKey.generate(), None, [PeerConfig(a, net)])
+        device.set_peers(
+            [
+                PeerConfig(a, net, persistent_keepalive=25, update_only=True),
+                PeerConfig(gone, (_net("fd00::b/128"),), persistent_keepalive=25, update_only=True),
+            ]
+        )
+        stats = {s.public_key: s for s in device.peers()}
+        _expect(set(stats) == {a}, "update_only created a peer the device did not have")
+        _expect(stats[a].persistent_keepalive == 25, "update_only did not update an existing peer")
+
+
 def check_set_addresses_is_exact(backend: Backend, ifname: str) -> None:
     first: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = [
         ipaddress.IPv6Interface("fd00:c2::1/64"),
@@ -267,6 +283,7 @@ CHECKS: tuple[Check, ...] = (
     check_set_peer_replaces_allowed_ips_and_keepalive,
     check_set_peers_in_bulk,
     check_remove_peer,
+    check_update_only_never_creates_a_peer,
     check_set_addresses_is_exact,
     check_create_takes_over_a_crashed_runs_leftover,
     check_bad_interface_name,

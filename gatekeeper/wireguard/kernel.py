@@ -35,6 +35,7 @@ from pyroute2.netlink.generic.wireguard import (
     WGDEVICE_F_REPLACE_PEERS,
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
+    WGPEER_F_UPDATE_ONLY,
     wgmsg,
 )
 
@@ -97,14 +98,17 @@ def _peer_attrs(part: _PeerPart) -> dict[str, Any]:
     if part.remove:
         attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME])
         return {"attrs": attrs}
+    only = WGPEER_F_UPDATE_ONLY if peer.update_only else 0
     if part.first:
         # The Device contract: set_peer replaces allowed IPs and keepalive; a missing endpoint
         # keeps whatever the peer had (or learned from its packets).
-        attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS])
+        attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS | only])
         if peer.endpoint is not None:
             addr, port = _split_endpoint(peer.endpoint)
             attrs.append(["WGPEER_A_ENDPOINT", {"addr": addr, "port": port}])
         attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.persistent_keepalive or 0])
+    elif only:
+        attrs.append(["WGPEER_A_FLAGS", only])
     allowed = []
     for net in part.allowed_ips:
         family = socket.AF_INET6 if net.version == 6 else socket.AF_INET

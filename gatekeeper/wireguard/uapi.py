@@ -75,6 +75,7 @@ class PeerUpdate:
             allowed_ips=tuple(peer.allowed_ips),
             endpoint=peer.endpoint,
             persistent_keepalive=peer.persistent_keepalive or 0,
+            update_only=peer.update_only,
         )
 
     @classmethod
