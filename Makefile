@@ -5,7 +5,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := wireguard-go wireguard-tools nftables libnftables1 iproute2 iputils-ping iperf3 \
-	python3-venv procps tinyproxy
+	python3-venv procps tinyproxy zsh
+# Packages such as tinyproxy would start their own daemons on install; the tests start what
+# they need themselves (inside their namespaces), so services are kept from starting then.
+NO_SERVICE_START := added_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	printf '\#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && added_policy=1; fi;
+SERVICE_START_AGAIN := [ -n "$$added_policy" ] && rm -f /usr/sbin/policy-rc.d;
 # vm-tests: QEMU, and what builds its image (the kernel and busybox come via apt-get download).
 VM_PACKAGES := qemu-system-x86 debootstrap kmod e2fsprogs
 
@@ -49,7 +54,8 @@ system-packages:
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root, or apt-get install them)"; exit 1; fi; \
 		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		$(NO_SERVICE_START) apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		rc=$$?; $(SERVICE_START_AGAIN) exit $$rc; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
