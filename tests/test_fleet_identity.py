@@ -106,9 +106,11 @@ def test_a_duplicate_uuid_is_a_visible_conflict(sl: SideroLinkLab) -> None:
     first = sl.add_machine()
     status = sl.wait_connected(first)
     address = status["node_address"].split("/")[0]
-    # A clone: the same SMBIOS UUID, no unique token, its own key, another host.
+    # A clone: a copy of the whole disk (the same SMBIOS UUID and the same kept unique
+    # token), its own key, another host.
     clone = sl.add_machine(start=False)
-    twin = req(sl.join_token, first.node_uuid)
+    token = (first.run_dir / "state" / "unique-token").read_text().strip()
+    twin = req(sl.join_token, first.node_uuid, node_unique_token=token)
     (result,) = provisions(clone, api_target(sl), [twin])
     assert outcome(result).startswith(
         "ALREADY_EXISTS: node_uuid is in use by another connected machine"
