@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := wireguard-go wireguard-tools nftables libnftables1 iproute2 iputils-ping iperf3 \
-	python3-venv procps
+	python3-venv procps postgresql
 # vm-tests: QEMU, and what builds its image (the kernel and busybox come via apt-get download).
 VM_PACKAGES := qemu-system-x86 debootstrap kmod e2fsprogs
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, open_registry
+from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, open_registry_for
 from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.escape import shown
 from gatekeeper.server.registry import RegistryError
@@ -58,17 +58,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument(
         "--max-uses", type=_uses, metavar="N", help="at most N new machines may join with it"
     )
-    add_state_dir(create)
+    add_state_dir(create, registry=True)
     create.set_defaults(func=cmd_create)
 
     listing = sub.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    add_state_dir(listing)
+    add_state_dir(listing, registry=True)
     listing.set_defaults(func=cmd_list)
 
     revoke = sub.add_parser("revoke", help="revoke a token: no machine may provision with it")
     revoke.add_argument("token_id", metavar="ID", help="the token's id (see token list)")
-    add_state_dir(revoke)
+    add_state_dir(revoke, registry=True)
     revoke.set_defaults(func=cmd_revoke)
 
 
@@ -91,7 +91,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         text, record = new_token(
             name=args.name, now=now, expires_in=args.expires_in, max_uses=args.max_uses
         )
-        registry = open_registry(args.state_dir, create=True)
+        registry = open_registry_for(args, create=True)
         with registry:
             registry.add_token(record)
     except (ValueError, CliError, RegistryError) as exc:
@@ -130,7 +130,7 @@ def token_row(record: TokenRecord, now: float) -> dict[str, object]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        registry = open_registry(args.state_dir, readonly=True)
+        registry = open_registry_for(args, readonly=True)
         with registry:
             tokens = registry.tokens()
     except (CliError, RegistryError) as exc:
@@ -167,7 +167,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     # A whole token pasted here works too; only its id part is used (and ever printed).
     token_id = args.token_id.strip().partition(".")[0][:64]
     try:
-        registry = open_registry(args.state_dir)
+        registry = open_registry_for(args)
         with registry:
             known = registry.token(token_id)
             done = registry.revoke_token(token_id, now)
