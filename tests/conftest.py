@@ -76,3 +76,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     yield opener
     for reg in opened:
         reg.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_args(request: pytest.FixtureRequest) -> list[str]:
+    """Options for `gatekeeper server` and the fleet commands: the default SQLite registry,
+    then a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return []
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    url: str = request.getfixturevalue("pg_url")
+    return ["--registry", url, "--registry-password-file", str(cluster.password_file)]

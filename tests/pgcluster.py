@@ -88,8 +88,11 @@ class PgCluster:
             "-w", "-t", "30", "start",
         )  # fmt: skip
 
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
     def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
+        if self.running():
             self._as_postgres(
                 str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"
             )  # fmt: skip
