@@ -4,6 +4,8 @@ servers share it, the schema's versions, and every bad URL, password or outage i
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -207,3 +209,46 @@ def test_fleet_commands_take_the_registry_url(pg_url: str, tmp_path: Path) -> No
     assert down.returncode == 1 and down.stdout == ""
     assert down.stderr.count("\n") == 1
     assert down.stderr.startswith(f"gatekeeper machines: the registry {gone} is unreachable: ")
+
+
+def test_a_store_that_stops_answering_is_unavailable_in_time(pg_url: str) -> None:
+    with PostgresRegistry(pg_url, shown=pg_url, answer_within=1.0) as reg:
+        reg.claim(machine(1))
+        # Our cluster's backend serving this connection, frozen: it answers nothing, and
+        # enforces no statement_timeout either (as a stopped VM or a lost network).
+        backend = reg._connection().info.backend_pid
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RegistryUnavailable) as info:
+                reg.machines()
+            took = time.monotonic() - started
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        assert str(info.value) == f"the registry {pg_url} did not answer within 1 s"
+        assert 0.9 < took < 2.5, took
+        # The next call runs on a fresh connection.
+        assert len(reg.machines()) == 1
+
+
+def test_a_server_on_a_bad_registry_refuses_to_start_in_one_line(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PostgresRegistry(pg_url, shown=pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE gatekeeper_schema SET version = 99")
+    gone = f"postgresql://gatekeeper@/gk?host={tmp_path / 'nowhere'}"
+    expected = {
+        "mysql://root@db/gk": "gatekeeper server: --registry mysql://root@db/gk: unknown kind",
+        "postgresql://gatekeeper:hunter2@/gk": "gatekeeper server: --registry: no password in",
+        gone: f"gatekeeper server: the registry {gone} is unreachable: ",
+        pg_url: f"gatekeeper server: the registry {pg_url} has schema version 99, newer",
+    }
+    for url, start in expected.items():
+        done = gk(
+            "server", "--state-dir", str(tmp_path / "state"), "--registry", url,
+            "--endpoint", "[fd00:6b:1::1]:51820", "--wireguard-interface", "gkbadreg",
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(start), done.stderr
+        assert done.stderr.count("\n") == 1 and "hunter2" not in done.stderr

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -146,6 +148,7 @@ class PostgresRegistry:
         readonly: bool = False,
         connect_timeout: float = 3.0,
         statement_timeout: float = 5.0,
+        answer_within: float = 6.0,
     ) -> None:
         self.shown = shown
         self.readonly = readonly
@@ -153,14 +156,21 @@ class PostgresRegistry:
         self._password = password
         self._connect_timeout = connect_timeout
         self._statement_timeout = statement_timeout
+        self._answer_within = answer_within
         self._lock = threading.Lock()
         self._db: psycopg.Connection[tuple[Any, ...]] | None = None
-        with self._lock:
-            self._connection()
-            if readonly:
-                self._run_once(self._check_version)
-            else:
-                self._run_once(self._migrate)
+        # The operation in flight: since when, on which connection (see _watch).
+        self._busy: tuple[float, psycopg.Connection[tuple[Any, ...]]] | None = None
+        self._busy_lock = threading.Lock()
+        self._expired = False
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="registry-watchdog", daemon=True)
+        self._watchdog.start()
+        try:
+            self._run(self._check_version if readonly else self._migrate)
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections ---------------------------------------------------------------------
 
@@ -204,8 +214,30 @@ class PostgresRegistry:
                 self._db.close()
         self._db = None
 
+    def _watch(self) -> None:
+        """Cut the connection of an operation that took too long.
+
+        statement_timeout is enforced by the PostgreSQL server; a server that is frozen (a
+        stopped VM, a hung disk) or a network that drops packets enforces nothing, and libpq
+        would wait for its answer forever, holding the Provision that waits on it. Shutting
+        the socket down makes that wait end now, as a broken connection.
+        """
+        period = min(0.25, self._answer_within / 4)
+        while not self._closed.wait(period):
+            with self._busy_lock:
+                busy = self._busy
+                if busy is None or time.monotonic() - busy[0] < self._answer_within:
+                    continue
+                self._expired = True
+                with contextlib.suppress(OSError, psycopg.Error):
+                    fd = os.dup(busy[1].fileno())
+                    with socket.socket(fileno=fd) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+
     def _run_once(self, op: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
         db = self._connection()
+        with self._busy_lock:
+            self._busy = (time.monotonic(), db)
         try:
             return op(db)
         except (RegistryError, TokenRefused):
@@ -217,6 +249,9 @@ class PostgresRegistry:
             raise self._error(exc) from None
         except psycopg.Error as exc:
             raise self._error(exc) from None
+        finally:
+            with self._busy_lock:
+                self._busy = None
 
     def _error(self, exc: psycopg.Error) -> RegistryError:
         if isinstance(exc, pgerrors.UndefinedTable):
@@ -235,14 +270,22 @@ class PostgresRegistry:
         """One operation (one transaction), retried once when the connection had broken:
         the server rolled the transaction back, so running it again is safe."""
         with self._lock:
-            try:
-                return self._run_once(op)
-            except _Retry:
-                pass
+            self._expired = False
             try:
                 return self._run_once(op)
             except _Retry as exc:
+                if self._expired:
+                    # Not again: a store that did not answer would make the caller wait twice.
+                    raise RegistryUnavailable(self._too_slow()) from exc
+            try:
+                return self._run_once(op)
+            except _Retry as exc:
+                if self._expired:
+                    raise RegistryUnavailable(self._too_slow()) from exc
                 raise RegistryUnavailable(str(exc)) from None
+
+    def _too_slow(self) -> str:
+        return f"the registry {self.shown} did not answer within {self._answer_within:g} s"
 
     @contextlib.contextmanager
     def _transaction(
@@ -501,6 +544,7 @@ class PostgresRegistry:
         return self._run(op)
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self._drop()
 
