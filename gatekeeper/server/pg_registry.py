@@ -191,22 +191,27 @@ class PostgresRegistry:
             kwargs["password"] = self._password
         try:
             self._db = psycopg.connect(self._conninfo, **kwargs)
-        except psycopg.OperationalError as exc:
-            raise RegistryUnavailable(self._unreachable(exc)) from None
         except psycopg.Error as exc:
-            raise RegistryError(f"registry {self.shown}: {_first_line(exc)}") from None
+            raise self._connect_error(exc) from None
         return self._db
 
-    def _unreachable(self, exc: BaseException) -> str:
+    def _connect_error(self, exc: psycopg.Error) -> RegistryError:
+        """A login refused or a database missing stays so (fix the configuration); anything
+        else is the store being away, which passes (RegistryUnavailable)."""
         text = _first_line(exc)
         if "password authentication failed" in text or "no password supplied" in text:
-            return (
+            return RegistryError(
                 f"the registry {self.shown} refused the login: {text} (the password comes "
                 "from PGPASSWORD, ~/.pgpass or --registry-password-file)"
             )
         if "does not exist" in text:
-            return f"the registry {self.shown} cannot be used: {text}"
-        return f"the registry {self.shown} is unreachable: {text}"
+            return RegistryError(f"the registry {self.shown} cannot be used: {text}")
+        if not isinstance(exc, psycopg.OperationalError):
+            return RegistryError(f"registry {self.shown}: {text}")
+        return RegistryUnavailable(self._unreachable(exc))
+
+    def _unreachable(self, exc: BaseException) -> str:
+        return f"the registry {self.shown} is unreachable: {_first_line(exc)}"
 
     def _drop(self) -> None:
         if self._db is not None:
