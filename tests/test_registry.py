@@ -179,3 +179,28 @@ def test_duplicate_keys_of_an_old_registry_are_resolved_and_the_key_made_unique(
     got = reg.get("new")
     assert got is not None and got.conflict_time == 5.0 and got.conflict_from == "fd00:6b:1::103"
     assert reg.integrity_check() == "ok"
+
+
+def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from gatekeeper.server.registry_url import open_registry
+
+    file = tmp_path / "elsewhere" / "fleet.db"
+    with open_registry(f"sqlite://{file}", tmp_path / "state") as reg:
+        reg.claim(record("uuid-a", "fdae:41e4:649b:9303::a"))
+    assert file.exists() and not (tmp_path / "state" / "registry.sqlite3").exists()
+
+    def gk(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gatekeeper", *args, "--state-dir", str(tmp_path)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    listed = gk("machines", "--json", "--registry", f"sqlite://{file}")
+    assert listed.returncode == 0 and "uuid-a" in listed.stdout, listed.stderr
+    missing = gk("token", "list", "--registry", f"sqlite://{tmp_path}/none.db")
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        f"gatekeeper token list: no registry at {tmp_path}/none.db: "
+        "is that the server's --registry?\n"
+    )

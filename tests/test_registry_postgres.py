@@ -25,6 +25,7 @@ from gatekeeper.server.registry import (
     RegistrationLimit,
     RegistryError,
     RegistryUnavailable,
+    ServerIdentity,
     TokenRefused,
     machine_key,
 )
@@ -234,7 +235,7 @@ def test_a_store_that_stops_answering_is_unavailable_in_time(pg_url: str) -> Non
 
 
 def test_a_server_on_a_bad_registry_refuses_to_start_in_one_line(
-    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
     PostgresRegistry(pg_url, shown=pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as db:
@@ -246,6 +247,20 @@ def test_a_server_on_a_bad_registry_refuses_to_start_in_one_line(
         gone: f"gatekeeper server: the registry {gone} is unreachable: ",
         pg_url: f"gatekeeper server: the registry {pg_url} has schema version 99, newer",
     }
+    other = pg_cluster.create_database()
+    try:
+        with PostgresRegistry(other, shown=other) as reg:
+            reg.identity(lambda: ServerIdentity(PrivateKey.generate(), "fleet-a"))
+        expected[other] = (
+            f"gatekeeper server: the registry {other} belongs to installation id 'fleet-a', "
+            "not '': every machine's address depends on it"
+        )
+        check_server_refusals(expected, tmp_path)
+    finally:
+        pg_cluster.drop_database(other)
+
+
+def check_server_refusals(expected: dict[str, str], tmp_path: Path) -> None:
     for url, start in expected.items():
         done = gk(
             "server", "--state-dir", str(tmp_path / "state"), "--registry", url,

@@ -1,8 +1,9 @@
 """`gatekeeper token create|list|revoke`: join tokens with a lifecycle.
 
-These commands open the server's registry directly (SQLite is safe across processes), so they
-work before the server's first start and while it runs; a revocation applies to the server's
-very next Provision. The token is printed once, on stdout, and never stored: only its hash.
+These commands open the server's registry directly (SQLite is safe across processes, and a
+PostgreSQL `--registry URL` across servers), so they work before the server's first start and
+while it runs; a revocation applies to the server's (every server's) very next Provision.
+The token is printed once, on stdout, and never stored: only its hash.
 """
 
 from __future__ import annotations
