@@ -68,7 +68,8 @@ class TwoServers:
 
 
 def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> Instance:
-    """Server n (1: the lab's own namespace; 2: a namespace on the same underlay bridge)."""
+    """Server n (1: the lab's own namespace; 2: a namespace on the same underlay bridge),
+    started, not yet waited for."""
     if n == 1:
         ns, underlay = sl.server_ns, sl.server_underlay
     else:
@@ -97,7 +98,6 @@ def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> 
     )  # fmt: skip
     log = sl.workdir / f"server{n}.log"
     proc = sl.lab.spawn(ns, argv, log=log)
-    sl._wait_port(ns, underlay, API_PORT, 20, proc)
     return Instance(ns, underlay, interface, state_dir, proc)
 
 
@@ -106,8 +106,12 @@ def two_servers(cluster: PgCluster) -> Iterator[TwoServers]:
     url = cluster.create_database()
     try:
         with SideroLinkLab() as sl:
-            a = start_instance(sl, 1, url, cluster.password_file)
+            # Both at once on a fresh database: they race to create the schema and the
+            # server identity, and both must come up with the same one.
             b = start_instance(sl, 2, url, cluster.password_file)
+            a = start_instance(sl, 1, url, cluster.password_file)
+            for server in (a, b):
+                sl._wait_port(server.ns, server.underlay, API_PORT, 20, server.proc)
             yield TwoServers(sl, url, cluster.password_file, a, b)
     finally:
         if cluster.running():
@@ -153,6 +157,8 @@ def test_a_token_revoked_through_one_server_is_refused_by_both(fleet: TwoServers
     token = created.stdout.strip()
     before = [provisions(m, s.target, [request(token)])[0] for s in (fleet.a, fleet.b)]
     assert [outcome(r) for r in before] == ["OK", "OK"]
+    # One fleet: one server identity, one overlay prefix.
+    assert before[0]["ok"]["server_public_key"] == before[1]["ok"]["server_public_key"]
     revoked = fleet.gk("token", "revoke", token.split(".")[0], via=fleet.b)
     assert revoked.returncode == 0, revoked.stderr
     after = [provisions(m, s.target, [request(token)])[0] for s in (fleet.a, fleet.b)]

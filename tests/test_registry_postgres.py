@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from pgcluster import PgCluster
 
-from gatekeeper.server.pg_registry import SCHEMA_VERSION, PostgresRegistry
+from gatekeeper.server.pg_registry import PostgresRegistry
+from gatekeeper.server.pg_schema import SCHEMA_VERSION
 from gatekeeper.server.registry import (
     AddressTaken,
     MachineRecord,

@@ -2,11 +2,14 @@
 
 The store decides what must hold across servers: unique constraints on the address, the
 public key and the machine key; a token use is one conditional UPDATE; the order of machines
-and tokens is a store-assigned sequence. Every operation is one transaction, so a dropped
-connection leaves nothing half-written, and one that failed because the connection broke is
-retried once on a fresh connection (how a server rides out a PostgreSQL restart).
+and tokens is a store-assigned sequence (the schema and its migrations: `pg_schema.py`).
+Every operation is one transaction, so a dropped connection leaves nothing half-written, and
+one that failed because the connection broke is retried once on a fresh connection (how a
+server rides out a PostgreSQL restart).
 
-One connection per registry, guarded by a lock, as with SQLite. A store that cannot be
+One connection per registry, guarded by a lock, as with SQLite: the server's store calls are
+few and short, and one connection per server keeps a fleet of servers far below PostgreSQL's
+connection limit. A store that cannot be
 reached is `RegistryUnavailable` (the server answers UNAVAILABLE); everything else is one
 `RegistryError` line naming the registry, never the password.
 """
@@ -25,6 +28,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pgerrors
 
+from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
     AddressTaken,
     KeyTaken,
@@ -38,50 +42,8 @@ from gatekeeper.server.registry import (
 from gatekeeper.server.tokens import TokenRecord, TokenState
 from gatekeeper.wireguard.keys import PrivateKey
 
-# The schema this code reads and writes. A registry at a higher version was written by a
-# newer gatekeeper: refused, since this code would not keep its rules.
-SCHEMA_VERSION = 1
-
-# pg_advisory_xact_lock keys (any fixed 64-bit numbers, "gk" in the top bytes).
-_MIGRATION_LOCK = 0x676B_0000_0001
+# pg_advisory_xact_lock key for --max-machines counts ("gk" in the top bytes).
 _REGISTRATION_LOCK = 0x676B_0000_0002
-
-# Step N takes the schema from version N-1 to N, in one transaction under the migration lock.
-_STEPS: tuple[str, ...] = (
-    """
-    CREATE TABLE identity (
-        id integer PRIMARY KEY CHECK (id = 1),
-        private_key text NOT NULL,
-        installation_id text NOT NULL
-    );
-    CREATE TABLE machines (
-        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
-        machine_key text PRIMARY KEY,
-        node_uuid text NOT NULL,
-        address text NOT NULL CONSTRAINT machines_address_unique UNIQUE,
-        public_key text NOT NULL CONSTRAINT machines_public_key_unique UNIQUE,
-        endpoint text,
-        tunnel boolean NOT NULL DEFAULT false,
-        talos_version text NOT NULL DEFAULT '',
-        created double precision NOT NULL,
-        updated double precision NOT NULL,
-        join_token_id text,
-        conflict_time double precision,
-        conflict_from text
-    );
-    CREATE TABLE tokens (
-        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
-        token_id text PRIMARY KEY,
-        name text NOT NULL,
-        secret_hash text NOT NULL,
-        created double precision NOT NULL,
-        expires double precision,
-        max_uses integer CHECK (max_uses IS NULL OR max_uses >= 1),
-        uses integer NOT NULL DEFAULT 0 CHECK (max_uses IS NULL OR uses <= max_uses),
-        revoked double precision
-    );
-    """,
-)
 
 _COLUMNS = (
     "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
@@ -299,53 +261,15 @@ class PostgresRegistry:
         with db.transaction(), db.cursor() as cur:
             yield cur
 
-    # -- schema --------------------------------------------------------------------------
-
-    def _version(self, cur: psycopg.Cursor[Any]) -> int:
-        cur.execute("SELECT to_regclass('gatekeeper_schema') IS NOT NULL")
-        row = cur.fetchone()
-        if not row or not row[0]:
-            return 0
-        cur.execute("SELECT version FROM gatekeeper_schema WHERE id = 1")
-        row = cur.fetchone()
-        return int(row[0]) if row else 0
-
-    def _refuse_newer(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"the registry {self.shown} has schema version {version}, newer than this "
-                f"gatekeeper's ({SCHEMA_VERSION}): upgrade gatekeeper on this host"
-            )
+    # -- schema (pg_schema.py) ----------------------------------------------------------
 
     def _migrate(self, db: psycopg.Connection[tuple[Any, ...]]) -> None:
         with self._transaction(db) as cur:
-            # Two servers starting at once: the second waits here until the first committed,
-            # then finds the schema current. Released with the transaction.
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            version = self._version(cur)
-            self._refuse_newer(version)
-            if version == SCHEMA_VERSION:
-                return
-            cur.execute(
-                "CREATE TABLE IF NOT EXISTS gatekeeper_schema ("
-                "id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
-            )
-            for step in _STEPS[version:]:
-                cur.execute(step.encode())
-            cur.execute(
-                "INSERT INTO gatekeeper_schema (id, version) VALUES (1, %s) "
-                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                (SCHEMA_VERSION,),
-            )
+            pg_schema.migrate(cur, self.shown)
 
     def _check_version(self, db: psycopg.Connection[tuple[Any, ...]]) -> None:
         with self._transaction(db) as cur:
-            version = self._version(cur)
-        if version == 0:
-            raise RegistryError(
-                f"{self.shown} holds no gatekeeper registry (start a server on it first)"
-            )
-        self._refuse_newer(version)
+            pg_schema.check_version(cur, self.shown)
 
     # -- the Registry interface ----------------------------------------------------------
 
