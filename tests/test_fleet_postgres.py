@@ -8,18 +8,21 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from fleetlab import TESTS, provisions
 from pgcluster import PgCluster, started_cluster, unavailable
 
 from gatekeeper.lab.netns import Namespace, move_veth_pair
 from gatekeeper.lab.siderolink_lab import API_PORT, UNDERLAY, SideroLinkLab, gatekeeper_argv
+from gatekeeper.server.registry import machine_key
 from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
@@ -230,3 +233,48 @@ def test_postgresql_stopped_and_started_again(own_cluster: PgCluster) -> None:
             log = (fleet.sl.workdir / f"server{n}.log").read_text()
             assert "Traceback" not in log and UNREACHABLE not in log
             assert "is unreachable" in log
+
+
+def test_postgresql_gone_in_the_middle_of_a_claim_leaves_no_peer(own_cluster: PgCluster) -> None:
+    with two_servers(own_cluster) as fleet:
+        m = fleet.sl.add_machine(start=False)
+        req = request(fleet.sl.join_token)
+        key = str(req["node_public_key"])
+        # Another server's claim of the same identity in flight: ours waits for its lock, its
+        # peer already on the device, when PostgreSQL goes away.
+        holder = psycopg.connect(fleet.url.replace("gatekeeper@", "postgres@"), autocommit=True)
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))",
+            (machine_key(str(req["node_uuid"]), ""),),
+        )
+        result: list[dict[str, object]] = []
+        call = threading.Thread(target=lambda: result.extend(provisions(m, fleet.a.target, [req])))
+        call.start()
+        try:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                waiting = holder.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND application_name = 'gatekeeper'"
+                ).fetchone()
+                if waiting and waiting[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the claim never waited for the lock")
+        finally:
+            own_cluster.stop()
+            with contextlib.suppress(psycopg.Error):
+                holder.close()
+            call.join(30)
+        assert [outcome(r) for r in result] == [f"UNAVAILABLE: {UNREACHABLE}"]
+        assert key not in wg_peers(fleet.a.interface)
+        own_cluster.start()
+        assert [outcome(r) for r in provisions(m, fleet.a.target, [req])] == ["OK"]
+        assert key in wg_peers(fleet.a.interface)
+
+
+def wg_peers(interface: str) -> list[str]:
+    return subprocess.run(
+        ["wg", "show", interface, "peers"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.split()
