@@ -22,6 +22,7 @@ from pgcluster import PgCluster, started_cluster, unavailable
 
 from gatekeeper.lab.netns import Namespace, move_veth_pair
 from gatekeeper.lab.siderolink_lab import API_PORT, UNDERLAY, SideroLinkLab, gatekeeper_argv
+from gatekeeper.overlay import overlay_prefix, server_address
 from gatekeeper.server.registry import machine_key
 from gatekeeper.wireguard.keys import PrivateKey
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.netns
 
 STORM = TESTS.parent / "bench" / "storm_client.py"
 UNREACHABLE = "the server's registry is unreachable: try again"
+SERVER_OVERLAY = str(server_address(overlay_prefix("")))
 
 
 @dataclass
@@ -202,11 +204,16 @@ def test_machines_provisioning_through_both_get_distinct_addresses(fleet: TwoSer
 
 def test_postgresql_stopped_and_started_again(own_cluster: PgCluster) -> None:
     with two_servers(own_cluster) as fleet:
+        # A real agent, joined through server A (the lab's API URL) before the outage.
+        agent = fleet.sl.add_machine()
+        fleet.sl.wait_connected(agent)
         m = fleet.sl.add_machine(start=False)
         token = fleet.sl.join_token
         first = [outcome(provisions(m, s.target, [request(token)])[0]) for s in (fleet.a, fleet.b)]
         assert first == ["OK", "OK"]
         own_cluster.stop()
+        # Its link does not need the store: the overlay still carries traffic.
+        assert fleet.sl.ping(agent, SERVER_OVERLAY, count=3)
         for server in (fleet.a, fleet.b):
             started = time.monotonic()
             (result,) = provisions(m, server.target, [request(token)])
@@ -227,7 +234,8 @@ def test_postgresql_stopped_and_started_again(own_cluster: PgCluster) -> None:
         assert back == ["OK", "OK"]
         assert fleet.a.proc.poll() is None and fleet.b.proc.poll() is None
         listed = json.loads(fleet.gk("machines", "--json").stdout)
-        assert len(listed) == 4 and len({r["address"] for r in listed}) == 4
+        assert len(listed) == 5 and len({r["address"] for r in listed}) == 5
+        assert fleet.sl.ping(agent, SERVER_OVERLAY)
         # The outage was a log line per refused Provision, never a traceback.
         for n in (1, 2):
             log = (fleet.sl.workdir / f"server{n}.log").read_text()
