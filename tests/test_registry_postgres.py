@@ -132,7 +132,8 @@ def test_bad_urls_and_passwords_are_one_line_without_the_password(
 ) -> None:
     state = tmp_path / "state"
     cases = {
-        "mysql://root@db/gk": "unknown kind of registry: use sqlite:///PATH or postgresql://",
+        "mysql://root:hunter2@db/gk": "unknown kind of registry 'mysql': use sqlite:///PATH or",
+        "postgresql://gatekeeper:hunter2@/gk?port=x": "no password in the URL (ps shows it)",
         "sqlite://relative/file": "a SQLite registry is sqlite:///ABSOLUTE/FILE",
         "postgresql://gatekeeper:hunter2@/gk": "no password in the URL (ps shows it)",
         "postgresql://gatekeeper@/gk?nosuchparameter=1": "not a valid PostgreSQL URL",
@@ -243,7 +244,7 @@ def test_a_server_on_a_bad_registry_refuses_to_start_in_one_line(
         db.execute("UPDATE gatekeeper_schema SET version = 99")
     gone = f"postgresql://gatekeeper@/gk?host={tmp_path / 'nowhere'}"
     expected = {
-        "mysql://root@db/gk": "gatekeeper server: --registry mysql://root@db/gk: unknown kind",
+        "mysql://root@db/gk": "gatekeeper server: --registry: unknown kind of registry 'mysql'",
         "postgresql://gatekeeper:hunter2@/gk": "gatekeeper server: --registry: no password in",
         gone: f"gatekeeper server: the registry {gone} is unreachable: ",
         pg_url: f"gatekeeper server: the registry {pg_url} has schema version 99, newer",

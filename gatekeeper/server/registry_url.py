@@ -40,19 +40,33 @@ def parse_registry_url(url: str | None, state_dir: Path) -> RegistryTarget:
     if url.startswith(("postgresql://", "postgres://")):
         from psycopg import conninfo
 
+        if _has_password(url):
+            raise RegistryError(NO_PASSWORD)
         try:
             params = conninfo.conninfo_to_dict(url)
         except Exception as exc:  # psycopg.ProgrammingError, and libpq's own parse errors
             reason = " ".join(str(exc).split())
             raise RegistryError(f"--registry: not a valid PostgreSQL URL ({reason})") from None
-        if params.get("password") is not None:
-            raise RegistryError(
-                "--registry: no password in the URL (ps shows it): use PGPASSWORD, "
-                "~/.pgpass or --registry-password-file"
-            )
+        if params.get("password") is not None:  # ?password=...
+            raise RegistryError(NO_PASSWORD)
         return RegistryTarget("postgresql", url)
-    shown = url if len(url) <= 80 and url.isprintable() else repr(url[:80])
-    raise RegistryError(f"--registry {shown}: unknown kind of registry: {USAGE}")
+    # Only the scheme: the rest may hold a password meant for some other store.
+    scheme = url.partition(":")[0][:20]
+    shown = scheme if scheme.isprintable() and scheme else "?"
+    raise RegistryError(f"--registry: unknown kind of registry {shown!r}: {USAGE}")
+
+
+NO_PASSWORD = (
+    "--registry: no password in the URL (ps shows it): use PGPASSWORD, ~/.pgpass or "
+    "--registry-password-file"
+)
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
 
 
 def read_password_file(path: Path) -> str:
