@@ -160,6 +160,8 @@ def test_bad_urls_and_passwords_are_one_line_without_the_password(
     assert "wrong-password" not in str(info.value) and "\n" not in str(info.value)
     # Not a passing outage (Provision would say UNAVAILABLE): the configuration is wrong.
     assert not isinstance(info.value, RegistryUnavailable)
+    with open_registry(pg_url, state, password_file=pg_cluster.password_file) as reg:
+        assert reg.machines() == []
     monkeypatch.delenv("PGPASSWORD")
     with open_registry(pg_url, state, password_file=pg_cluster.password_file) as reg:
         assert reg.machines() == []
