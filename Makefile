@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := wireguard-go wireguard-tools nftables libnftables1 iproute2 iputils-ping iperf3 \
-	python3-venv procps tinyproxy zsh
+	python3-venv procps tinyproxy zsh postgresql
 # Packages such as tinyproxy would start their own daemons on install; the tests start what
 # they need themselves (inside their namespaces), so services are kept from starting then.
 NO_SERVICE_START := added_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \

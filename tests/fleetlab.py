@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,13 @@ def provisions(machine: Machine, target: str, requests: list[dict[str, Any]]) ->
     return result
 
 
-def gk(sl: SideroLinkLab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`gatekeeper ARGS --state-dir <the lab server's>` from the root namespace."""
+def gk(
+    sl: SideroLinkLab, *args: str, check: bool = True, registry: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`gatekeeper ARGS --state-dir <the lab server's> [--registry ...]` from the root
+    namespace (`registry`: the `registry_args` fixture's options)."""
     done = subprocess.run(
-        [sys.executable, "-m", "gatekeeper", *args, "--state-dir", str(sl.state_dir)],
+        [sys.executable, "-m", "gatekeeper", *args, "--state-dir", str(sl.state_dir), *registry],
         capture_output=True,
         text=True,
         timeout=60,

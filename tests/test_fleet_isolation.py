@@ -69,29 +69,31 @@ def test_machine_cannot_reach_another_even_with_a_route(sl: SideroLinkLab) -> No
     assert sl.ping(a, addr_b, count=3, wait=1)
 
 
-def test_machines_lists_live_data_and_remove_drops_the_peer(sl: SideroLinkLab) -> None:
-    sl.start_server()
+def test_machines_lists_live_data_and_remove_drops_the_peer(
+    sl: SideroLinkLab, registry_args: list[str]
+) -> None:
+    sl.start_server(*registry_args)
     m = sl.add_machine()
     status = sl.wait_connected(m)
-    rows = json.loads(gk(sl, "machines", "--json").stdout)
+    rows = json.loads(gk(sl, "machines", "--json", registry=registry_args).stdout)
     (row,) = rows
     assert row["uuid"] == m.node_uuid
     assert row["address"] == status["node_address"].split("/")[0]
     assert row["connected"] is True and row["last_handshake"]
     assert row["endpoint"] == f"[{m.underlay}]:51821"
     assert row["tunnel"] is False and row["version"] == "v1.9.0"  # the Talos API level sent
-    table = gk(sl, "machines").stdout
+    table = gk(sl, "machines", registry=registry_args).stdout
     assert "LAST HANDSHAKE" in table and m.node_uuid in table and "yes" in table
 
     assert status["public_key"] in sl.server_peers()
-    gk(sl, "machines", "remove", m.node_uuid)
+    gk(sl, "machines", "remove", m.node_uuid, registry=registry_args)
     assert status["public_key"] not in sl.server_peers()
-    assert json.loads(gk(sl, "machines", "--json").stdout) == []
+    assert json.loads(gk(sl, "machines", "--json", registry=registry_args).stdout) == []
     (line,) = [
         a for a in read_audit(sl.state_dir / "audit.jsonl") if a["action"] == "machine.remove"
     ]
     assert line["node_uuid"] == m.node_uuid and "uid" in str(line["who"])
-    missing = gk(sl, "machines", "remove", m.node_uuid, check=False)
+    missing = gk(sl, "machines", "remove", m.node_uuid, check=False, registry=registry_args)
     assert missing.returncode == 1 and "no machine" in missing.stderr
 
     # With the server stopped, the records are still listed; live columns are unknown.
@@ -99,6 +101,6 @@ def test_machines_lists_live_data_and_remove_drops_the_peer(sl: SideroLinkLab) -
     sl.start_agent(m)
     sl.wait_connected(m)
     sl.stop_server()
-    (row,) = json.loads(gk(sl, "machines", "--json").stdout)
+    (row,) = json.loads(gk(sl, "machines", "--json", registry=registry_args).stdout)
     assert row["uuid"] == m.node_uuid and row["connected"] is None
-    assert "no server running" in gk(sl, "machines").stdout
+    assert "no server running" in gk(sl, "machines", registry=registry_args).stdout

@@ -37,13 +37,17 @@ def outcome(result: dict[str, object]) -> str:
     return "OK" if "ok" in result else f"{result['code']}: {result['details']}"
 
 
-def test_token_lifecycle_uses_expiry_revocation_and_audit(sl: SideroLinkLab) -> None:
-    sl.start_server()
+def test_token_lifecycle_uses_expiry_revocation_and_audit(
+    sl: SideroLinkLab, registry_args: list[str]
+) -> None:
+    sl.start_server(*registry_args)
     m = sl.add_machine(start=False)
-    two = gk(sl, "token", "create", "--name", "rack-4", "--max-uses", "2").stdout.strip()
+    two = gk(
+        sl, "token", "create", "--name", "rack-4", "--max-uses", "2", registry=registry_args
+    ).stdout.strip()
     # Long enough to be used below even on a loaded machine; waited out before the expiry check.
     short_created = time.monotonic()
-    short = gk(sl, "token", "create", "--expires-in", "10s").stdout.strip()
+    short = gk(sl, "token", "create", "--expires-in", "10s", registry=registry_args).stdout.strip()
     two_id, short_id = two.split(".")[0], short.split(".")[0]
     first = str(uuid.uuid4())
     results = provisions(
@@ -72,17 +76,20 @@ def test_token_lifecycle_uses_expiry_revocation_and_audit(sl: SideroLinkLab) -> 
     assert results[0]["ok"]["node_address_prefix"] == results[3]["ok"]["node_address_prefix"]
 
     time.sleep(max(0.0, short_created + 10.5 - time.monotonic()))
-    gk(sl, "token", "revoke", two_id)
+    gk(sl, "token", "revoke", two_id, registry=registry_args)
     results = provisions(m, api_target(sl), [req(short), req(two, first)])
     assert [outcome(r) for r in results] == [
         "PERMISSION_DENIED: join token expired",
         "PERMISSION_DENIED: join token revoked",
     ]
 
-    listed = {t["id"]: t for t in json.loads(gk(sl, "token", "list", "--json").stdout)}
+    listed = {
+        t["id"]: t
+        for t in json.loads(gk(sl, "token", "list", "--json", registry=registry_args).stdout)
+    }
     assert listed[two_id]["state"] == "revoked" and listed[two_id]["uses"] == 2
     assert listed[short_id]["state"] == "expired" and listed[short_id]["uses"] == 1
-    table = gk(sl, "token", "list").stdout
+    table = gk(sl, "token", "list", registry=registry_args).stdout
     assert "rack-4" in table and "2/2" in table
 
     audit = read_audit(sl.state_dir / "audit.jsonl")
@@ -105,8 +112,10 @@ def test_token_lifecycle_uses_expiry_revocation_and_audit(sl: SideroLinkLab) -> 
             assert secret not in text
 
 
-def test_registration_limit_is_resource_exhausted(sl: SideroLinkLab) -> None:
-    sl.start_server("--max-machines", "1")
+def test_registration_limit_is_resource_exhausted(
+    sl: SideroLinkLab, registry_args: list[str]
+) -> None:
+    sl.start_server("--max-machines", "1", *registry_args)
     m = sl.add_machine(start=False)
     first = str(uuid.uuid4())
     results = provisions(

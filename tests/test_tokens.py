@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Opener
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -106,8 +107,8 @@ def _machine(uuid: str, n: int) -> MachineRecord:
     )
 
 
-def test_registry_counts_uses_only_for_new_machines(tmp_path: Path) -> None:
-    reg = SqliteRegistry(tmp_path)
+def test_registry_counts_uses_only_for_new_machines(backend: Opener) -> None:
+    reg = backend()
     _, record = new_token(name="two", now=time.time(), max_uses=2)
     reg.add_token(record)
     a, b, c = _machine("a", 10), _machine("b", 11), _machine("c", 12)
@@ -125,8 +126,8 @@ def test_registry_counts_uses_only_for_new_machines(tmp_path: Path) -> None:
         reg.claim(_machine("d", 13), token_id=record.token_id)
 
 
-def test_registry_registration_limit(tmp_path: Path) -> None:
-    reg = SqliteRegistry(tmp_path)
+def test_registry_registration_limit(backend: Opener) -> None:
+    reg = backend()
     reg.claim(_machine("a", 10), max_machines=2)
     reg.claim(_machine("b", 11), max_machines=2)
     reg.claim(_machine("b", 11), max_machines=2)  # known machines always come back

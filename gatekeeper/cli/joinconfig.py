@@ -159,7 +159,7 @@ def _checked_token(state_dir: str, info: JoinInfo, token: str) -> None:
 
 def _create_token(args: argparse.Namespace) -> str:
     text, record = create_token(
-        args.state_dir, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
+        args, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
     )
     print(f"token {record.token_id} created for this join config", file=sys.stderr)
     return text

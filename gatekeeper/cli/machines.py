@@ -29,7 +29,7 @@ from gatekeeper.cli.fleetstate import (
     add_state_dir,
     fail,
     machines_by_uuid,
-    open_registry,
+    open_registry_for,
 )
 from gatekeeper.cli.token import print_table
 from gatekeeper.server.admin import admin_request
@@ -37,6 +37,7 @@ from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.escape import shown
 from gatekeeper.server.fleet import CONNECTED_WITHIN
 from gatekeeper.server.registry import MachineRecord, RegistryError
+from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenRecord
 
 
@@ -62,12 +63,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=2.0,
         help="seconds between lists (default 2)",
     )
-    add_state_dir(machines)
+    add_state_dir(machines, registry=True)
     machines.set_defaults(func=cmd_list)
     sub = machines.add_subparsers(dest="machines_command", required=False, metavar="COMMAND")
     remove = sub.add_parser("remove", help="drop a machine's record and WireGuard peer")
     remove.add_argument("node_uuid", metavar="UUID")
-    add_state_dir(remove, nested=True)
+    add_state_dir(remove, nested=True, registry=True)
     remove.set_defaults(func=cmd_remove)
 
 
@@ -275,13 +276,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _list_once(args: argparse.Namespace) -> int:
     try:
         # Listing only reads: it works on a read-only registry too.
-        registry = open_registry(args.state_dir, readonly=True)
+        registry = open_registry_for(args, readonly=True)
         with registry:
             records = registry.machines()
             tokens = {t.token_id: t for t in registry.tokens()}
     except (CliError, RegistryError) as exc:
         return fail("machines", str(exc))
-    if registry.stale_wal:
+    if isinstance(registry, SqliteRegistry) and registry.stale_wal:
         print(
             f"gatekeeper machines: {registry.path} is read-only and its last writer did not "
             "finish: the newest changes may be missing",
@@ -309,7 +310,7 @@ def _list_once(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     try:
-        registry = open_registry(args.state_dir)
+        registry = open_registry_for(args)
         with registry:
             found = machines_by_uuid(registry, args.node_uuid)
             for record in found:

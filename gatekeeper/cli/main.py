@@ -146,6 +146,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
         restore_last_endpoint=not args.disable_last_endpoint,
+        registry=args.registry,
+        registry_password_file=(
+            Path(args.registry_password_file) if args.registry_password_file else None
+        ),
     )
     try:
         asyncio.run(serve(options))
@@ -285,7 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
         "peers. The join token is read from --join-token-file, or the environment variable "
         "GATEKEEPER_JOIN_TOKEN, or --join-token (visible in ps: avoid on shared hosts).",
     )
-    server.add_argument("--state-dir", default="/var/lib/gatekeeper", help="registry location")
+    server.add_argument(
+        "--state-dir",
+        default="/var/lib/gatekeeper",
+        help="the registry (unless --registry), audit log, journals and admin socket",
+    )
+    server.add_argument(
+        "--registry",
+        metavar="URL",
+        help="where the fleet is stored: sqlite:///FILE, or PostgreSQL "
+        "postgresql://USER@HOST:PORT/DB (socket: postgresql://USER@/DB?host=/run/postgresql) "
+        "to share one fleet between servers; default: SQLite in --state-dir",
+    )
+    server.add_argument(
+        "--registry-password-file",
+        metavar="FILE",
+        help="PostgreSQL password (else PGPASSWORD or ~/.pgpass; a password in the URL is "
+        "refused: ps shows it)",
+    )
     server.add_argument("--listen", default="[::]:8090", help="gRPC listen address")
     server.add_argument("--tls-cert", help="PEM certificate (enables TLS, with --tls-key)")
     server.add_argument("--tls-key", help="PEM private key")

@@ -1,8 +1,9 @@
 """`gatekeeper token create|list|revoke`: join tokens with a lifecycle.
 
-These commands open the server's registry directly (SQLite is safe across processes), so they
-work before the server's first start and while it runs; a revocation applies to the server's
-very next Provision. The token is printed once, on stdout, and never stored: only its hash.
+These commands open the server's registry directly (SQLite is safe across processes, and a
+PostgreSQL `--registry URL` across servers), so they work before the server's first start and
+while it runs; a revocation applies to the server's (every server's) very next Provision.
+The token is printed once, on stdout, and never stored: only its hash.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, open_registry
+from gatekeeper.cli.fleetstate import CliError, add_state_dir, fail, open_registry_for
 from gatekeeper.server.audit import AUDIT_NAME, AuditLog, local_user, rfc3339
 from gatekeeper.server.escape import shown
 from gatekeeper.server.registry import RegistryError
@@ -58,17 +59,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument(
         "--max-uses", type=uses_arg, metavar="N", help="at most N new machines may join with it"
     )
-    add_state_dir(create)
+    add_state_dir(create, registry=True)
     create.set_defaults(func=cmd_create)
 
     listing = sub.add_parser("list", help="list tokens (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    add_state_dir(listing)
+    add_state_dir(listing, registry=True)
     listing.set_defaults(func=cmd_list)
 
     revoke = sub.add_parser("revoke", help="revoke a token: no machine may provision with it")
     revoke.add_argument("token_id", metavar="ID", help="the token's id (see token list)")
-    add_state_dir(revoke)
+    add_state_dir(revoke, registry=True)
     revoke.set_defaults(func=cmd_revoke)
 
 
@@ -86,13 +87,16 @@ def _audit_or_warn(
 
 
 def create_token(
-    state_dir: str, *, name: str, expires_in: float | None, max_uses: int | None
+    args: argparse.Namespace, *, name: str, expires_in: float | None, max_uses: int | None
 ) -> tuple[str, TokenRecord]:
-    """A new token stored (hashed) and audited: its text to show once, and its record."""
+    """A new token stored (hashed) and audited: its text to show once, and its record.
+
+    `args` names the registry (--state-dir, and --registry where the command has it)."""
+    state_dir = args.state_dir
     now = time.time()
     try:
         text, record = new_token(name=name, now=now, expires_in=expires_in, max_uses=max_uses)
-        registry = open_registry(state_dir, create=True)
+        registry = open_registry_for(args, create=True)
         with registry:
             registry.add_token(record)
     except (ValueError, RegistryError) as exc:
@@ -113,7 +117,7 @@ def create_token(
 def cmd_create(args: argparse.Namespace) -> int:
     try:
         text, record = create_token(
-            args.state_dir, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
+            args, name=args.name, expires_in=args.expires_in, max_uses=args.max_uses
         )
     except CliError as exc:
         return fail("token create", str(exc))
@@ -141,7 +145,7 @@ def token_row(record: TokenRecord, now: float) -> dict[str, object]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        registry = open_registry(args.state_dir, readonly=True)
+        registry = open_registry_for(args, readonly=True)
         with registry:
             tokens = registry.tokens()
     except (CliError, RegistryError) as exc:
@@ -178,7 +182,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     # A whole token pasted here works too; only its id part is used (and ever printed).
     token_id = args.token_id.strip().partition(".")[0][:64]
     try:
-        registry = open_registry(args.state_dir)
+        registry = open_registry_for(args)
         with registry:
             known = registry.token(token_id)
             done = registry.revoke_token(token_id, now)

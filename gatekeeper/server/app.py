@@ -29,8 +29,8 @@ from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
 from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
+from gatekeeper.server.registry_url import open_registry
 from gatekeeper.server.service import ProvisionService, add_provision_service
-from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.server.tokens import TokenPolicy
 from gatekeeper.tunnel.header import tunnel_secret
 from gatekeeper.tunnel.peers import TunnelMode
@@ -68,6 +68,9 @@ class ServerOptions:
     tunnel_mode: TunnelMode = TunnelMode.ALLOW
     # False (--disable-last-endpoint): restored peers get no endpoint (omni#2730).
     restore_last_endpoint: bool = True
+    # `--registry URL` (None: SQLite in state_dir) and where its password is (docs/registry.md).
+    registry: str | None = None
+    registry_password_file: Path | None = None
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -110,7 +113,13 @@ class Server:
         if (opts.tls_cert is None) != (opts.tls_key is None):
             raise ServerError("--tls-cert and --tls-key go together")
         try:
-            self.registry = SqliteRegistry(opts.state_dir)
+            self.registry = open_registry(
+                opts.registry, opts.state_dir, password_file=opts.registry_password_file
+            )
+            # Also with a registry elsewhere: the audit log, journals and admin socket.
+            opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ServerError(f"cannot create {opts.state_dir}: {exc.strerror or exc}") from None
         except RegistryError as exc:
             raise ServerError(str(exc)) from None
         # Before touching any device: a second server on the same state would otherwise take
@@ -124,9 +133,9 @@ class Server:
             raise ServerError(str(exc)) from None
         if identity.installation_id != opts.installation_id:
             raise ServerError(
-                f"the state in {opts.state_dir} belongs to installation id "
+                f"the registry {opts.registry or opts.state_dir} belongs to installation id "
                 f"{identity.installation_id!r}, not {opts.installation_id!r}: every machine's "
-                "address depends on it; use the original id or another --state-dir"
+                "address depends on it; use the original id or another --state-dir or --registry"
             )
         prefix = overlay_prefix(identity.installation_id)
         # Before touching the interface: another live server's link is never taken over.

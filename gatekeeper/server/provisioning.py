@@ -26,6 +26,7 @@ from gatekeeper.server.registry import (
     MachineRecord,
     RegistrationLimit,
     Registry,
+    RegistryError,
     TokenRefused,
     machine_key,
 )
@@ -219,7 +220,8 @@ class Provisioner:
                 replaces=holder.machine_key if holder is not None else None,
             )
         except BaseException as exc:
-            self._give_back(key)
+            held = existing if existing and existing.public_key == key.base64() else None
+            self._give_back(key, holder or held)
             if isinstance(exc, AddressTaken):
                 raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
             if isinstance(exc, KeyTaken):
@@ -305,9 +307,14 @@ class Provisioner:
             conflict_with=str(existing.address),
         )
 
-    def _give_back(self, key: PublicKey) -> None:
-        """After a failed claim, the device's peer for `key` is whatever the registry says."""
-        holder = self.registry.by_public_key(key.base64())
+    def _give_back(self, key: PublicKey, before: MachineRecord | None) -> None:
+        """After a failed claim, the device's peer for `key` is whatever the registry says,
+        or, when it cannot say (gone mid-Provision), what it held before: no peer without a
+        record."""
+        try:
+            holder = self.registry.by_public_key(key.base64())
+        except RegistryError:
+            holder = before
         if holder is None:
             self.device.remove_peer(key)
         else:

@@ -1,7 +1,7 @@
 """The server's registry: the one narrow interface every storage backend implements.
 
-SQLite (`sqlite_registry.py`) is the embedded default. The interface is shaped so that a
-replicated store (etcd) can implement it for several servers sharing one fleet: every write is
+SQLite (`sqlite_registry.py`) is the embedded default; PostgreSQL (`pg_registry.py`) lets
+several servers share one fleet (`registry_url.py` picks one from `--registry`). Every write is
 one compare-and-set style operation (`claim` fails on an address another machine holds), there
 are no cross-call transactions and no in-process caches the caller relies on.
 """
@@ -20,6 +20,10 @@ from gatekeeper.wireguard.keys import PrivateKey
 
 class RegistryError(RuntimeError):
     pass
+
+
+class RegistryUnavailable(RegistryError):
+    """The store cannot be reached right now (a PostgreSQL down or restarting): try again."""
 
 
 class AddressTaken(RegistryError):

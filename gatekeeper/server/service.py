@@ -13,7 +13,7 @@ from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
 from gatekeeper.server.escape import shown
 from gatekeeper.server.guard import RATE_LIMITED
 from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
-from gatekeeper.server.registry import RegistryError
+from gatekeeper.server.registry import RegistryError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
                     exc.message,
                 )
             await context.abort(_STATUS[exc.code], exc.message)
+        except RegistryUnavailable as exc:
+            # The store is down or restarting: the caller should retry, and will.
+            log.error("provision from %s failed: %s", shown(req.peer), exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server's registry is unreachable: try again"
+            )
         except RegistryError as exc:
             # A full disk or a broken registry file: one line that says which, no traceback.
             log.error("provision from %s failed: %s", shown(req.peer), exc)

@@ -173,8 +173,10 @@ def _token(row: tuple[object, ...]) -> TokenRecord:
 class SqliteRegistry:
     """One connection guarded by a lock; every write commits (fsync) before it returns."""
 
-    def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
-        self.path = Path(state_dir) / "registry.sqlite3"
+    def __init__(
+        self, state_dir: str | Path, *, readonly: bool = False, filename: str = "registry.sqlite3"
+    ) -> None:
+        self.path = Path(state_dir) / filename
         self.readonly = readonly
         # A read-only view of a WAL file whose last writer died leaves out what is still in
         # its write-ahead log (see _open_readonly): the CLI says so.

@@ -1,0 +1,110 @@
+"""The PostgreSQL registry's schema: its versions and how a server brings a database to the
+current one at start (docs/registry.md, "Schema versions").
+
+`gatekeeper_schema` holds the version. Migrating runs in one transaction holding a
+transaction-level advisory lock: servers starting at once migrate once, the others wait and
+find the schema current, and a crash mid-way leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from gatekeeper.server.registry import RegistryError
+
+# The schema this code reads and writes. A registry at a higher version was written by a
+# newer gatekeeper: refused, since this code would not keep its rules.
+SCHEMA_VERSION = 1
+
+# pg_advisory_xact_lock key (a fixed 64-bit number, "gk" in the top bytes).
+MIGRATION_LOCK = 0x676B_0000_0001
+
+# Step N takes the schema from version N-1 to N. The store decides uniqueness (constraints)
+# and order (`seq`, assigned at commit time, whatever the writing servers' clocks say).
+STEPS: tuple[str, ...] = (
+    """
+    CREATE TABLE identity (
+        id integer PRIMARY KEY CHECK (id = 1),
+        private_key text NOT NULL,
+        installation_id text NOT NULL
+    );
+    CREATE TABLE machines (
+        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        machine_key text PRIMARY KEY,
+        node_uuid text NOT NULL,
+        address text NOT NULL CONSTRAINT machines_address_unique UNIQUE,
+        public_key text NOT NULL CONSTRAINT machines_public_key_unique UNIQUE,
+        endpoint text,
+        tunnel boolean NOT NULL DEFAULT false,
+        talos_version text NOT NULL DEFAULT '',
+        created double precision NOT NULL,
+        updated double precision NOT NULL,
+        join_token_id text,
+        conflict_time double precision,
+        conflict_from text
+    );
+    CREATE TABLE tokens (
+        seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        token_id text PRIMARY KEY,
+        name text NOT NULL,
+        secret_hash text NOT NULL,
+        created double precision NOT NULL,
+        expires double precision,
+        max_uses integer CHECK (max_uses IS NULL OR max_uses >= 1),
+        uses integer NOT NULL DEFAULT 0 CHECK (max_uses IS NULL OR uses <= max_uses),
+        revoked double precision
+    );
+    """,
+)
+assert len(STEPS) == SCHEMA_VERSION
+
+
+def version(cur: psycopg.Cursor[Any]) -> int:
+    """The database's schema version; 0 for a database gatekeeper never wrote to."""
+    cur.execute("SELECT to_regclass('gatekeeper_schema') IS NOT NULL")
+    row = cur.fetchone()
+    if not row or not row[0]:
+        return 0
+    cur.execute("SELECT version FROM gatekeeper_schema WHERE id = 1")
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def refuse_newer(found: int, shown: str) -> None:
+    if found > SCHEMA_VERSION:
+        raise RegistryError(
+            f"the registry {shown} has schema version {found}, newer than this "
+            f"gatekeeper's ({SCHEMA_VERSION}): upgrade gatekeeper on this host"
+        )
+
+
+def migrate(cur: psycopg.Cursor[Any], shown: str) -> None:
+    """Bring the database to SCHEMA_VERSION; call inside a transaction."""
+    # Two servers starting at once: the second waits here until the first committed, then
+    # finds the schema current. Released with the transaction.
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    found = version(cur)
+    refuse_newer(found, shown)
+    if found == SCHEMA_VERSION:
+        return
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS gatekeeper_schema ("
+        "id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
+    )
+    for step in STEPS[found:]:
+        cur.execute(step.encode())
+    cur.execute(
+        "INSERT INTO gatekeeper_schema (id, version) VALUES (1, %s) "
+        "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        (SCHEMA_VERSION,),
+    )
+
+
+def check_version(cur: psycopg.Cursor[Any], shown: str) -> None:
+    """For read-only use: the database holds a registry this code understands."""
+    found = version(cur)
+    if found == 0:
+        raise RegistryError(f"{shown} holds no gatekeeper registry (start a server on it first)")
+    refuse_newer(found, shown)
