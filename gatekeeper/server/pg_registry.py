@@ -433,16 +433,7 @@ class PostgresRegistry:
         self._run(
             lambda db: db.execute(
                 f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    token.token_id,
-                    token.name,
-                    token.secret_hash,
-                    token.created,
-                    token.expires,
-                    token.max_uses,
-                    token.uses,
-                    token.revoked,
-                ),
+                token.columns(),
             )
         )
 

@@ -420,16 +420,7 @@ class SqliteRegistry:
         with self._locked():
             self._db.execute(
                 f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    token.token_id,
-                    token.name,
-                    token.secret_hash,
-                    token.created,
-                    token.expires,
-                    token.max_uses,
-                    token.uses,
-                    token.revoked,
-                ),
+                token.columns(),
             )
 
     def token(self, token_id: str) -> TokenRecord | None:

@@ -63,6 +63,19 @@ class TokenRecord:
             return TokenState.USED_UP
         return TokenState.ACTIVE
 
+    def columns(self) -> tuple[str, str, str, float, float | None, int | None, int, float | None]:
+        """The stored row, in the registries' token column order (both backends use it)."""
+        return (
+            self.token_id,
+            self.name,
+            self.secret_hash,
+            self.created,
+            self.expires,
+            self.max_uses,
+            self.uses,
+            self.revoked,
+        )
+
     @property
     def label(self) -> str:
         return f"{self.token_id} ({self.name})" if self.name else self.token_id
