@@ -301,10 +301,11 @@ def test_a_table_deleted_behind_the_agents_back_is_restored(sl: SideroLinkLab) -
     assert maint_version(sl.server_ns, address).returncode == 0
 
 
-def test_a_second_agent_in_the_same_namespace_does_not_take_the_link_away(
+def test_a_second_agent_in_the_same_namespace_is_refused_and_the_first_unharmed(
     sl: SideroLinkLab,
 ) -> None:
-    # Each has its own /run/wireguard (no shared socket to see): the TUN tells who holds it.
+    # Each has its own /run/wireguard (no shared socket to see), but the link name, the
+    # firewall table and the maintenance port are the namespace's: one agent per namespace.
     sl.start_server()
     first = sl.add_machine()
     status = sl.wait_connected(first)
@@ -315,19 +316,19 @@ def test_a_second_agent_in_the_same_namespace_does_not_take_the_link_away(
         name="m1-second",
         ns=first.ns,
         underlay=first.underlay,
-        # Another machine identity: the same one would make the server move the first's peer.
         node_uuid=str(uuid.uuid4()),
         run_dir=run_dir,
         cmdline=first.cmdline,
         log=run_dir / "agent.log",
     )
-    sl.start_agent(second, "--listen-port", "51822", "--no-firewall")
-    refused = sl.wait_status(
-        second, lambda s: "TUN device is held by" in (s.get("last_error") or ""), 20, "refused"
-    )
-    assert "still running" in refused["last_error"]
-    time.sleep(2)
+    sl.start_agent(second, "--listen-port", "51822")
+    assert second.proc is not None
+    assert second.proc.wait(30) == 1
+    lines = second.log.read_text().strip().splitlines()
+    assert lines[-1].startswith("gatekeeper agent: another gatekeeper agent (pid ")
+    assert "runs in this network namespace" in lines[-1]
+    assert not (run_dir / "status.json").exists()
+    time.sleep(1)
     assert alive(first_wg) and wireguard_go_of(first) == first_wg
     assert first.status()["connected"]
     assert sl.ping(first, status["server_address"])
-    assert "removing interface" not in second.log.read_text()

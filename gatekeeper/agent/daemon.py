@@ -64,6 +64,7 @@ from gatekeeper.link.lifecycle import (
     WaitForNetwork,
 )
 from gatekeeper.link.reply import BadReply
+from gatekeeper.nslock import LockHeld, NamespaceLock
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 
 log = logging.getLogger(__name__)
@@ -444,7 +445,38 @@ class Agent:
             await self.events.put(LinkConfigured(attempt))
 
 
+class AgentStartError(RuntimeError):
+    """The agent cannot start here; the message is one line saying why."""
+
+
+def namespace_lock() -> NamespaceLock | None:
+    """One agent per network namespace: its link name, firewall table and maintenance port
+    are the namespace's. None when /run/gatekeeper is not writable (runs unguarded)."""
+    lock = NamespaceLock("agent")
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        who = f" (pid {exc.holder})" if exc.holder else ""
+        raise AgentStartError(
+            f"another gatekeeper agent{who} runs in this network namespace: one agent per "
+            "namespace (the link, the firewall table and the maintenance port are shared)"
+        ) from None
+    except OSError as exc:
+        log.warning("cannot take %s (%s): not guarding against a second agent", lock.path, exc)
+        return None
+    return lock
+
+
 async def run_agent(options: AgentOptions) -> None:
+    lock = namespace_lock()
+    try:
+        await _run(options)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _run(options: AgentOptions) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

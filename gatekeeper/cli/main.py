@@ -80,7 +80,7 @@ def _talos_version(text: str) -> str:
 def _cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gatekeeper.agent.daemon import AgentOptions, run_agent
+    from gatekeeper.agent.daemon import AgentOptions, AgentStartError, run_agent
     from gatekeeper.agent.unique_token import TOKEN_NAME
     from gatekeeper.link.lifecycle import Timing, TunnelPreference
 
@@ -99,7 +99,11 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         unique_token_file=Path(args.unique_token_file or Path(args.state_dir) / TOKEN_NAME),
         talos_version=args.talos_version,
     )
-    asyncio.run(run_agent(options))
+    try:
+        asyncio.run(run_agent(options))
+    except AgentStartError as exc:
+        print(f"gatekeeper agent: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

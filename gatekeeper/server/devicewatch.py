@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
 
+from gatekeeper.nslock import LOCK_DIR, LockHeld, NamespaceLock
 from gatekeeper.wireguard import iplink
 from gatekeeper.wireguard.backend import Device, IPInterface, PeerConfig, PeerStats, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = Path("/run/gatekeeper")
 WATCH_EVERY = 2.0
 
 
@@ -38,46 +35,24 @@ class InterfaceInUse(RuntimeError):
     pass
 
 
-def _netns_id() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/net").st_ino)
-    except OSError:
-        return "host"
-
-
 class InterfaceLock:
     def __init__(self, ifname: str, directory: Path = LOCK_DIR) -> None:
-        self.path = directory / f"wireguard-{_netns_id()}-{ifname}.lock"
         self.ifname = ifname
-        self._handle: IO[str] | None = None
+        self._lock = NamespaceLock(f"wireguard-{ifname}", directory)
+        self.path = self._lock.path
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()[:32]
-            handle.close()
+            self._lock.acquire()
+        except LockHeld as exc:
             raise InterfaceInUse(
                 f"interface {self.ifname} belongs to a running gatekeeper server"
-                f"{f' (pid {holder})' if holder.isdigit() else ''} in this network namespace: "
+                f"{f' (pid {exc.holder})' if exc.holder else ''} in this network namespace: "
                 "choose another --wireguard-interface, or stop that server"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
 
     def release(self) -> None:
-        if self._handle is not None:
-            with contextlib.suppress(OSError):
-                self._handle.seek(0)
-                self._handle.truncate()
-            self._handle.close()
-            self._handle = None
+        self._lock.release()
 
 
 class SwappableDevice:
