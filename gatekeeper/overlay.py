@@ -36,7 +36,7 @@ def is_siderolink_address(
 
 
 def swap_endpoints(endpoints: list[str]) -> list[str]:
-    """The first/last swap of server_endpoint (spec section 1); it is its own inverse."""
+    """The first/last swap of server_endpoint (docs/compatibility.md); it is its own inverse."""
     if len(endpoints) < 2:
         return list(endpoints)
     out = list(endpoints)

@@ -1,4 +1,4 @@
-"""The SideroLink API URL rules (spec section 2) and secret hygiene of the parsed objects."""
+"""The SideroLink API URL rules (docs/compatibility.md) and secret hygiene of the parsed objects."""
 
 from __future__ import annotations
 

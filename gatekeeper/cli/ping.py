@@ -66,7 +66,7 @@ def api_address(doc: dict[str, Any]) -> tuple[str, int, bool] | None:
         return None
     if not url.hostname:
         return None
-    tls = url.scheme != "grpc"  # spec section 2: every other scheme means TLS
+    tls = url.scheme != "grpc"  # docs/compatibility.md: every other scheme means TLS
     return url.hostname, port or 443, tls
 
 

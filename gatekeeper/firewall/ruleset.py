@@ -2,7 +2,7 @@
 
 This is the one place that decides what the firewall does; `render` turns it into nftables JSON
 and `explain` evaluates packets against it, so the two cannot disagree. The shape follows
-Talos's `inet talos` table (spec section 8) with two additions: both overlay interfaces are
+Talos's `inet talos` table (docs/compatibility.md) with two additions: both overlay interfaces are
 trusted, and the WireGuard listen port is always admitted.
 """
 

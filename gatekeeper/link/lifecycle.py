@@ -84,7 +84,7 @@ class Provisioned:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """What the WireGuard link must look like (spec section 3, step 4)."""
+    """What the WireGuard link must look like (docs/compatibility.md, step 4)."""
 
     name: str
     address: ipaddress.IPv6Interface

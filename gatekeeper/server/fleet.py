@@ -40,7 +40,7 @@ from gatekeeper.wireguard.backend import Device
 log = logging.getLogger(__name__)
 
 # A machine counts as connected while its last handshake is younger than the machine's own
-# link-down threshold (spec section 3: 180 + 5 + 90 s).
+# link-down threshold (docs/compatibility.md: 180 + 5 + 90 s).
 CONNECTED_WITHIN = 275.0
 # A machine handshakes within seconds of its Provision answer; this covers slow ones.
 JOIN_WINDOW = 30.0

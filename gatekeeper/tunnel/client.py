@@ -6,7 +6,7 @@ socket on loopback that the agent configures as the device's peer endpoint. What
 device sends there goes onto the stream; whatever arrives on the stream is sent back to the
 device from that socket, so to the device the server simply lives at `127.0.0.1:<relay>`.
 
-Behaviour (spec section 4): one channel to the same host and TLS choice as the API; every
+Behaviour (docs/compatibility.md): one channel to the same host and TLS choice as the API; every
 stream carries `x-siderolink-ipv6-addr`; datagrams wait in a bounded queue (100, drop oldest)
 while no stream is open; a broken stream is reopened after a random 5-10 s; `peer not
 allowed` and `peer replaced` are fatal: the client stops and reports, and the agent's

@@ -25,7 +25,7 @@ class TunnelPeers(Protocol):
 
 
 class TunnelMode(StrEnum):
-    """Who gets the tunnel (spec section 4: the server decides)."""
+    """Who gets the tunnel (docs/compatibility.md: the server decides)."""
 
     OFF = "off"  # never: every machine uses direct UDP, whatever it asks
     ALLOW = "allow"  # machines that ask for it (the wireguard_over_grpc hint)

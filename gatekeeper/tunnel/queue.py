@@ -1,6 +1,6 @@
 """A bounded FIFO that drops its OLDEST entry when full (sans-I/O).
 
-Both ends of the tunnel queue datagrams this way (spec section 4: 100 packets, drop oldest).
+Both ends of the tunnel queue datagrams this way (docs/compatibility.md: 100 packets, drop oldest).
 For WireGuard the newest datagram is the valuable one: a stale handshake or keepalive is
 retried by WireGuard itself, and TCP inside the overlay recovers a lost segment, so under
 pressure we keep the fresh end of the queue instead of blocking the producer.
