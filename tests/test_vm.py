@@ -21,7 +21,7 @@ sys.path.insert(0, str(VM_TESTS))
 from vmtests.cli import DEFAULT_LOGS, prepare, run_one  # noqa: E402
 from vmtests.errors import Skip  # noqa: E402
 from vmtests.image import DEFAULT_CACHE, Image  # noqa: E402
-from vmtests.scenario import Report, features  # noqa: E402
+from vmtests.scenario import Report  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
@@ -47,17 +47,10 @@ def test_guest_joins_over_siderolink_with_kernel_wireguard(vm: tuple[Image, str,
     assert "guest link uses kernel WireGuard" in names
     assert "backend contract suite on kernel WireGuard (in the guest)" in names
     assert "overlay ping server -> guest" in names
-    # Checks of parts the agent has wired must have run (and passed above).
-    have = features()
-    if have["maintenance"] is None:
-        assert "maintenance API answers over the overlay" in names
-    if have["firewall"] is None:
-        assert "firewall in force in the guest (status, firewall show --json)" in names
+    assert "maintenance API answers over the overlay" in names
+    assert "firewall in force in the guest (status, firewall show --json)" in names
 
 
 def test_guest_joins_through_the_grpc_tunnel(vm: tuple[Image, str, str]) -> None:
-    reason = features()["tunnel"]
-    if reason:
-        pytest.skip(reason)
     image, accel, why = vm
     _assert_all_passed(run_one(image, "tunnel", accel, why, DEFAULT_LOGS))

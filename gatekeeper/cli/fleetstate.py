@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gatekeeper.server.pg_registry import PostgresRegistry
 from gatekeeper.server.registry import MachineRecord, RegistryError
 from gatekeeper.server.registry_url import open_registry as open_registry_url
 from gatekeeper.server.sqlite_registry import SqliteRegistry
+
+if TYPE_CHECKING:
+    from gatekeeper.server.pg_registry import PostgresRegistry
 
 DEFAULT_STATE_DIR = "/var/lib/gatekeeper"
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from gatekeeper.server.pg_registry import PostgresRegistry
 from gatekeeper.server.registry import RegistryError
 from gatekeeper.server.sqlite_registry import SqliteRegistry
+
+if TYPE_CHECKING:
+    # Imported where a postgresql:// registry is opened: psycopg (and libpq) are needed only
+    # then, never by the machine agent, which shares the CLI's entry point.
+    from gatekeeper.server.pg_registry import PostgresRegistry
 
 USAGE = "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
 
@@ -95,5 +100,7 @@ def open_registry(
             raise RegistryError("--registry-password-file is for a postgresql:// registry")
         path = Path(target.where)
         return SqliteRegistry(path.parent, readonly=readonly, filename=path.name)
+    from gatekeeper.server.pg_registry import PostgresRegistry
+
     password = read_password_file(password_file) if password_file is not None else None
     return PostgresRegistry(target.where, shown=target.where, password=password, readonly=readonly)

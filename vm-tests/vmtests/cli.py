@@ -18,7 +18,7 @@ from types import FrameType
 from vmtests.errors import Skip, VmFailure
 from vmtests.image import DEFAULT_CACHE, VM_TESTS, Image, build_image
 from vmtests.qemu import ACCELS, choose_accel, qemu_binary
-from vmtests.scenario import Report, features, run_scenario
+from vmtests.scenario import Report, run_scenario
 
 DEFAULT_LOGS = VM_TESTS / "logs"
 SCENARIOS = ("direct", "tunnel")
@@ -102,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         image, accel, why = prepare(args.cache, args.accel, args.logs)
         scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
         for scenario in scenarios:
-            if scenario == "tunnel" and features()["tunnel"]:
-                print(f"\n== tunnel — skipped: {features()['tunnel']}")
-                continue
             try:
                 report = run_one(image, scenario, accel, why, args.logs)
             except VmFailure as exc:

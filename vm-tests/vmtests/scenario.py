@@ -10,7 +10,6 @@ can see (its backend, the contract suite, its firewall) it reports over the seri
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmtests.console import Event
-from vmtests.errors import Skip, VmFailure
+from vmtests.errors import VmFailure
 from vmtests.image import Image
 from vmtests.qemu import Vm, VmSpec, host_tsc_khz, kernel_cmdline
 
@@ -71,30 +70,6 @@ class Report:
 
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
-
-
-def features() -> dict[str, str | None]:
-    """What the agent in the image can do, as the reason a dependent check cannot run (None
-    when it can). Read from the same source tree the image is built from."""
-    from gatekeeper.agent import daemon
-
-    source = inspect.getsource(daemon)
-    found: dict[str, str | None] = {
-        "maintenance": None
-        if "MaintenanceController" in source
-        else "the agent does not serve the maintenance API yet",
-        "firewall": None
-        if "FirewallController" in source
-        else "the agent does not apply the firewall yet",
-        "tunnel": None,
-    }
-    from gatekeeper.cli import main as cli_main
-
-    if "TunnelClient" not in source:
-        found["tunnel"] = "the agent does not support tunnel mode (grpc_tunnel=true) yet"
-    elif "--tunnel-mode" not in inspect.getsource(cli_main):
-        found["tunnel"] = "the server has no --tunnel-mode yet"
-    return found
 
 
 class Run:
@@ -188,9 +163,6 @@ def run_scenario(
     name = "tunnel" if tunnel else "direct"
     log_dir.mkdir(parents=True, exist_ok=True)
     report = Report(name, accel, accel_reason, str(log_dir))
-    have = features()
-    if tunnel and have["tunnel"]:
-        raise Skip(have["tunnel"])
     run = Run(image, log_dir, accel, tunnel=tunnel, guest_checks=list(guest_checks))
     try:
         vm = run.start()
@@ -250,27 +222,24 @@ def run_scenario(
             )
         )
 
-        if have["maintenance"] is None:
-            answered = run.maint(address, timeout=20)
-            if answered.returncode == 0:
-                report.timings["api_answering"] = round(vm.elapsed(), 2)
-            report.checks.append(
-                Check(
-                    "maintenance API answers over the overlay",
-                    answered.returncode == 0,
-                    _one_line(answered.stdout if answered.returncode == 0 else answered.stderr),
-                )
+        answered = run.maint(address, timeout=20)
+        if answered.returncode == 0:
+            report.timings["api_answering"] = round(vm.elapsed(), 2)
+        report.checks.append(
+            Check(
+                "maintenance API answers over the overlay",
+                answered.returncode == 0,
+                _one_line(answered.stdout if answered.returncode == 0 else answered.stderr),
             )
-            refused = run.maint(GUEST_UNDERLAY, timeout=3)
-            report.checks.append(
-                Check(
-                    "maintenance API refuses on the guest's underlay address",
-                    refused.returncode != 0,
-                    _one_line(refused.stderr or refused.stdout),
-                )
+        )
+        refused = run.maint(GUEST_UNDERLAY, timeout=3)
+        report.checks.append(
+            Check(
+                "maintenance API refuses on the guest's underlay address",
+                refused.returncode != 0,
+                _one_line(refused.stderr or refused.stdout),
             )
-        else:
-            report.not_run["maintenance API"] = have["maintenance"]
+        )
 
         ready = console.wait_event("ready", bounds.checks, "guest checks (contract, firewall)")
         mark(ready, "guest_checks_done")
@@ -292,7 +261,7 @@ def run_scenario(
             )
         if "firewall" not in guest_checks:
             report.not_run["firewall"] = "not asked for"
-        elif have["firewall"] is None:
+        else:
             shown = console.find(lambda e: e.name == "firewall")
             view = (shown.data.get("show") if shown else None) or {}
             chains = [c.get("name") for c in (view.get("live") or {}).get("chains") or []]
@@ -313,8 +282,6 @@ def run_scenario(
                     ),
                 )
             )
-        else:
-            report.not_run["firewall"] = have["firewall"]
 
         console.poll()
         token_leaked = run.lab.join_token in vm.spec.console.read_text(errors="replace")
