@@ -120,6 +120,7 @@ def test_an_underlay_neighbour_with_a_route_cannot_reach_the_maintenance_api(
     while guard_packets(machine.ns) is None or maint_version(sl.server_ns, address).returncode:
         assert time.monotonic() < deadline, "overlay guard not in force"
         time.sleep(0.2)
+    assert sl.wait_status(machine, lambda s: s.get("firewall_overlay_guard"), 15, "guarded")
     before = guard_packets(machine.ns) or 0
     refused = maint_version(outsider.ns, address)
     assert refused.returncode != 0

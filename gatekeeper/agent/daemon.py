@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import signal
 import time
@@ -139,6 +140,8 @@ class Agent:
         # Why the documents were not taken, and why the kernel refused the table.
         self.firewall_document_error: str | None = None
         self.firewall_apply_error: str | None = None
+        # The overlay addresses the kernel's table guards, as the last reconcile saw it.
+        self._guarded: tuple[ipaddress.IPv6Address, ...] = ()
         self._firewall_wake = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -219,7 +222,9 @@ class Agent:
             config_error=self._config_error,
             firewall="error" if self.firewall_error else "ok",
             firewall_error=self.firewall_error,
-            firewall_overlay_guard=bool(self._link_state().overlay_addresses),
+            # In force in the kernel (as last applied or checked) for the current address.
+            firewall_overlay_guard=bool(self._guarded)
+            and self._guarded == self._link_state().overlay_addresses,
             firewall_policy=self.firewall.policy.default_action.value,
             # So that `gatekeeper firewall show` compares with what the agent enforces.
             firewall_paths=self.firewall_paths if self.firewall_documents else None,
@@ -325,6 +330,10 @@ class Agent:
             # Woken by a change: cheap unless the policy or the link changed. On the timer:
             # read the kernel back (someone may have flushed the table).
             result = await asyncio.to_thread(self.firewall.reconcile, link, verify=verify)
+            guarded = link.overlay_addresses if result.in_force else ()
+            if guarded != self._guarded:
+                self._guarded = guarded
+                self.publish()
             if result.error != self.firewall_apply_error:
                 if result.error:
                     log.error("firewall: %s (the ruleset in force is kept)", result.error)
