@@ -9,7 +9,9 @@ agent status to read. `--watch` prints it again every --interval seconds until C
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,12 @@ def render(run_dir: Path, cmdline: Path, *, as_json: bool, one_line: bool) -> tu
 def print_status(
     run_dir: Path, cmdline: Path, *, as_json: bool, watch: bool = False, interval: float = 2.0
 ) -> int:
+    # --watch ends on Ctrl-C. A KeyboardInterrupt raised at an arbitrary point can land in a
+    # finalizer (libnftables' __del__), where Python ignores it and the loop would go on:
+    # the signal only sets a flag, looked at between updates.
+    stop = threading.Event()
+    if watch:
+        signal.signal(signal.SIGINT, lambda _sig, _frame: stop.set())
     while True:
         try:
             # --watch --json: one document per line, for `| jq` and friends.
@@ -100,7 +108,5 @@ def print_status(
             return code
         if not as_json:
             print(flush=True)
-        try:
-            time.sleep(interval)
-        except KeyboardInterrupt:
+        if stop.wait(interval):
             return 0
