@@ -71,6 +71,18 @@ def test_claim_update_and_collision(backend: Opener) -> None:
         assert reg.integrity_check() == "ok"
 
 
+def test_claims_are_counted_with_the_last_remote_address(backend: Opener) -> None:
+    # `gatekeeper machines` shows both, whichever store the fleet uses.
+    reg = backend()
+    a = record("uuid-a", "fdae:41e4:649b:9303::a")
+    reg.claim(MachineRecord(**{**a.__dict__, "remote_address": "[fd00::9]:4000"}))
+    reg.claim(MachineRecord(**{**a.__dict__, "remote_address": "[fd00::9]:4001"}))
+    got = reg.get(a.machine_key)
+    assert got is not None and got.provisions == 2
+    assert got.remote_address == "[fd00::9]:4001"
+    assert reg.machines() == [got]
+
+
 def test_unique_token_is_part_of_the_identity_and_never_stored(tmp_path: Path) -> None:
     assert machine_key("U", "t1") != machine_key("U", "t2")
     assert machine_key("U", None) == machine_key("u", "")

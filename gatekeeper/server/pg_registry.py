@@ -47,7 +47,7 @@ _REGISTRATION_LOCK = 0x676B_0000_0002
 
 _COLUMNS = (
     "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
-    "updated, join_token_id, conflict_time, conflict_from"
+    "updated, join_token_id, conflict_time, conflict_from, provisions, remote_address"
 )
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
@@ -57,7 +57,7 @@ T = TypeVar("T")
 def _record(row: tuple[Any, ...]) -> MachineRecord:
     (
         key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id,
-        conflict_time, conflict_from,
+        conflict_time, conflict_from, provisions, remote,
     ) = row  # fmt: skip
     return MachineRecord(
         machine_key=key,
@@ -72,6 +72,8 @@ def _record(row: tuple[Any, ...]) -> MachineRecord:
         join_token_id=token_id,
         conflict_time=None if conflict_time is None else float(conflict_time),
         conflict_from=conflict_from,
+        provisions=int(provisions),
+        remote_address=remote,
     )
 
 
@@ -360,11 +362,12 @@ class PostgresRegistry:
                 self._use_token(cur, token_id, now)
         cur.execute(
             f"INSERT INTO machines ({_COLUMNS}) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, 1, %s) "
             "ON CONFLICT (machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
             "address = excluded.address, public_key = excluded.public_key, "
             "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
-            "talos_version = excluded.talos_version, updated = excluded.updated",
+            "talos_version = excluded.talos_version, updated = excluded.updated, "
+            "provisions = machines.provisions + 1, remote_address = excluded.remote_address",
             (
                 record.machine_key,
                 record.node_uuid,
@@ -376,6 +379,7 @@ class PostgresRegistry:
                 record.created or now,
                 now,
                 token_id if not known and token_id else record.join_token_id,
+                record.remote_address,
             ),
         )
 

@@ -43,7 +43,9 @@ STEPS: tuple[str, ...] = (
         updated double precision NOT NULL,
         join_token_id text,
         conflict_time double precision,
-        conflict_from text
+        conflict_from text,
+        provisions integer NOT NULL DEFAULT 0,
+        remote_address text
     );
     CREATE TABLE tokens (
         seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
