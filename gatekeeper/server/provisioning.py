@@ -6,12 +6,15 @@ No gRPC here: the service adapter (`service.py`) turns requests into `ProvisionI
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
@@ -47,6 +50,8 @@ from gatekeeper.wireguard.backend import Device, PeerConfig
 from gatekeeper.wireguard.keys import PublicKey
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The server keeps every peer alive, as the reference server and Omni do (25 s), from the
 # moment it has somewhere to send to: a keepalive on a peer without an endpoint does nothing
@@ -109,6 +114,30 @@ class Provisioner:
         # overlay address -> virtual [addr]:port of machines admitted to the tunnel, so that
         # `machines remove` (which knows the address) can end the stream.
         self._virtuals: dict[ipaddress.IPv6Address, str] = {}
+        # The loop that owns the tunnel hub: Provision runs in a worker thread (the service
+        # keeps store and device calls off the loop that carries tunnelled traffic), and the
+        # hub's sockets and readers may only be touched from their loop.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the hub's loop, waited for; directly when already there (or no loop)."""
+        loop = self.loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop:
+            return fn()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result()
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
@@ -153,11 +182,12 @@ class Provisioner:
         if holder is not None:
             log.info("machine %s replaced its identity at %s", uuid, holder.address)
             if holder.tunnel:
-                self.forget_tunnel(holder.address)
+                gone = holder.address
+                self._on_loop(lambda: self.forget_tunnel(gone))
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
-        virtual = self._tunnel_peer(record, key, previous=existing)
+        virtual = self._on_loop(lambda: self._tunnel_peer(record, key, previous=existing))
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             uuid,
@@ -186,6 +216,7 @@ class Provisioner:
         if not live:
             return False, None
         if record.tunnel and self.tunnels is not None:
+            # (Read from the provision thread: one dict lookup, at worst a moment stale.)
             source = self.tunnels.stream_source(self._virtual(record.public_key))
             return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
