@@ -11,6 +11,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from gatekeeper.server.provision_rules import (
     Code,
     Conflict,
     Facts,
+    Plan,
     ProvisionInput,
     Rejected,
     Rules,
@@ -118,6 +120,11 @@ class Provisioner:
         # keeps store and device calls off the loop that carries tunnelled traffic), and the
         # hub's sockets and readers may only be touched from their loop.
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Keys whose Provision is between its set_peer and its claim's outcome: the peer
+        # reconciler (peer_reconciler.py) leaves them alone, or it would take away a peer whose
+        # record is about to commit ("no peer without a record" holds once the claim settled).
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         """`fn()` on the hub's loop, waited for; directly when already there (or no loop)."""
@@ -153,10 +160,25 @@ class Provisioner:
             if plan.conflict is not None:
                 self._note_conflict(plan.conflict)
             raise plan
-        record, key, existing = plan.record, plan.key, plan.previous
-        holder, address, uuid = plan.replaces, plan.record.address, req.node_uuid
+        key = plan.key
         # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
         # peer without one it only makes wireguard-go spin (see sync_endpoints).
+        with self._in_flight_lock:
+            self._in_flight.add(key.base64())
+        try:
+            return self._apply(req, plan)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(key.base64())
+
+    def in_flight(self) -> frozenset[str]:
+        """Base64 keys being provisioned right now (see _in_flight)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
+
+    def _apply(self, req: ProvisionInput, plan: Plan) -> ProvisionOutput:
+        record, key, existing = plan.record, plan.key, plan.previous
+        holder, address, uuid = plan.replaces, plan.record.address, req.node_uuid
         self.device.set_peer(self._peer(key, address))
         try:
             # One write: the new record and, when the key moves from the machine's previous
@@ -316,6 +338,13 @@ class Provisioner:
         virtual = self._virtual(record.public_key)
         self._virtuals[record.address] = virtual
         return self.tunnels.allow(virtual)
+
+    def reconcile_endpoint(self, record: MachineRecord) -> str | None:
+        """The endpoint a reconciled (restored) peer gets; callable from any thread."""
+        return self._on_loop(lambda: self._restore_endpoint(record))
+
+    def forget_tunnel_from_thread(self, address: ipaddress.IPv6Address) -> None:
+        self._on_loop(lambda: self.forget_tunnel(address))
 
     def forget_tunnel(self, address: ipaddress.IPv6Address) -> None:
         """A removed machine's tunnel stream ends now rather than when the machine gives up."""
