@@ -27,6 +27,7 @@ from gatekeeper.server.devicewatch import (
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
 from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
 from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
+from gatekeeper.server.peer_reconciler import PeerReconciler
 from gatekeeper.server.provisioning import Provisioner
 from gatekeeper.server.registry import Registry, RegistryError, ServerIdentity
 from gatekeeper.server.registry_url import open_registry
@@ -93,6 +94,8 @@ class Server:
         self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
+        self._reconcile_task: asyncio.Task[None] | None = None
+        self.reconciler: PeerReconciler | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.watch: DeviceWatch | None = None
         self._lock: IO[bytes] | None = None
@@ -194,8 +197,18 @@ class Server:
             tunnel_secret=tunnel_secret(identity.private_key.base64()),
             restore_last_endpoint=opts.restore_last_endpoint,
         )
+        # The device is the reconciled result of the registry: restoring at start, after the
+        # device's re-creation, and following removals or other instances' provisions through
+        # the shared store are all this one reconcile (docs/registry.md).
+        self.reconciler = PeerReconciler(
+            self.registry,
+            self.device,
+            endpoint_of=self.provisioner.reconcile_endpoint,
+            forget_address=self.provisioner.forget_tunnel_from_thread,
+            in_flight=self.provisioner.in_flight,
+        )
         try:
-            restored = self.provisioner.restore_peers()
+            restored = self.reconciler.reconcile().added
         except RegistryError as exc:
             raise ServerError(str(exc)) from None
         if self.provisioner.tokens.open():
@@ -242,8 +255,9 @@ class Server:
             ),
         )
         self._sync_task = asyncio.create_task(self._sync_endpoints())
-        provisioner = self.provisioner
-        self.watch = DeviceWatch(self.device, create, provisioner.restore_peers)
+        reconciler = self.reconciler
+        self.watch = DeviceWatch(self.device, create, lambda: reconciler.reconcile().added)
+        self._reconcile_task = asyncio.create_task(reconciler.run())
         self._watch_task = asyncio.create_task(self.watch.run())
         log.info(
             "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
@@ -274,7 +288,7 @@ class Server:
                 log.warning("endpoint sync failed: %s", exc)
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._sync_task):
+        for task in (self._watch_task, self._sync_task, self._reconcile_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

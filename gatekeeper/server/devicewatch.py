@@ -141,15 +141,17 @@ class DeviceWatch:
         # device query would read every peer: too much work for a 2-second check.)
         return None
 
-    def repair(self, why: str) -> None:
-        """On the event loop: the provisioner and the tunnel hub are not thread-safe."""
+    async def repair(self, why: str) -> None:
+        """The swap happens on the event loop (Provision's calls see the old or the new
+        device, never none); putting the peers back is the peer reconciler's job, in a worker
+        thread: it reads the store, and it reaches the tunnel hub through the loop."""
         log.error("WireGuard %s: recreating it and putting every peer back", why)
         old = self.device.current
         with contextlib.suppress(Exception):
             old.close()  # a no-op on a link that is gone; never deletes a successor
         self.device.current = self.create()
         self.index = link_index(self.device.name)
-        restored = self.restore()
+        restored = await asyncio.to_thread(self.restore)
         self.recreated += 1
         log.warning(
             "WireGuard interface %s recreated, %d peers restored", self.device.name, restored
@@ -161,6 +163,6 @@ class DeviceWatch:
             try:
                 why = await asyncio.to_thread(self.vanished)
                 if why is not None:
-                    self.repair(why)
+                    await self.repair(why)
             except Exception as exc:  # keep watching; the next round tries again
                 log.error("cannot recreate WireGuard interface %s: %s", self.device.name, exc)

@@ -9,8 +9,11 @@ called off the event loop (it does store and UAPI calls).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
@@ -18,6 +21,15 @@ from gatekeeper.server.provisioning import SERVER_KEEPALIVE
 from gatekeeper.server.registry import MachineRecord, Registry
 from gatekeeper.wireguard.backend import Device, PeerConfig, PeerStats
 from gatekeeper.wireguard.keys import PublicKey
+
+log = logging.getLogger(__name__)
+
+# How often the store's change marker is read: a removal from any host reaches this device
+# within about this long (the goal is 2 s, docs/registry.md).
+POLL_EVERY = 1.0
+# A full reconcile even when the marker did not move: catches what the marker cannot see
+# (a peer someone removed with `wg set` by hand, an update with an older clock).
+FULL_EVERY = 60.0
 
 
 def _allowed(record: MachineRecord) -> tuple[ipaddress.IPv6Network, ...]:
@@ -128,7 +140,41 @@ class PeerReconciler:
                 self.device.remove_peer(key)
             for address in change.removed_addresses:
                 self.forget_address(address)
+            if change:
+                log.info(
+                    "WireGuard peers reconciled with the registry: %d added, %d removed",
+                    len(change.add),
+                    len(change.remove),
+                )
             return Applied(added=len(change.add), removed=len(change.remove))
 
+    async def run(self, *, every: float = POLL_EVERY, full_every: float = FULL_EVERY) -> None:
+        """Reconcile whenever the store's change marker moves, and every `full_every` anyway.
 
-__all__ = ["Applied", "PeerDiff", "PeerReconciler", "desired_peer", "desired_peers", "diff"]
+        Store and device calls run in a worker thread: never on the loop that carries traffic.
+        """
+        marker: tuple[int, float] | None = None
+        last_full = time.monotonic()
+        while True:
+            await asyncio.sleep(every)
+            try:
+                now = await asyncio.to_thread(self.registry.change_marker)
+                due = time.monotonic() - last_full >= full_every
+                if now != marker or due:
+                    await asyncio.to_thread(self.reconcile)
+                    # Taken before the reconcile's read: a change racing it is seen next time.
+                    marker, last_full = now, time.monotonic()
+            except Exception as exc:  # a store outage must not end the loop
+                log.warning("peer reconcile failed: %s", exc)
+
+
+__all__ = [
+    "FULL_EVERY",
+    "POLL_EVERY",
+    "Applied",
+    "PeerDiff",
+    "PeerReconciler",
+    "desired_peer",
+    "desired_peers",
+    "diff",
+]

@@ -426,6 +426,14 @@ class PostgresRegistry:
 
         return self._run(op)
 
+    def change_marker(self) -> tuple[int, float]:
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, float]:
+            row = db.execute("SELECT count(*), coalesce(max(updated), 0) FROM machines").fetchone()
+            assert row is not None  # an aggregate always answers one row
+            return int(row[0]), float(row[1])
+
+        return self._run(op)
+
     def remove(self, machine_key: str) -> bool:
         def op(db: psycopg.Connection[tuple[Any, ...]]) -> bool:
             cur = db.execute("DELETE FROM machines WHERE machine_key = %s", (machine_key,))

@@ -366,28 +366,6 @@ class Provisioner:
             self.prefix, taken=lambda a: self.registry.by_address(a) is not None
         )
 
-    def restore_peers(self) -> int:
-        """Put every known machine back on the device, with its last endpoint (after restart).
-
-        Without `restore_last_endpoint` (--disable-last-endpoint) UDP peers come back without
-        one: the server waits for each machine's next handshake instead of sending first.
-        """
-        records = self.registry.machines()
-        self.device.set_peers(
-            [
-                PeerConfig(
-                    public_key=PublicKey.from_base64(r.public_key),
-                    allowed_ips=(ipaddress.IPv6Network(f"{r.address}/128"),),
-                    endpoint=endpoint,
-                    # Only where there is somewhere to send to (SERVER_KEEPALIVE: why); the
-                    # others get it at their next handshake (sync_endpoints).
-                    persistent_keepalive=SERVER_KEEPALIVE if endpoint else None,
-                )
-                for r, endpoint in ((r, self._restore_endpoint(r)) for r in records)
-            ]
-        )
-        return len(records)
-
     def sync_endpoints(self) -> int:
         """Store the endpoints the device has learned, so a restart can reach machines first.
 

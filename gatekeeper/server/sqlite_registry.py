@@ -411,6 +411,13 @@ class SqliteRegistry:
             ).fetchall()
         return [_record(row) for row in rows]
 
+    def change_marker(self) -> tuple[int, float]:
+        with self._locked():
+            count, latest = self._db.execute(
+                "SELECT count(*), coalesce(max(updated), 0) FROM machines"
+            ).fetchone()
+        return int(count), float(latest)
+
     def remove(self, machine_key: str) -> bool:
         with self._locked():
             cur = self._db.execute("DELETE FROM machines WHERE machine_key = ?", (machine_key,))
