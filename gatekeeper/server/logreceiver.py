@@ -1,11 +1,11 @@
 """The machine-log receiver: one JSON object per line over TCP, as Talos sends its logs.
 
 Listens on the server's overlay address only. A connection whose source is not a registered
-machine on the overlay is closed at once and nothing is read. Each line is stored in that
-machine's journal with the time it arrived. Lines longer than `max_line` are dropped whole
-(the rest of the line is skipped up to its newline), so one connection never buffers more
-than that. A line that is not one JSON object (or nests deeper than `MAX_DEPTH`) is stored
-as text, marked malformed; the lines around it are stored as usual.
+machine on the overlay is closed at once and nothing is read. Each line goes to the
+telemetry store (`telemetry.py`) under that machine, with the time it arrived. Lines longer
+than `max_line` are dropped whole (the rest of the line is skipped up to its newline), so one
+connection never buffers more than that. A line that is not one JSON object (or nests deeper
+than `MAX_DEPTH`) is stored as text, marked malformed; the lines around it are stored as usual.
 
 Connections are bounded, so no machine can take the server's file descriptors: at most
 `per_machine` per machine and `max_connections` in all (the server sizes it to its open-file
@@ -28,9 +28,9 @@ from typing import Any
 from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.escape import shown
-from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
 from gatekeeper.server.registry import MachineRecord
+from gatekeeper.server.telemetry import TelemetrySink
 from gatekeeper.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LogReceiver:
     def __init__(
         self,
         attributor: Attributor,
-        journal: Journal,
+        sink: TelemetrySink,
         metrics: ServerMetrics | None = None,
         *,
         max_line: int = MAX_LINE,
@@ -95,7 +95,7 @@ class LogReceiver:
         line_timeout: float = LINE_TIMEOUT,
     ) -> None:
         self.attributor = attributor
-        self.journal = journal
+        self.sink = sink
         self.metrics = metrics
         self.max_line = max_line
         self.max_connections = max_connections
@@ -220,7 +220,7 @@ class LogReceiver:
                     {"received": rfc3339(now), "machine": machine.node_uuid, "malformed": True}
                 )
         try:
-            self.journal.append(machine.machine_key, entries)
+            self.sink.append(machine.machine_key, entries)
         except (OSError, ValueError, RecursionError) as exc:
             log.warning(
                 "cannot store %d log lines of %s: %s",
