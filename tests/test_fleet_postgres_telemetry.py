@@ -1,6 +1,7 @@
 """Two real servers on one real PostgreSQL registry, a real agent joined through each: the
 events and kernel logs each server received are read back through the registry with
-`gatekeeper events --registry` / `gatekeeper logs UUID --registry`, whichever --state-dir."""
+`gatekeeper events --registry` / `gatekeeper logs UUID --registry`, whichever --state-dir; a
+PostgreSQL that stops for a while costs neither the server nor the link, nor the lines sent."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pgcluster import PgCluster
+from pgcluster import PgCluster, started_cluster, unavailable
 from test_fleet_postgres import SERVER_OVERLAY, Instance, TwoServers, two_servers
 
 from gatekeeper.lab.siderolink_lab import API_PORT
@@ -76,3 +77,43 @@ def test_events_and_logs_sent_to_either_server_are_read_through_the_registry(
         for n in (1, 2):
             log = (fleet.sl.workdir / f"server{n}.log").read_text()
             assert "Traceback" not in log and "telemetry store" not in log
+
+
+def test_postgresql_stopped_the_server_holds_its_logs_and_writes_them_when_back() -> None:
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    cluster = started_cluster()
+    try:
+        with two_servers(cluster) as fleet:
+            m = joined_through(fleet, fleet.a)
+
+            def logged(marker: str) -> bool:
+                return marker in fleet.gk("logs", m.node_uuid).stdout
+
+            before = f"gatekeeper-pg-before-{secrets.token_hex(4)}"
+            with open("/dev/kmsg", "w") as kmsg:
+                kmsg.write(f"<4>{before}\n")
+            eventually("the line sent before the outage", lambda: logged(before))
+
+            cluster.stop()
+            during = f"gatekeeper-pg-during-{secrets.token_hex(4)}"
+            with open("/dev/kmsg", "w") as kmsg:
+                kmsg.write(f"<4>{during}\n")
+            server_log = fleet.sl.workdir / "server1.log"
+            eventually(
+                "one line saying the store is away",
+                lambda: "telemetry store unavailable" in server_log.read_text(),
+            )
+            # The link and the server do not need the store.
+            assert fleet.sl.ping(m, SERVER_OVERLAY, count=3)
+            assert fleet.a.proc.poll() is None
+
+            cluster.start()
+            eventually("the line held through the outage", lambda: logged(during))
+            text = server_log.read_text()
+            assert text.count("telemetry store unavailable") == 1, text[-3000:]
+            assert "telemetry store back: 0 events and log lines were dropped" in text
+            assert "Traceback" not in text
+    finally:
+        cluster.close()

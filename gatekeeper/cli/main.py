@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=2 << 20,
         metavar="SIZE",
-        help="disk space for each machine's logs (65536, 512K, 2M; default 2M); the oldest "
-        "half goes first",
+        help="space for each machine's logs (65536, 512K, 2M; default 2M), in the state "
+        "dir's journals or the PostgreSQL registry; the oldest lines go first",
     )
     server.add_argument(
         "--logs-max-age",
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=16 << 20,
         metavar="SIZE",
-        help="disk space for the events of all machines (default 16M)",
+        help="space for the events of all machines (default 16M), in the state dir's "
+        "journals or the PostgreSQL registry",
     )
     server.add_argument(
         "--events-max-age",

@@ -24,7 +24,7 @@ from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 from gatekeeper.server.attribution import Attributor, grpc_peer_address
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.metrics import ServerMetrics
-from gatekeeper.server.registry import MachineRecord
+from gatekeeper.server.registry import MachineRecord, RegistryError
 from gatekeeper.server.telemetry import TelemetrySink
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,12 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
         address: ipaddress.IPv6Address | None,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> MachineRecord:
-        machine = self.attributor.machine(address)
+        try:
+            machine = await self.attributor.machine(address)
+        except RegistryError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server's registry is unreachable: try again"
+            )
         if machine is None:
             if self.metrics:
                 self.metrics.telemetry_refused.labels("events").inc()

@@ -257,7 +257,7 @@ class Fleet:
             await self.admin.close()
         if self.telemetry is not None:
             # What is queued is written first (bounded): a clean stop loses nothing.
-            await asyncio.to_thread(self.telemetry.close)
+            await asyncio.to_thread(self.telemetry.close, 2.0)
             self.telemetry = None
         if self._isolated:
             with contextlib.suppress(FirewallUnavailable, FirewallApplyError):

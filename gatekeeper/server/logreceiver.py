@@ -29,7 +29,7 @@ from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.escape import shown
 from gatekeeper.server.metrics import ServerMetrics
-from gatekeeper.server.registry import MachineRecord
+from gatekeeper.server.registry import MachineRecord, RegistryError
 from gatekeeper.server.telemetry import TelemetrySink
 from gatekeeper.throttle import LogThrottle
 
@@ -161,7 +161,11 @@ class LogReceiver:
             address = ipaddress.IPv6Address(str(peer[0]).split("%")[0])
         except (ValueError, TypeError, IndexError):
             address = None
-        machine = self.attributor.machine(address)
+        try:
+            machine = await self.attributor.machine(address)
+        except RegistryError:
+            self._refuse(peer, "the registry is unreachable, the machine unknown")
+            return
         if machine is None:
             self._refuse(peer, "not a registered machine")
             return

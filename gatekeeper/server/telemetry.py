@@ -237,8 +237,19 @@ class TelemetryQueue:
             )
 
     def _write(self, batches: list[Batch]) -> bool:
+        if not self._attempt(lambda: self.backend.write(batches)):
+            return False
+        self.stored += sum(len(b.entries) for b in batches)
+        return True
+
+    def _sweep(self) -> None:
+        # While the store is away its retention waits too (one line said so already).
+        self._attempt(lambda: self.backend.sweep(time.time()))
+
+    def _attempt(self, op: Callable[[], None]) -> bool:
+        """Run a backend call; an outage is one line when it starts and one when it ends."""
         try:
-            self.backend.write(batches)
+            op()
         except Exception as exc:  # the writer outlives any backend failure
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if self._failing is None:
@@ -257,14 +268,7 @@ class TelemetryQueue:
             )
             self._failing = None
             self._dropped_said = self.dropped
-        self.stored += sum(len(b.entries) for b in batches)
         return True
-
-    def _sweep(self) -> None:
-        try:
-            self.backend.sweep(time.time())
-        except Exception as exc:
-            log.warning("telemetry retention sweep failed: %s", " ".join(str(exc).split()))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (for at most `timeout`), then stop and close the backend."""
