@@ -214,3 +214,25 @@ def test_postgresql_stopped_holds_what_fits_drops_the_rest_and_resumes(
     assert lines[1:] == [
         "telemetry store back: 200 events and log lines were dropped while it was away"
     ]
+
+
+def test_cli_says_in_one_line_when_the_registry_cannot_answer(
+    pg_cluster: PgCluster, pg_url: str, tmp_path: Path
+) -> None:
+    pw = pg_cluster.password_file
+    gone = f"postgresql://gatekeeper@/gk?host={tmp_path}/no-such-socket-dir"
+    for args in (("events",), ("logs", UUIDS[0])):
+        done = cli(gone, pw, tmp_path, *args)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith(f"gatekeeper {args[0]}: the registry {gone} is unreachable")
+        assert done.stderr.count("\n") == 1 and pg_cluster.password not in done.stderr
+    # A registry written by a gatekeeper from before events and logs were stored there.
+    PostgresRegistry(pg_url, shown=pg_url).close()
+    with psycopg.connect(pg_url) as db:
+        db.execute("UPDATE gatekeeper_schema SET version = 1")
+    old = cli(pg_url, pw, tmp_path, "events")
+    assert old.returncode == 1
+    assert old.stderr == (
+        f"gatekeeper events: the registry {pg_url} holds no events or logs yet (schema version "
+        "1): start a server of this version on it\n"
+    )
