@@ -176,7 +176,11 @@ class Fleet:
         address = str(server_address(prefix))
         attributor = Attributor(registry, prefix)
         if opts.events_port or opts.logs_port:
-            self.telemetry = TelemetryQueue(self._telemetry_backend(), retention=self._retention())
+            self.telemetry = TelemetryQueue(
+                self._telemetry_backend(),
+                retention=self._retention(),
+                on_drop=self.metrics.telemetry_dropped.inc,
+            )
         if opts.events_port:
             assert self.telemetry is not None
             sink = self.telemetry.sink("events")

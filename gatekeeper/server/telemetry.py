@@ -114,12 +114,14 @@ class TelemetryQueue:
         max_entries: int = MAX_QUEUED_ENTRIES,
         max_bytes: int = MAX_QUEUED_BYTES,
         retry_every: float = RETRY_EVERY,
+        on_drop: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.retry_every = retry_every
+        self.on_drop = on_drop
         self.clock = clock
         self.sweep_every = retention.sweep_every() if retention is not None else 60.0
         # Counters for tests, metrics and the log lines below.
@@ -151,6 +153,8 @@ class TelemetryQueue:
                 or self._pending_bytes + size > self.max_bytes
             ):
                 self.dropped += len(entries)
+                if self.on_drop is not None:
+                    self.on_drop(len(entries))
                 # Said by the writer, which knows whether the store is slow or away.
                 return False
             self._pending.append((Batch(kind, name, entries), size))
