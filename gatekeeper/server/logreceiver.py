@@ -8,8 +8,9 @@ connection never buffers more than that. A line that is not one JSON object (or 
 than `MAX_DEPTH`) is stored as text, marked malformed; the lines around it are stored as usual.
 
 Connections are bounded, so no machine can take the server's file descriptors: at most
-`per_machine` per machine and `max_connections` in all (the server sizes it to its open-file
-limit); one more is closed as soon as it is accepted. A connection that sends nothing for
+`per_machine` per machine (per source address: on the overlay, one machine's) and
+`max_connections` in all (the server sizes it to its open-file limit); one more is closed as
+soon as it is accepted. A connection that sends nothing for
 `idle_timeout`, or takes longer than `line_timeout` to finish a line it started (a slow
 sender), is closed; the machine reconnects when it next has something to say.
 """
@@ -104,7 +105,7 @@ class LogReceiver:
         self.line_timeout = line_timeout
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self._per_machine: collections.Counter[str] = collections.Counter()
+        self._per_address: collections.Counter[str] = collections.Counter()
         self._refusals = LogThrottle(REFUSAL_LOGS_PER_MINUTE, 60.0)
 
     async def start(self, host: str, port: int) -> int:
@@ -161,24 +162,27 @@ class LogReceiver:
             address = ipaddress.IPv6Address(str(peer[0]).split("%")[0])
         except (ValueError, TypeError, IndexError):
             address = None
+        # Counted by source address (on the overlay, one machine's) before the registry is
+        # asked: the lookup waits, and the connections must count in the order they came.
+        source = str(address)
+        if self._per_address[source] >= self.per_machine:
+            self._refuse(peer, f"that address already has {self.per_machine} log connections")
+            return
+        self._per_address[source] += 1
         try:
-            machine = await self.attributor.machine(address)
-        except RegistryError:
-            self._refuse(peer, "the registry is unreachable, the machine unknown")
-            return
-        if machine is None:
-            self._refuse(peer, "not a registered machine")
-            return
-        if self._per_machine[machine.machine_key] >= self.per_machine:
-            self._refuse(peer, f"machine already has {self.per_machine} log connections")
-            return
-        self._per_machine[machine.machine_key] += 1
-        try:
+            try:
+                machine = await self.attributor.machine(address)
+            except RegistryError:
+                self._refuse(peer, "the registry is unreachable, the machine unknown")
+                return
+            if machine is None:
+                self._refuse(peer, "not a registered machine")
+                return
             await self._lines(reader, machine)
         finally:
-            self._per_machine[machine.machine_key] -= 1
-            if self._per_machine[machine.machine_key] <= 0:
-                del self._per_machine[machine.machine_key]
+            self._per_address[source] -= 1
+            if self._per_address[source] <= 0:
+                del self._per_address[source]
 
     async def _lines(self, reader: asyncio.StreamReader, machine: MachineRecord) -> None:
         pending = b""

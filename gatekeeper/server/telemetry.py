@@ -124,9 +124,8 @@ class TelemetryQueue:
         self.on_drop = on_drop
         self.clock = clock
         self.sweep_every = retention.sweep_every() if retention is not None else 60.0
-        # Counters for tests, metrics and the log lines below.
+        # Entries dropped so far (the metric and the log lines below say how many).
         self.dropped = 0
-        self.stored = 0
         self._pending: collections.deque[tuple[Batch, int]] = collections.deque()
         self._pending_entries = 0
         self._pending_bytes = 0
@@ -241,10 +240,7 @@ class TelemetryQueue:
             )
 
     def _write(self, batches: list[Batch]) -> bool:
-        if not self._attempt(lambda: self.backend.write(batches)):
-            return False
-        self.stored += sum(len(b.entries) for b in batches)
-        return True
+        return self._attempt(lambda: self.backend.write(batches))
 
     def _sweep(self) -> None:
         # While the store is away its retention waits too (one line said so already).
