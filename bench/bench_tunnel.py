@@ -106,12 +106,13 @@ def component_pids(pid: int) -> list[int]:
     return found
 
 
-def memory_mb(pid: int) -> tuple[float, float, int]:
-    """(VmRSS, VmHWM) in MB summed over the component's processes, and how many there are."""
+def memory_mb(pid: int) -> tuple[float, float, str]:
+    """(VmRSS, VmHWM) in MB summed over the component's processes, and each one's VmRSS."""
     pids = component_pids(pid)
-    rss = sum(_status_kb(p, "VmRSS") for p in pids) / 1024
+    each = [_status_kb(p, "VmRSS") / 1024 for p in pids]
     hwm = sum(_status_kb(p, "VmHWM") for p in pids) / 1024
-    return rss, hwm, len(pids)
+    shown = " + ".join(f"{mb:.1f}" for mb in each) + " (Python first, then wireguard-go)"
+    return sum(each), hwm, shown
 
 
 @dataclass
@@ -223,14 +224,14 @@ def main() -> int:
         ),
     ]
     for name in ("agent", "server"):
-        rss, hwm, count = busy[name]
+        rss, hwm, shown = busy[name]
         verdicts.append(
             Verdict(
-                f"{name} memory with its wireguard-go ({count} processes), VmRSS after the runs",
+                f"{name} memory with its wireguard-go, VmRSS after the runs",
                 "",
                 rss,
                 "MB",
-                note=f"idle {idle[name][0]:.1f} MB",
+                note=f"{shown}; idle before the runs {idle[name][0]:.1f} MB ({idle[name][2]})",
             )
         )
         verdicts.append(Verdict(f"{name} memory with its wireguard-go, VmHWM", "", hwm, "MB"))

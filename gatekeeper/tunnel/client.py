@@ -35,7 +35,7 @@ from gatekeeper.tunnel import batching
 from gatekeeper.tunnel.errors import is_fatal
 from gatekeeper.tunnel.guard import Verdict, check_datagram
 from gatekeeper.tunnel.header import PEER_HEADER, canonical_peer
-from gatekeeper.tunnel.pump import Pump, widen_buffers
+from gatekeeper.tunnel.pump import Pump, has_room, widen_buffers
 from gatekeeper.tunnel.queue import DEFAULT_QUEUE_SIZE, DropOldestQueue
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,10 @@ class TunnelClient:
             self._loop.remove_reader(self._sock.fileno())
             self._paused = True
 
+    def _on_space(self) -> None:
+        if has_room(self._queue):
+            self._resume_reading()
+
     def _resume_reading(self) -> None:
         if self._sock is not None and self._loop is not None and self._paused:
             self._paused = False
@@ -337,7 +341,7 @@ class TunnelClient:
             write,
             batching_on=negotiated.is_set,
             max_bytes=lambda: self._batch_bytes,
-            on_space=self._resume_reading,
+            on_space=self._on_space,
         )
         self._pump = pump
         try:

@@ -7,8 +7,10 @@ up while a write was in flight becomes the next message (batching.take), so noth
 waits to fill a batch.
 
 Backpressure: `on_space` tells the owner that the queue has room again, so an owner that
-stopped reading its UDP socket while the queue was full can resume. The datagrams that
-arrive meanwhile wait in the socket's kernel buffer instead of pushing queued ones out.
+stopped reading its UDP socket while the queue was full can resume (`has_room`: once half of
+it is free, so that a busy link does not pause and resume the reader at every message).
+Datagrams that arrive meanwhile wait in the socket's kernel buffer instead of pushing queued
+ones out.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ T = TypeVar("T")
 
 # Socket buffers of a relay socket, each way. The default (about 200 KiB, some 90 full-size
 # datagrams) overflows while the loop is busy with a gRPC write and wireguard-go sends a
-# window's worth at once; 4 MiB holds a few milliseconds of a gigabit link.
-RELAY_BUFFER = 4 << 20
+# window's worth at once. Linux doubles what is asked: 2 MiB is some 16 ms of a gigabit link,
+# enough for bursts, not so much that TCP inside the tunnel fills a long standing queue.
+RELAY_BUFFER = 1 << 20
 # Linux's values; Python's socket module does not name them.
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
@@ -47,6 +50,11 @@ def widen_buffers(sock: socket.socket, size: int = RELAY_BUFFER) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def has_room(queue: DropOldestQueue[bytes]) -> bool:
+    """Whether a reader paused on this full queue should read again."""
+    return len(queue) <= queue.maxsize // 2
 
 
 class _Resume:

@@ -35,7 +35,7 @@ from gatekeeper.tunnel import batching
 from gatekeeper.tunnel.errors import PEER_NOT_ALLOWED, PEER_REPLACED
 from gatekeeper.tunnel.guard import DEFAULT_MAX_DATAGRAM, Cut, StreamGuard, TokenBucket
 from gatekeeper.tunnel.header import HeaderError, canonical_peer, header_from_metadata
-from gatekeeper.tunnel.pump import Pump, widen_buffers
+from gatekeeper.tunnel.pump import Pump, has_room, widen_buffers
 from gatekeeper.tunnel.queue import DEFAULT_QUEUE_SIZE, DropOldestQueue
 
 log = logging.getLogger(__name__)
@@ -366,12 +366,17 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
             await context.write(wireguard_pb2.PeerPacket(Data=data, batch=batch))
 
         hub = self.hub
+
+        def on_space() -> None:
+            if has_room(peer.outgoing):
+                hub.resume(peer)
+
         pump = Pump(
             peer.outgoing,
             write,
             batching_on=lambda: stream.batching,
             max_bytes=lambda: hub.batch_bytes,
-            on_space=lambda: hub.resume(peer),
+            on_space=on_space,
         )
         stream.pump = pump
         if stream.reason is not None:
