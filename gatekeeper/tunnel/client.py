@@ -206,11 +206,10 @@ class TunnelClient:
             got += 1
         if pump is not None and len(self._queue) >= self._queue.maxsize:
             self._pause_reading()
-        if got:
-            if not self._last_tx or self._last_tx <= self._last_rx:
-                self._last_tx = time.monotonic()
-            if pump is not None:
-                pump.kick()
+        if got and (not self._last_tx or self._last_tx <= self._last_rx):
+            self._last_tx = time.monotonic()
+        if pump is not None:
+            pump.kick()
 
     def _pause_reading(self) -> None:
         if self._sock is not None and self._loop is not None and not self._paused:
