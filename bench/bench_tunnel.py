@@ -44,12 +44,19 @@ RATIO_TARGET = 0.5
 def iperf(machine: Machine, seconds: float, reverse: bool) -> tuple[float, int]:
     """(Mbit/s received, TCP retransmits) over `seconds`, one stream."""
     argv = ["iperf3", "-c", SERVER_OVERLAY, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
-    out = subprocess.run(
-        machine.ns.exec_argv(argv), capture_output=True, text=True, timeout=seconds + 30
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"iperf3 failed in {machine.name}: {out.stdout[-500:]}{out.stderr}")
-    end = json.loads(out.stdout)["end"]
+    for attempt in range(3):
+        out = subprocess.run(
+            machine.ns.exec_argv(argv), capture_output=True, text=True, timeout=seconds + 30
+        )
+        doc = json.loads(out.stdout) if out.stdout.strip().startswith("{") else {}
+        if out.returncode == 0 and "sum_received" in doc.get("end", {}):
+            break
+        # The one iperf3 server may still be finishing the previous test ("server is busy").
+        if attempt == 2:
+            why = doc.get("error") or f"{out.stdout[-300:]}{out.stderr[-300:]}"
+            raise RuntimeError(f"iperf3 failed in {machine.name}: {why}")
+        time.sleep(1.0)
+    end = doc["end"]
     return float(end["sum_received"]["bits_per_second"]) / 1e6, int(
         end["sum_sent"].get("retransmits", 0)
     )
