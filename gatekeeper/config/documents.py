@@ -59,13 +59,15 @@ class _StrictLoader(_SafeLoader):  # type: ignore[valid-type,misc]
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # Built here rather than by SafeConstructor.construct_mapping, so each key is constructed
+    # once (checking duplicates first and then letting PyYAML build the dict made every key
+    # twice: a fifth of the time to read 1000 firewall documents).
     loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _value_node in node.value:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         try:
-            duplicate = key in seen
-            seen.add(key)
+            duplicate = key in mapping
         except TypeError:
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping key is not hashable", key_node.start_mark
@@ -74,7 +76,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {describe_key(key)}", key_node.start_mark
             )
-    mapping: dict[Any, Any] = loader.construct_mapping(node, deep=True)
+        mapping[key] = loader.construct_object(value_node, deep=True)
     return mapping
 
 

@@ -13,6 +13,7 @@ leaves the previous one in force and no packet ever sees a half-built table.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -38,6 +39,9 @@ def _match(left: JSON, right: Any, op: str = "==") -> JSON:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
+# The same networks appear in both chains (prerouting repeats the document rules) and str() of
+# an IPv6 address is slow: the cache halves the rendering of 1000 documents.
+@functools.lru_cache(maxsize=65536)
 def _prefix(net: Network) -> Any:
     if net.prefixlen == net.max_prefixlen:
         return str(net.network_address)
