@@ -69,7 +69,7 @@ def _netlink(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except rtnl.NetlinkError as exc:
-        raise WireGuardError(f"{what}: {os.strerror(exc.errno)}{_hint(exc.errno)}") from None
+        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
 
 
 def _hint(code: int) -> str:
@@ -142,7 +142,7 @@ def delete_link(ifname: str) -> bool:
         try:
             rtnl.delete_link(link.index)
         except rtnl.NetlinkError as exc:
-            if exc.errno == errno.ENODEV:  # gone meanwhile (its owner exited)
+            if exc.code == errno.ENODEV:  # gone meanwhile (its owner exited)
                 return False
             raise
         return True

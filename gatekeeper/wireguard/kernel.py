@@ -1,7 +1,7 @@
 """The kernel backend: the `wireguard` link kind, configured over generic netlink.
 
-This is what Talos does with wgctrl: rtnetlink (`rtnl`) creates the link, WireGuard's generic netlink
-family (through pyroute2's `WireGuard` socket) sets the key, port and peers and reads back
+This is what Talos does with wgctrl: rtnetlink (`rtnl`) creates the link, WireGuard's generic
+netlink family (through pyroute2's `WireGuard` socket) sets the key, port and peers and reads back
 handshakes and counters, and iplink sets addresses and MTU. Nothing runs beside us: the kernel
 owns the device, so close() only deletes the link.
 
@@ -436,13 +436,13 @@ class KernelBackend:
         try:
             ifindex = iplink.create_link(ifname, LINK_KIND)
         except rtnl.NetlinkError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
+            if exc.code == errno.EOPNOTSUPP:
                 raise WireGuardError(
                     f"cannot create {ifname}: this kernel has no WireGuard link type "
                     "(load the wireguard module or use the userspace backend)"
                 ) from None
             what = f"creating WireGuard interface {ifname}"
-            raise WireGuardError(f"{what}: {os.strerror(exc.errno)}{_hint(exc.errno)}") from None
+            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
         device = KernelDevice(ifname, ifindex)
         try:
             iplink.set_mtu(ifname, mtu)

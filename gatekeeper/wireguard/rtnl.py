@@ -72,6 +72,7 @@ class NetlinkError(OSError):
 
     def __init__(self, code: int) -> None:
         super().__init__(code, os.strerror(code))
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def get_link(ifname: str) -> Link | None:
     try:
         answers = _route(RTM_GETLINK, 0, payload)
     except NetlinkError as exc:
-        if exc.errno == errno.ENODEV:
+        if exc.code == errno.ENODEV:
             return None
         raise
     for kind, body in answers:

@@ -28,9 +28,9 @@ def kernel_wireguard() -> tuple[bool, str]:
     try:
         rtnl.genl_family_id("wireguard")
     except rtnl.NetlinkError as exc:
-        if exc.errno == errno.ENOENT:
+        if exc.code == errno.ENOENT:
             return False, "generic netlink family 'wireguard' missing"
-        return False, f"generic netlink family 'wireguard' lookup failed: {os.strerror(exc.errno)}"
+        return False, f"generic netlink family 'wireguard' lookup failed: {os.strerror(exc.code)}"
     except OSError as exc:
         return False, f"cannot query generic netlink: {exc.strerror or exc}"
     return True, "generic netlink family 'wireguard' present"
