@@ -68,8 +68,9 @@ def off_loop(fn: Callable[[], T]) -> T:
 def _netlink(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except rtnl.NetlinkError as exc:
-        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
+    except OSError as exc:  # the kernel's refusal (NetlinkError), or the socket's own failure
+        code = exc.errno or errno.EIO
+        raise WireGuardError(f"{what}: {os.strerror(code)}{_hint(code)}") from None
 
 
 def _hint(code: int) -> str:
