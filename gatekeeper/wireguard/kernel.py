@@ -1,7 +1,7 @@
 """The kernel backend: the `wireguard` link kind, configured over generic netlink.
 
-This is what Talos does with wgctrl: rtnetlink creates the link, WireGuard's generic netlink
-family (through pyroute2's `WireGuard` socket) sets the key, port and peers and reads back
+This is what Talos does with wgctrl: rtnetlink (`rtnl`) creates the link, WireGuard's generic
+netlink family (through pyroute2's `WireGuard` socket) sets the key, port and peers and reads back
 handshakes and counters, and iplink sets addresses and MTU. Nothing runs beside us: the kernel
 owns the device, so close() only deletes the link.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, WireGuard
+from pyroute2 import WireGuard
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
@@ -40,7 +40,7 @@ from pyroute2.netlink.generic.wireguard import (
 )
 
 from gatekeeper.netaddr import HostPortError, split_host_port
-from gatekeeper.wireguard import iplink
+from gatekeeper.wireguard import iplink, rtnl
 from gatekeeper.wireguard.backend import (
     IPInterface,
     IPNetwork,
@@ -308,17 +308,6 @@ def _genl(what: str, fn: Callable[[Any], T]) -> T:
     return iplink.off_loop(call)
 
 
-def _rtnl(what: str, fn: Callable[[Any], T]) -> T:
-    def call() -> T:
-        try:
-            with IPRoute() as ipr:
-                return fn(ipr)
-        except NetlinkError as exc:
-            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
-
-    return iplink.off_loop(call)
-
-
 class KernelDevice:
     """A kernel WireGuard link owned by this process."""
 
@@ -444,22 +433,16 @@ class KernelBackend:
             raise WireGuardError(f"MTU {mtu!r} for {ifname}: must be {MIN_MTU}..{MAX_MTU}")
         _take_over(ifname)
 
-        def add(ipr: Any) -> int:
-            try:
-                ipr.link("add", ifname=ifname, kind=LINK_KIND)
-            except NetlinkError as exc:
-                if exc.code == errno.EOPNOTSUPP:
-                    raise WireGuardError(
-                        f"cannot create {ifname}: this kernel has no WireGuard link type "
-                        "(load the wireguard module or use the userspace backend)"
-                    ) from None
-                raise
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise WireGuardError(f"created {ifname} but it vanished at once")
-            return int(found[0])
-
-        ifindex = _rtnl(f"creating WireGuard interface {ifname}", add)
+        try:
+            ifindex = iplink.create_link(ifname, LINK_KIND)
+        except rtnl.NetlinkError as exc:
+            if exc.code == errno.EOPNOTSUPP:
+                raise WireGuardError(
+                    f"cannot create {ifname}: this kernel has no WireGuard link type "
+                    "(load the wireguard module or use the userspace backend)"
+                ) from None
+            what = f"creating WireGuard interface {ifname}"
+            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
         device = KernelDevice(ifname, ifindex)
         try:
             iplink.set_mtu(ifname, mtu)
