@@ -19,6 +19,7 @@ from typing import Any
 
 from gatekeeper.firewall.policy import Network, PortRange
 from gatekeeper.firewall.ruleset import (
+    L4PROTO_NUMBERS,
     TABLE_FAMILY,
     TABLE_NAME,
     Chain,
@@ -165,7 +166,8 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
             )
         )
     elif rule.l4proto is not None and not rule.saddr_dport:
-        expr.append(_match({"meta": {"key": "l4proto"}}, rule.l4proto))
+        # A number, not the name (L4PROTO_NUMBERS: why).
+        expr.append(_match({"meta": {"key": "l4proto"}}, L4PROTO_NUMBERS[rule.l4proto]))
     if rule.saddr_dport:
         ip = "ip" if rule.family is Family.IPV4 else "ip6"
         left = {

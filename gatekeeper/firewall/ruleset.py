@@ -68,6 +68,12 @@ class Family(StrEnum):
         return "IPv4" if self is Family.IPV4 else "IPv6"
 
 
+# IANA protocol numbers for nftables' l4proto names. The ruleset is sent with numbers: a name
+# is resolved through /etc/protocols, which minimal systems (Talos, a minbase image) lack, and
+# nftables then refuses the whole ruleset ("Could not resolve protocol name").
+L4PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58}
+L4PROTO_NAMES = {n: name for name, n in L4PROTO_NUMBERS.items()}
+
 # nftables' l4proto names for the document protocols.
 L4PROTO = {
     Protocol.TCP: "tcp",
