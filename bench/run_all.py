@@ -29,9 +29,10 @@ QUICK_ARGS: dict[str, list[str]] = {
     "link": ["--runs", "3", "--provisions", "100"],
     "recovery": ["--runs", "3"],
     "tunnel": ["--seconds", "3", "--pings", "100"],
-    "storm": ["--count", "300", "--concurrency", "300"],
-    "scale": ["--count", "2000", "--idle", "10", "--settle", "15"],
-    "vm": ["--boots", "1"],
+    "storm": ["--count", "1000"],  # the target's own size: 1000 machines
+    "scale": ["--count", "10000", "--idle", "10", "--settle", "15"],  # the target names 10,000
+    "vm": ["--boots", "3"],
+    "agent_rss": [],
 }
 TIMEOUT_S = 900
 
