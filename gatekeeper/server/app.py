@@ -89,6 +89,7 @@ class Server:
         self.device: Device | None = None
         self.grpc: grpc.aio.Server | None = None
         self.provisioner: Provisioner | None = None
+        self.service: ProvisionService | None = None
         self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
@@ -219,7 +220,9 @@ class Server:
             # Tunnel messages carry batches of datagrams (gatekeeper.tunnel.batching).
             options = tunnel_server_options(options)
         self.grpc = grpc.aio.server(options=options)
-        add_provision_service(self.grpc, ProvisionService(self.fleet.guard(self.provisioner)))
+        self.provisioner.loop = asyncio.get_running_loop()
+        self.service = ProvisionService(self.fleet.guard(self.provisioner))
+        add_provision_service(self.grpc, self.service)
         if self.tunnels is not None:
             add_to_server(self.tunnels, self.grpc)  # same port, same TLS as Provision
         if opts.tls_cert and opts.tls_key:
@@ -283,6 +286,9 @@ class Server:
                     await task
         if self.grpc:
             await self.grpc.stop(grace=1)
+        if self.service:
+            # A Provision still in its thread may wait for the loop (tunnel hub): not here.
+            await asyncio.to_thread(self.service.close)
         await self.fleet.close()
         if self.tunnels:
             self.tunnels.close()

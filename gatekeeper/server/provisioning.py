@@ -6,20 +6,34 @@ No gRPC here: the service adapter (`service.py`) turns requests into `ProvisionI
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
-import re
 import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
 from gatekeeper.server.escape import shown
-from gatekeeper.server.identity import LivePeers, host_of, is_low_order
-from gatekeeper.server.ratelimit import peer_address
+from gatekeeper.server.identity import LivePeers, host_of
+from gatekeeper.server.provision_rules import (
+    KEY_ELSEWHERE,
+    NO_SESSION,
+    Checked,
+    Code,
+    Conflict,
+    Facts,
+    ProvisionInput,
+    Rejected,
+    Rules,
+    Session,
+    check_request,
+    decide,
+)
 from gatekeeper.server.registry import (
     AddressTaken,
     KeyTaken,
@@ -28,22 +42,16 @@ from gatekeeper.server.registry import (
     Registry,
     RegistryError,
     TokenRefused,
-    machine_key,
 )
-from gatekeeper.server.tokens import TokenDenied, TokenPolicy
+from gatekeeper.server.tokens import Admission, TokenDenied, TokenPolicy
 from gatekeeper.tunnel.header import tunnel_addr_port, tunnel_prefix_for
 from gatekeeper.tunnel.peers import TunnelMode, TunnelPeers
 from gatekeeper.wireguard.backend import Device, PeerConfig
-from gatekeeper.wireguard.keys import InvalidKey, PublicKey
+from gatekeeper.wireguard.keys import PublicKey
 
 log = logging.getLogger(__name__)
 
-MAX_FIELD = 256
-# An SMBIOS product UUID as Talos sends it (8-4-4-4-12 hex digits, either case).
-UUID_PATTERN = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-KEY_ELSEWHERE = "node_public_key belongs to another machine"
+T = TypeVar("T")
 
 # The server keeps every peer alive, as the reference server and Omni do (25 s), from the
 # moment it has somewhere to send to: a keepalive on a peer without an endpoint does nothing
@@ -55,37 +63,6 @@ KEY_ELSEWHERE = "node_public_key belongs to another machine"
 # machine's fixed listen port) instead of waiting for the machine to notice the lost session
 # (15 s or more). See docs/compatibility.md.
 SERVER_KEEPALIVE = 25
-
-
-class Code(StrEnum):
-    """The gRPC status names the spec prescribes (section 6), without importing grpc."""
-
-    PERMISSION_DENIED = "PERMISSION_DENIED"
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    # A second machine claiming a connected machine's identity (a duplicate SMBIOS UUID).
-    ALREADY_EXISTS = "ALREADY_EXISTS"
-    INTERNAL = "INTERNAL"
-
-
-class Rejected(Exception):
-    def __init__(self, code: Code, message: str, **audit: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        # What the audit line should say beyond the message (never sent to the caller).
-        self.audit = audit
-
-
-@dataclass(frozen=True)
-class ProvisionInput:
-    node_uuid: str
-    node_public_key: str
-    join_token: str | None = field(default=None, repr=False)
-    unique_token: str | None = field(default=None, repr=False)
-    talos_version: str | None = None
-    wants_tunnel: bool = False
-    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +103,7 @@ class Provisioner:
         self.tunnel_mode = tunnel_mode if tunnels is not None else TunnelMode.OFF
         self.tunnels = tunnels
         self.tunnel_prefix = tunnel_prefix_for(prefix)
+        self.rules = Rules(tunnel_mode=self.tunnel_mode)
         self.live = LivePeers(device)
         # Names tunnel streams unguessably (tunnel/header.py); the server derives it from its
         # key so that names survive restarts. A throwaway one only where no key is given.
@@ -136,77 +114,47 @@ class Provisioner:
         # overlay address -> virtual [addr]:port of machines admitted to the tunnel, so that
         # `machines remove` (which knows the address) can end the stream.
         self._virtuals: dict[ipaddress.IPv6Address, str] = {}
+        # The loop that owns the tunnel hub: Provision runs in a worker thread (the service
+        # keeps store and device calls off the loop that carries tunnelled traffic), and the
+        # hub's sockets and readers may only be touched from their loop.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the hub's loop, waited for; directly when already there (or no loop)."""
+        loop = self.loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop:
+            return fn()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result()
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
         # Order matters: nothing is touched (device or registry) before every check passed.
         try:
-            admission = self.tokens.admit(req.join_token)
+            admission: Admission | TokenDenied = self.tokens.admit(req.join_token)
         except TokenDenied as exc:
-            raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
-        try:
-            key = PublicKey.from_base64(req.node_public_key, "node_public_key")
-        except InvalidKey as exc:
-            raise Rejected(Code.INVALID_ARGUMENT, f"invalid WireGuard public key: {exc}") from None
-        if is_low_order(key):
-            # Every session with such a key has a known shared secret: no authentication.
-            raise Rejected(
-                Code.INVALID_ARGUMENT, "invalid WireGuard public key: node_public_key is a "
-                "low-order point (no secure session is possible with it)"
-            )  # fmt: skip
-        uuid = req.node_uuid
-        if not uuid:
-            raise Rejected(Code.INVALID_ARGUMENT, "node_uuid is required")
-        if not UUID_PATTERN.fullmatch(uuid):
-            raise Rejected(
-                Code.INVALID_ARGUMENT,
-                f"node_uuid '{shown(uuid, 64)}' is not a UUID (8-4-4-4-12 hex digits)",
-            )
-        for name, value in (
-            ("node_unique_token", req.unique_token or ""),
-            ("talos_version", req.talos_version or ""),
-        ):
-            if len(value) > MAX_FIELD:
-                raise Rejected(Code.INVALID_ARGUMENT, f"{name} is longer than {MAX_FIELD} bytes")
-        if not (req.talos_version or "").isprintable():
-            raise Rejected(Code.INVALID_ARGUMENT, "talos_version holds control characters")
-
-        mkey = machine_key(uuid, req.unique_token)
-        existing = self.registry.get(mkey)
-        # The key may be registered under another identity. Only that identity's own machine
-        # may move it here: the same node UUID (a machine whose unique token changed keeps
-        # its key) AND the request comes from the address WireGuard authenticated for that
-        # key. Anyone else (who merely knows the UUID and the public key) would be re-pointing
-        # a connected machine's peer, cutting it off: refused.
-        holder = self.registry.by_public_key(key.base64())
-        if holder is not None and holder.machine_key != mkey:
-            if holder.node_uuid.lower() != uuid.lower() or not self._from_holder(holder, req):
-                raise Rejected(
-                    Code.INVALID_ARGUMENT, KEY_ELSEWHERE, conflict_with=str(holder.address)
-                )
-        else:
-            holder = None
-        if admission.refusal and not (
-            existing and admission.allows_existing(existing.join_token_id)
-        ):
-            raise Rejected(Code.PERMISSION_DENIED, f"join token {admission.refusal.value}")
-        if existing is not None and existing.public_key != key.base64():
-            self._check_duplicate(existing, req)
-        try:
-            address = existing.address if existing else self._allocate()
-        except AddressSpaceExhausted:
-            raise Rejected(Code.RESOURCE_EXHAUSTED, "no free overlay address") from None
-        record = MachineRecord(
-            machine_key=mkey,
-            node_uuid=uuid,
-            address=address,
-            public_key=key.base64(),
-            endpoint=existing.endpoint if existing and not existing.tunnel else None,
-            tunnel=self.tunnel_mode.decide(req.wants_tunnel),
-            talos_version=req.talos_version or "",
-            created=existing.created if existing else time.time(),
-            join_token_id=existing.join_token_id if existing else admission.token_id,
-            remote_address=peer_address(req.peer),
-        )
+            admission = exc
+        checked = check_request(req, admission)
+        if isinstance(checked, Rejected):
+            raise checked
+        plan = decide(req, checked, self._facts(checked), self.rules, time.time())
+        if isinstance(plan, Rejected):
+            if plan.conflict is not None:
+                self._note_conflict(plan.conflict)
+            raise plan
+        record, key, existing = plan.record, plan.key, plan.previous
+        holder, address, uuid = plan.replaces, plan.record.address, req.node_uuid
         # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
         # peer without one it only makes wireguard-go spin (see sync_endpoints).
         self.device.set_peer(self._peer(key, address))
@@ -215,7 +163,7 @@ class Provisioner:
             # identity, that identity's removal (the key index is unique).
             self.registry.claim(
                 record,
-                token_id=admission.token_id,
+                token_id=plan.token_id,
                 max_machines=self.max_machines,
                 replaces=holder.machine_key if holder is not None else None,
             )
@@ -234,11 +182,12 @@ class Provisioner:
         if holder is not None:
             log.info("machine %s replaced its identity at %s", uuid, holder.address)
             if holder.tunnel:
-                self.forget_tunnel(holder.address)
+                gone = holder.address
+                self._on_loop(lambda: self.forget_tunnel(gone))
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
-        virtual = self._tunnel_peer(record, key, previous=existing)
+        virtual = self._on_loop(lambda: self._tunnel_peer(record, key, previous=existing))
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             uuid,
@@ -267,44 +216,49 @@ class Provisioner:
         if not live:
             return False, None
         if record.tunnel and self.tunnels is not None:
+            # (Read from the provision thread: one dict lookup, at worst a moment stale.)
             source = self.tunnels.stream_source(self._virtual(record.public_key))
             return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
 
-    def _from_holder(self, holder: MachineRecord, req: ProvisionInput) -> bool:
-        """Does the request come from where the holder's key is connected right now?"""
-        live, host = self._live_host(holder)
-        source = host_of(req.peer)
-        return live and host is not None and host == source
+    def _facts(self, checked: Checked) -> Facts:
+        """What the rules need from the store and the device, read now."""
+        existing = self.registry.get(checked.machine_key)
+        holder = self.registry.by_public_key(checked.key.base64())
+        if holder is not None and holder.machine_key == checked.machine_key:
+            holder = None
+        free = None
+        if existing is None:
+            try:
+                free = self._allocate()
+            except AddressSpaceExhausted:
+                free = None
+        # The device is read only where the rules look at a session: a key moving between
+        # identities, or an identity coming with a new key.
+        moved = existing is not None and existing.public_key != checked.key.base64()
+        return Facts(
+            existing=existing,
+            holder=holder,
+            existing_session=self._session(existing) if moved else NO_SESSION,
+            holder_session=self._session(holder),
+            free_address=free,
+        )
 
-    def _check_duplicate(self, existing: MachineRecord, req: ProvisionInput) -> None:
-        """A new key for an identity whose key is connected from elsewhere is a conflict.
+    def _session(self, record: MachineRecord | None) -> Session:
+        if record is None:
+            return NO_SESSION
+        live, host = self._live_host(record)
+        return Session(live=live, host=host)
 
-        The same machine restarting (a new key at every boot) provisions from the address
-        its old session came from, or after that session died: a replacement. A second
-        machine with the same UUID and unique token (a cloned VM, firmware that gives every
-        board one UUID) comes from another address while the first is connected: it is
-        refused, the record notes the conflict (`gatekeeper machines` shows it), and the
-        connected machine keeps its peer.
-        """
-        live, host = self._live_host(existing)
-        source = host_of(req.peer)
-        if not live or (host is not None and host == source):
-            return
-        where = str(source) if source is not None else shown(req.peer, 64)
-        self.registry.record_conflict(existing.machine_key, time.time(), where)
+    def _note_conflict(self, conflict: Conflict) -> None:
+        """A refused clone is noted on the connected machine's record (`gatekeeper machines`)."""
+        self.registry.record_conflict(conflict.machine_key, time.time(), conflict.source)
         log.warning(
             "machine %s: a second machine from %s claims its identity while it is connected "
             "from %s: refused (duplicate node UUID? give each machine a unique token)",
-            shown(existing.node_uuid, 64),
-            where,
-            host,
-        )
-        raise Rejected(
-            Code.ALREADY_EXISTS,
-            "node_uuid is in use by another connected machine (duplicate SMBIOS UUID?): set "
-            "a unique token on this machine",
-            conflict_with=str(existing.address),
+            shown(conflict.node_uuid, 64),
+            conflict.source,
+            conflict.connected_from,
         )
 
     def _give_back(self, key: PublicKey, before: MachineRecord | None) -> None:
@@ -437,3 +391,6 @@ class Provisioner:
         if keep_alive:
             self.device.set_peers(keep_alive)
         return len(changed)
+
+
+__all__ = ["Code", "ProvisionInput", "ProvisionOutput", "Provisioner", "Rejected"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import grpc
@@ -47,13 +49,22 @@ class Provisions(Protocol):
 class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
     def __init__(self, provisioner: Provisions) -> None:
         self.provisioner = provisioner
+        # Store calls (an fsync per SQLite commit, a PostgreSQL round trip), UAPI writes and
+        # the audit line block: never on the loop that also relays every tunnelled datagram.
+        # One thread keeps Provisions in the order they arrived, as on the loop before, so
+        # two requests for one machine never interleave between their reads and writes.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="provision")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def Provision(
         self, request: provision_pb2.ProvisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> provision_pb2.ProvisionResponse:
         req = request_input(request, context.peer())
         try:
-            out = self.provisioner.provision(req)
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self.executor, self.provisioner.provision, req)
         except Rejected as exc:
             if exc.message != RATE_LIMITED:  # the guard logs a flood once, not per request
                 log.warning(
