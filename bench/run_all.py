@@ -30,7 +30,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "recovery": ["--runs", "3"],
     "tunnel": ["--seconds", "3", "--pings", "100"],
     "storm": ["--count", "1000"],  # the target's own size: 1000 machines
-    "scale": ["--count", "10000", "--idle", "10", "--settle", "15"],  # the target names 10,000
+    # The target names 10,000 peers; idle is measured after the join window (fleet.JOIN_WINDOW).
+    "scale": ["--count", "10000", "--idle", "20", "--settle", "40"],
     "vm": ["--boots", "3"],
     "agent_rss": [],
 }
