@@ -26,9 +26,9 @@ def test_the_agent_entry_point_imports_no_postgresql_client() -> None:
     assert out.stdout.strip() == ""
 
 
-# Imported by the agent's entry path only if someone re-adds an eager import: pyroute2 (the
-# kernel backend's netlink library, ~25 MB), the server and its PostgreSQL client, the CLI's
-# fleet and firewall commands.
+# Imported by the agent's entry path only if someone re-adds an eager import: pyroute2 (a
+# netlink library, ~25 MB; the product speaks netlink itself), the server and its PostgreSQL
+# client, the CLI's fleet and firewall commands.
 NOT_IN_THE_AGENT = (
     "pyroute2",
     "psycopg",
@@ -95,3 +95,19 @@ def test_a_running_userspace_agent_loads_no_server_cli_or_pyroute2(tmp_path: Pat
         subprocess.run(["ip", "netns", "del", ns], check=False)
     assert out.stdout.split(" ", 1)[0] == "started", out.stdout + out.stderr[-2000:]
     assert out.stdout.split(" ", 1)[1].strip() == "", out.stdout
+
+
+def test_the_kernel_backend_needs_no_pyroute2() -> None:
+    """The VM guest's agent picks the kernel backend: its import must not bring pyroute2
+    (seconds under emulation), which is only a test dependency now."""
+    probe = (
+        "import sys\n"
+        "import gatekeeper.cli.main, gatekeeper.agent.daemon\n"
+        "from gatekeeper.wireguard import select\n"
+        "backend = select._kernel_backend()\n"
+        "print(backend.name, ','.join(sorted(m for m in sys.modules if 'pyroute2' in m)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "kernel", out.stdout

@@ -5,16 +5,14 @@ namespace (`ip netns exec`), and tests enter one per thread with setns.
 
 The requests go through `rtnl` (the standard library's socket), not pyroute2: importing
 pyroute2 costs the agent about 25 MB and, under emulation, seconds, and wireguard-go needs
-none of it. `off_loop` remains for pyroute2's WireGuard socket in the kernel backend.
+none of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -36,33 +34,6 @@ class LinkInfo:
     # Administratively up (IFF_UP), whatever the carrier says.
     up: bool
     addresses: tuple[IPInterface, ...]
-
-
-def off_loop(fn: Callable[[], T]) -> T:
-    """Run `fn` here, or on a helper thread when this thread runs an asyncio loop.
-
-    pyroute2 refuses to run inside a thread whose asyncio loop is running; the helper thread
-    only sidesteps that: the caller still waits for `fn`, so keep it short.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn()
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:  # handed back to the caller below
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="gatekeeper-rtnetlink")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
 
 
 def _netlink(what: str, fn: Callable[[], T]) -> T:

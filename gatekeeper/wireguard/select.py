@@ -13,8 +13,7 @@ PREFERENCES = ("auto", "kernel", "userspace")
 
 
 def _kernel_backend() -> Backend:
-    # Imported only once the kernel is chosen: the kernel backend speaks WireGuard's netlink
-    # family through pyroute2, whose import costs about 25 MB that wireguard-go never needs.
+    # Imported only once the kernel is chosen: the userspace agent never needs its codec.
     from gatekeeper.wireguard.kernel import KernelBackend
 
     return KernelBackend()
