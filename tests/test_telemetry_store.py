@@ -9,13 +9,12 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from pgcluster import PgCluster, started_cluster, unavailable
+from pgcluster import PgCluster
 
 from gatekeeper.overlay import overlay_prefix
 from gatekeeper.server.audit import rfc3339
@@ -160,19 +159,6 @@ def test_retention_by_size_per_machine_and_by_age(pg_url: str) -> None:
     with psycopg.connect(pg_url) as db:
         stored = db.execute("SELECT entry FROM telemetry_events ORDER BY seq").fetchall()
     assert [json.loads(e)["data"]["what"] for (e,) in stored] == ["fresh"]
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PgCluster]:
-    """A PostgreSQL of this test's own, to stop and start without disturbing the others."""
-    why = unavailable()
-    if why is not None:
-        pytest.skip(why)
-    cluster = started_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def test_postgresql_stopped_holds_what_fits_drops_the_rest_and_resumes(
