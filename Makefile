@@ -14,7 +14,7 @@ SERVICE_START_AGAIN := [ -n "$$added_policy" ] && rm -f /usr/sbin/policy-rc.d;
 # vm-tests: QEMU, and what builds its image (the kernel and busybox come via apt-get download).
 VM_PACKAGES := qemu-system-x86 debootstrap kmod e2fsprogs
 
-.PHONY: demo test vm-test setup system-packages vm-packages proto
+.PHONY: demo test vm-test bench setup system-packages vm-packages proto
 
 demo: setup
 	$(VENV)/bin/gatekeeper demo
@@ -31,6 +31,11 @@ test: setup vm-packages
 # keeps each run's console log under vm-tests/logs/.
 vm-test: setup vm-packages
 	PYTHON=$(PY) vm-tests/run || [ $$? = 77 ]  # 77: skipped, the reason is printed
+
+# Every benchmark, quick sizes (about 15 minutes), one verdict table; see bench/README.md.
+# BENCH_ARGS passes options through: make bench BENCH_ARGS="--skip vm --markdown bench.md".
+bench: setup vm-packages
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # Regenerate gatekeeper/pb from proto/ (tests fail when it is stale).
 proto: setup

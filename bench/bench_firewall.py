@@ -1,8 +1,13 @@
-"""Benchmark: 1000 NetworkRuleConfig documents rendered and applied in one transaction.
+"""Benchmark: 1000 NetworkRuleConfig documents, from YAML text to rules in force in the kernel.
 
-Run as root: `python bench/bench_firewall.py [--rules N]`. It creates its own network
-namespace, applies inside it (re-running itself under `ip netns exec`), prints the figures and
-deletes the namespace. Target: apply <= 0.5 s for 1000 rules.
+Run as root: `python bench/bench_firewall.py [--rules N] [--mode block|accept]`. It creates its
+own network namespace, applies inside it (re-running itself under `ip netns exec`), prints the
+figures and deletes the namespace.
+
+Target (issue 14): the whole path, text -> parse -> validate -> ruleset -> nftables JSON ->
+committed by libnftables, <= 0.5 s for 1000 documents, both for the first apply (no table yet)
+and for a replace (the table exists; the documents are read again, as a reload does). The
+verdict compares that whole-path figure; the stages are printed beside it, not instead of it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import secrets
 import subprocess
 import sys
 import time
+
+from verdict import Verdict, emit  # bench/ is on sys.path: the script's own directory
 
 TARGET_S = 0.5
 
@@ -35,34 +42,43 @@ def documents(n: int, mode: str = "block") -> str:
     return "---\n".join(docs)
 
 
-def inside(n: int, mode: str) -> dict[str, float | int]:
+def _whole_path(text: str, nft: object) -> dict[str, float | int]:
+    """One pass of the path a user waits for, each stage timed on the way."""
     from gatekeeper.firewall import render
     from gatekeeper.firewall.apply import Nftables
     from gatekeeper.firewall.documents import parse_policy_text
     from gatekeeper.firewall.policy import LinkState
     from gatekeeper.firewall.ruleset import build_ruleset
 
-    text = documents(n, mode)
+    assert isinstance(nft, Nftables)
     t0 = time.perf_counter()
     policy = parse_policy_text(text, "bench")
     t1 = time.perf_counter()
     ruleset = build_ruleset(policy, LinkState(wireguard_ports=(51820,)))
-    commands = render.replace_commands(ruleset)
     t2 = time.perf_counter()
-    nft = Nftables()
-    nft.apply(commands)  # first apply: the table does not exist yet
+    commands = render.replace_commands(ruleset)
     t3 = time.perf_counter()
-    nft.apply(commands)  # replace: delete and rebuild in one transaction
+    nft.apply(commands)
     t4 = time.perf_counter()
-    live = nft.list_table() or []
     return {
         "documents": len(policy.rules),
-        "nft_rules": sum(1 for o in live if "rule" in o),
         "parse_s": t1 - t0,
-        "render_s": t2 - t1,
-        "apply_first_s": t3 - t2,
-        "apply_replace_s": t4 - t3,
+        "build_s": t2 - t1,
+        "render_s": t3 - t2,
+        "apply_s": t4 - t3,
+        "total_s": t4 - t0,
     }
+
+
+def inside(n: int, mode: str) -> dict[str, object]:
+    from gatekeeper.firewall.apply import Nftables
+
+    text = documents(n, mode)
+    nft = Nftables()  # loading libnftables is start-up, once per process, not per apply
+    first = _whole_path(text, nft)  # the table does not exist yet
+    replace = _whole_path(text, nft)  # delete and rebuild in one transaction
+    live = nft.list_table() or []
+    return {"first": first, "replace": replace, "nft_rules": sum(1 for o in live if "rule" in o)}
 
 
 def main() -> int:
@@ -105,19 +121,36 @@ def main() -> int:
         r = json.loads(proc.stdout)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
-    worst = max(r["apply_first_s"], r["apply_replace_s"])
+    first, again = r["first"], r["replace"]
     print(
-        f"documents:            {r['documents']} NetworkRuleConfig ({args.mode} mode, IPv4 + IPv6)"
+        f"documents:            {first['documents']} NetworkRuleConfig "
+        f"({args.mode} mode, IPv4 + IPv6)"
     )
     print(f"nftables rules:       {r['nft_rules']}")
-    print(f"parse + validate:     {r['parse_s'] * 1000:8.1f} ms")
-    print(f"render:               {r['render_s'] * 1000:8.1f} ms")
-    print(f"render + apply:       {(r['render_s'] + r['apply_replace_s']) * 1000:8.1f} ms")
-    print(f"apply (new table):    {r['apply_first_s'] * 1000:8.1f} ms")
-    print(f"apply (replace):      {r['apply_replace_s'] * 1000:8.1f} ms")
-    verdict = "OK" if worst <= TARGET_S else "OVER TARGET"
-    print(f"target apply <= {TARGET_S * 1000:.0f} ms: {verdict}")
-    return 0 if worst <= TARGET_S else 1
+    for label, run in (("first apply", first), ("replace", again)):
+        print(
+            f"{label:<12} parse+validate {run['parse_s'] * 1e3:6.1f} ms, "
+            f"ruleset {run['build_s'] * 1e3:6.1f} ms, render {run['render_s'] * 1e3:6.1f} ms, "
+            f"apply {run['apply_s'] * 1e3:6.1f} ms"
+        )
+    what = f"{args.rules} documents text->kernel ({args.mode})"
+    verdicts = [
+        Verdict(
+            f"{what}, first apply",
+            f"<= {TARGET_S} s",
+            first["total_s"],
+            "s",
+            ok=first["total_s"] <= TARGET_S,
+        ),
+        Verdict(
+            f"{what}, replace",
+            f"<= {TARGET_S} s",
+            again["total_s"],
+            "s",
+            ok=again["total_s"] <= TARGET_S,
+        ),
+    ]
+    return 0 if emit("firewall", verdicts) else 1
 
 
 if __name__ == "__main__":

@@ -1,33 +1,45 @@
-"""Scale: a real `gatekeeper server` holding N peers (default 10,000): memory and idle CPU.
+"""Scale: real `gatekeeper server` instances holding N peers (default 10,000): memory, idle CPU.
 
-Fills the server with N provisioned machines (real keys, real Provision calls, real peers on
-its wireguard-go device), then measures, separately, the Python server process and its
-wireguard-go child: resident memory (VmRSS) and CPU used while nothing happens
-(utime + stime over `--idle` seconds). Prints JSON.
+Fills the servers with N provisioned machines (real keys, real Provision calls, real peers on
+their wireguard-go devices), waits for the after-join work to settle, then measures each
+instance as a whole: the Python server process and its wireguard-go, separately and summed,
+resident memory now (VmRSS) and at its peak (VmHWM, the fill included), and the CPU both use
+while nothing happens (utime + stime over `--idle` seconds, in % of one core).
 
-    sudo python bench/bench_scale.py [--count 10000] [--idle 30]
+Targets (issue 12): <= 150 MB per instance (server + its wireguard-go, steady) and ~0 idle
+CPU (here: <= 1 % of one core per instance). `--registry postgresql [--instances 2]`: on one
+PostgreSQL started here as the tests start it, the fill split between the instances.
+
+    sudo .venv/bin/python bench/bench_scale.py [--count 10000] [--idle 30]
+        [--registry sqlite|postgresql] [--instances 1|2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from bench_storm import STORM, Target, start_servers, wg_peers
+from verdict import Verdict, emit
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
 
-STORM = Path(__file__).parent / "storm_client.py"
 TICKS = os.sysconf("SC_CLK_TCK")
+MAX_MB = 150.0
+MAX_IDLE_CPU_PCT = 1.0
 
 
-def rss_mb(pid: int) -> float:
+def status_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
     return 0.0
 
 
@@ -36,17 +48,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def children(pid: int) -> list[int]:
-    out = []
+def wireguard_go_of(pid: int) -> int:
+    """The wireguard-go process a server started (its child)."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "wireguard" in comm:
+            found.append(int(entry.name))
+    if len(found) != 1:
+        raise RuntimeError(f"server {pid}: expected one wireguard-go child, found {found}")
+    return found[0]
+
+
+def memory(pid: int) -> dict[str, float]:
+    return {"rss_mb": status_mb(pid, "VmRSS"), "hwm_mb": status_mb(pid, "VmHWM")}
+
+
+def fill(sl: SideroLinkLab, targets: list[Target], count: int) -> dict[str, Any]:
+    """`count` machines provisioned, split between the targets, one client process each."""
+    client = sl.add_machine(start=False)
+    per = count // len(targets)
+    procs = []
+    for t in targets:
+        argv = [
+            sys.executable, str(STORM), t.grpc, "--count", str(per),
+            "--concurrency", "500", "--channels", "16", "--token", sl.join_token,
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(client.ns.exec_argv(argv), stdout=subprocess.PIPE, text=True))
+    outcomes: dict[str, int] = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=1800)
+        for k, v in json.loads(out)["outcomes"].items():
+            outcomes[k] = outcomes.get(k, 0) + v
+    return outcomes
 
 
 def main() -> int:
@@ -54,48 +94,82 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--settle", type=float, default=40.0, help="wait before measuring idle")
+    parser.add_argument("--registry", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--instances", type=int, choices=[1, 2], default=1)
     args = parser.parse_args()
-    with SideroLinkLab() as sl:
-        sl.start_server()
-        assert sl.server_proc is not None
-        server_pid = sl.server_proc.pid
-        (wg_pid,) = [
-            p for p in children(server_pid) if "wireguard" in Path(f"/proc/{p}/comm").read_text()
-        ]
-        base = {"server_rss_mb": rss_mb(server_pid), "wireguard_go_rss_mb": rss_mb(wg_pid)}
-        client = sl.add_machine(start=False)
-        started = time.perf_counter()
-        done = subprocess.run(
-            client.ns.exec_argv(
-                [
-                    sys.executable, str(STORM), f"[{sl.server_underlay}]:8090",
-                    "--count", str(args.count), "--concurrency", "1000",
-                    "--token", sl.join_token,
-                ]
-            ),
-            capture_output=True, text=True, timeout=1200, check=True,
-        )  # fmt: skip
-        fill_s = time.perf_counter() - started
-        storm = json.loads(done.stdout)
-        # Right after machines join, the server reads its device every 5 s for their new
+    if args.instances == 2 and args.registry != "postgresql":
+        parser.error("--instances 2 needs --registry postgresql")
+
+    with SideroLinkLab() as sl, contextlib.ExitStack() as stack:
+        targets, _ = start_servers(sl, stack, args.registry, args.instances)
+        pids = [(t.proc.pid, wireguard_go_of(t.proc.pid)) for t in targets]
+        empty = [{"server": memory(s), "wireguard_go": memory(w)} for s, w in pids]
+        started = time.monotonic()
+        outcomes = fill(sl, targets, args.count)
+        fill_s = time.monotonic() - started
+        # Right after machines join, a server reads its device every 5 s for their new
         # endpoints (fleet.JOIN_WINDOW); idle is what follows.
         time.sleep(args.settle)
-        before = (cpu_seconds(server_pid), cpu_seconds(wg_pid))
+        before = [(cpu_seconds(s), cpu_seconds(w)) for s, w in pids]
         time.sleep(args.idle)
-        after = (cpu_seconds(server_pid), cpu_seconds(wg_pid))
-        result = {
-            "peers": len(sl.server_peers()),
-            "fill_s": round(fill_s, 1),
-            "fill_outcomes": storm["outcomes"],
-            "empty": base,
-            "server_rss_mb": rss_mb(server_pid),
-            "wireguard_go_rss_mb": rss_mb(wg_pid),
-            "idle_seconds": args.idle,
-            "server_idle_cpu_pct": round(100 * (after[0] - before[0]) / args.idle, 2),
-            "wireguard_go_idle_cpu_pct": round(100 * (after[1] - before[1]) / args.idle, 2),
-        }
-    print(json.dumps(result, indent=2))
-    return 0
+        after = [(cpu_seconds(s), cpu_seconds(w)) for s, w in pids]
+        instances = []
+        for n, (t, (s, w)) in enumerate(zip(targets, pids, strict=True)):
+            instances.append(
+                {
+                    "instance": n + 1,
+                    "peers": wg_peers(t.ns, t.interface),
+                    "empty": empty[n],
+                    "server": memory(s),
+                    "wireguard_go": memory(w),
+                    "server_idle_cpu_pct": 100 * (after[n][0] - before[n][0]) / args.idle,
+                    "wireguard_go_idle_cpu_pct": 100 * (after[n][1] - before[n][1]) / args.idle,
+                }
+            )
+    print(
+        json.dumps(
+            {"registry": args.registry, "count": args.count, "fill_s": round(fill_s, 1),
+             "fill_outcomes": outcomes, "instances": instances},
+            indent=2,
+        )
+    )  # fmt: skip
+    complete = outcomes.get("OK", 0) == args.count // args.instances * args.instances
+    verdicts = []
+    for inst in instances:
+        name = f"scale ({args.registry}) instance {inst['instance']}, {inst['peers']} peers"
+        server, wg = inst["server"], inst["wireguard_go"]
+        total = server["rss_mb"] + wg["rss_mb"]
+        cpu = inst["server_idle_cpu_pct"] + inst["wireguard_go_idle_cpu_pct"]
+        verdicts += [
+            Verdict(f"{name}: server RSS", "", server["rss_mb"], "MB"),
+            Verdict(f"{name}: its wireguard-go RSS", "", wg["rss_mb"], "MB"),
+            Verdict(
+                f"{name}: RSS, server + its wireguard-go",
+                f"<= {MAX_MB:g} MB",
+                total,
+                "MB",
+                ok=complete and total <= MAX_MB,
+                note="" if complete else f"fill incomplete: {outcomes}",
+            ),
+            Verdict(
+                f"{name}: peak RSS (VmHWM), server + its wireguard-go",
+                "",
+                server["hwm_mb"] + wg["hwm_mb"],
+                "MB",
+                note=f"server {server['hwm_mb']:.1f}, wireguard-go {wg['hwm_mb']:.1f}",
+            ),
+            Verdict(
+                f"{name}: idle CPU, server + its wireguard-go",
+                f"<= {MAX_IDLE_CPU_PCT:g} % of a core",
+                cpu,
+                "%",
+                ok=cpu <= MAX_IDLE_CPU_PCT,
+                note=f"server {inst['server_idle_cpu_pct']:.2f}, "
+                f"wireguard-go {inst['wireguard_go_idle_cpu_pct']:.2f}, over {args.idle:g} s",
+            ),
+        ]
+    ok = emit(f"scale ({args.registry}, {args.instances} instance)", verdicts)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ def lab() -> Iterator[Lab]:
         yield built
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """One real PostgreSQL for the session (stopped and removed at the end, pass or fail)."""
+def _cluster() -> Iterator[PgCluster]:
     why = pgcluster.unavailable()
     if why is not None:
         pytest.skip(why)
@@ -41,6 +39,18 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One real PostgreSQL for the session (stopped and removed at the end, pass or fail)."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL of this test's own, to stop and start without disturbing the others."""
+    yield from _cluster()
 
 
 @pytest.fixture

@@ -284,3 +284,32 @@ def test_no_document_crashes_validation_or_rendering(docs: list[object], ports: 
         for rule in chain.rules:
             assert len(rule.comment.encode()) <= 127
     explain(ruleset, Packet.make("eth0", "10.0.0.1", "tcp", 80))
+
+
+def _range_for(bits: int) -> st.SearchStrategy[tuple[int, int]]:
+    # Half the examples are whole CIDR blocks (the fast path), half arbitrary ranges.
+    block = st.integers(0, bits).flatmap(
+        lambda plen: st.integers(0, (1 << plen) - 1).map(
+            lambda n: (n << (bits - plen), ((n + 1) << (bits - plen)) - 1)
+        )
+    )
+    pair = st.tuples(st.integers(0, (1 << bits) - 1), st.integers(0, (1 << bits) - 1))
+    return st.one_of(block, pair.map(lambda p: (min(p), max(p))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([Family.IPV4, Family.IPV6]).flatmap(
+        lambda f: st.tuples(st.just(f), _range_for(32 if f is Family.IPV4 else 128))
+    )
+)
+def test_rendered_sources_are_the_fewest_cidrs_of_the_range(
+    case: tuple[Family, tuple[int, int]],
+) -> None:
+    from gatekeeper.firewall.ruleset import _networks
+
+    family, (lo, hi) = case
+    addr = ipaddress.IPv4Address if family is Family.IPV4 else ipaddress.IPv6Address
+    assert _networks([(lo, hi)], family) == list(
+        ipaddress.summarize_address_range(addr(lo), addr(hi))
+    )

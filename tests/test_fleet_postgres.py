@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from fleetlab import TESTS, provisions
-from pgcluster import PgCluster, started_cluster, unavailable
+from pgcluster import PgCluster
 
 from gatekeeper.lab.netns import Namespace, move_veth_pair
 from gatekeeper.lab.siderolink_lab import API_PORT, UNDERLAY, SideroLinkLab, gatekeeper_argv
@@ -127,19 +127,6 @@ def two_servers(cluster: PgCluster) -> Iterator[TwoServers]:
 def fleet(pg_cluster: PgCluster) -> Iterator[TwoServers]:
     with two_servers(pg_cluster) as servers:
         yield servers
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PgCluster]:
-    """A PostgreSQL of this test's own, to stop and start without disturbing the others."""
-    why = unavailable()
-    if why is not None:
-        pytest.skip(why)
-    cluster = started_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def request(token: str) -> dict[str, object]:

@@ -133,6 +133,7 @@ def test_events_and_kernel_logs_arrive_attributed(sl: SideroLinkLab) -> None:
     assert 'gatekeeper_telemetry_refused_total{kind="events"} 1.0' in metrics
     assert 'gatekeeper_telemetry_refused_total{kind="logs"} 1.0' in metrics
     assert "gatekeeper_log_lines_received_total" in metrics
+    assert "gatekeeper_telemetry_dropped_total 0.0" in metrics
 
 
 def _scrape(sl: SideroLinkLab) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from gatekeeper.tunnel.header import (
     tunnel_addr_port,
     tunnel_secret,
 )
+from gatekeeper.tunnel.pump import start_now
 from gatekeeper.tunnel.queue import DropOldestQueue
 from gatekeeper.wireguard.keys import PrivateKey
 
@@ -268,3 +271,46 @@ def test_tunnel_raises_only_the_message_limits_that_are_set() -> None:
     assert server_options([("grpc.max_send_message_length", 1 << 22)]) == [
         ("grpc.max_send_message_length", 1 << 22)
     ]
+
+
+# -- starting a write at once ----------------------------------------------------------------
+
+
+async def test_start_now_runs_up_to_the_first_wait_before_returning() -> None:
+    steps: list[str] = []
+    release = asyncio.Event()
+
+    async def write() -> int:
+        steps.append("sent")
+        await release.wait()
+        steps.append("done")
+        return 7
+
+    fut = start_now(write())
+    assert steps == ["sent"]  # no loop iteration passed, yet the first part ran
+    release.set()
+    assert await fut == 7
+    assert steps == ["sent", "done"]
+
+
+async def test_start_now_reports_failures_and_passes_cancellation_in() -> None:
+    async def broken() -> None:
+        raise OSError("no route")
+
+    with pytest.raises(OSError, match="no route"):
+        await start_now(broken())
+
+    cleaned: list[bool] = []
+
+    async def waiting() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append(True)
+
+    fut = start_now(waiting())
+    await asyncio.sleep(0)
+    fut.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fut
+    assert cleaned == [True]

@@ -8,8 +8,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from gatekeeper.wireguard import rtnl
 
 PRODUCT_UUID = Path("/sys/class/dmi/id/product_uuid")
 
@@ -44,16 +43,9 @@ def _has_route(host: str) -> bool:
         addr = ipaddress.ip_address(host)
     except ValueError:
         addr = None
-    with IPRoute() as ipr:
-        if addr is not None:
-            family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-            try:
-                return bool(ipr.route("get", dst=str(addr), family=family))
-            except NetlinkError:
-                return False
-        return bool(ipr.get_default_routes(family=socket.AF_INET)) or bool(
-            ipr.get_default_routes(family=socket.AF_INET6)
-        )
+    if addr is not None:
+        return rtnl.has_route(addr)
+    return rtnl.has_default_route(socket.AF_INET) or rtnl.has_default_route(socket.AF_INET6)
 
 
 async def wait_for_network(host: str, timeout: float, poll: float = 0.5) -> bool:

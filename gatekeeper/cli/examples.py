@@ -39,7 +39,8 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("machines",): "gatekeeper machines --offline --watch",
     ("machines", "remove"): "gatekeeper machines remove 4c4c4544-0042-3510-8052-b4c04f4d3532",
     ("logs",): "gatekeeper logs 4c4c4544-0042-3510-8052-b4c04f4d3532 --since 10m -f",
-    ("events",): "gatekeeper events --since 1h --follow",
+    ("events",): "gatekeeper events --registry postgresql://gatekeeper@db.example/gatekeeper "
+    "--since 1h --follow",
 }
 
 

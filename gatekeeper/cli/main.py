@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from gatekeeper import __version__
-from gatekeeper.cli import (
-    completion,
-    firewall,
-    joinconfig,
-    logs,
-    machines,
-    maint,
-    netcheck,
-    ping,
-    token,
-)
 from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.examples import add_examples
-from gatekeeper.cli.token import duration_arg
 from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION, check_talos_version
 
-# Subcommands that live in their own modules, in the order --help lists them.
-PLUGINS = (ping, netcheck, joinconfig, firewall, maint, token, machines, logs, completion)
+# Subcommands that live in their own modules, in the order --help lists them. Their modules
+# import the server, firewall and gRPC client code they run, so they are imported only when
+# the parser must know them: `gatekeeper agent` on a machine loads none of them (about 20 MB
+# and, under emulation, seconds of start-up).
+PLUGINS = (
+    "ping", "netcheck", "joinconfig", "firewall", "maint", "token", "machines", "logs",
+    "completion",
+)  # fmt: skip
+# Subcommands defined here, whose handlers import what they run.
+BUILTIN = frozenset({"agent", "server", "status", "demo"})
+
+
+def _plugin(name: str) -> ModuleType:
+    return importlib.import_module(f"gatekeeper.cli.{name}")
+
+
+def _duration_arg(text: str) -> float:
+    from gatekeeper.cli.token import duration_arg
+
+    return duration_arg(text)
 
 
 def setup_logging(level: str) -> None:
@@ -186,7 +194,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout=args.timeout, keep_logs=args.keep_logs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without `plugins`, only the subcommands defined here."""
     parser = argparse.ArgumentParser(
         prog="gatekeeper",
         description="SideroLink in Python: the machine agent, the API server and their tools.",
@@ -376,12 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=2 << 20,
         metavar="SIZE",
-        help="disk space for each machine's logs (65536, 512K, 2M; default 2M); the oldest "
-        "half goes first",
+        help="space for each machine's logs (65536, 512K, 2M; default 2M), in the state "
+        "dir's journals or the PostgreSQL registry; the oldest lines go first",
     )
     server.add_argument(
         "--logs-max-age",
-        type=duration_arg,
+        type=_duration_arg,
         metavar="DURATION",
         help="drop machine log lines older than this (90m, 12h, 7d; default: size only); "
         "each line is kept at least this long and gone within about twice it",
@@ -391,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=16 << 20,
         metavar="SIZE",
-        help="disk space for the events of all machines (default 16M)",
+        help="space for the events of all machines (default 16M), in the state dir's "
+        "journals or the PostgreSQL registry",
     )
     server.add_argument(
         "--events-max-age",
-        type=duration_arg,
+        type=_duration_arg,
         metavar="DURATION",
         help="drop events older than this (default: size only)",
     )
@@ -450,15 +460,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-logs", help="copy the server and agent logs to this folder")
     demo.set_defaults(func=_cmd_demo)
 
-    for module in PLUGINS:
-        module.add_parser(sub)
+    for name in PLUGINS if plugins else ():
+        _plugin(name).add_parser(sub)
     add_examples(parser)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv`, None when an option (--help, --version) comes first."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+        elif not word.startswith("--log-level="):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(plugins=_command(words) not in BUILTIN)
+    args = parser.parse_args(words)
     setup_logging(args.log_level)
     try:
         code: int = args.func(args)

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gatekeeper.firewall.ruleset import L4PROTO_NAMES
+
 JSON = dict[str, Any]
 _VERDICTS = ("accept", "drop", "reject", "continue", "return", "jump", "goto", "queue")
 
@@ -172,6 +174,9 @@ def _right_text(right: Any) -> str:
     return "{ " + ", ".join(words) + " }"
 
 
+_L4PROTO = {"meta": {"key": "l4proto"}}
+
+
 def expr_text(expr: Sequence[JSON]) -> tuple[str, int | None, int | None]:
     """Canonical text of a rule's expressions, and its counter (packets, bytes) if any."""
     parts: list[str] = []
@@ -186,7 +191,12 @@ def expr_text(expr: Sequence[JSON]) -> tuple[str, int | None, int | None]:
             op = value.get("op", "==")
             op = "==" if op in ("==", "in") else op
             left = _left_text(value.get("left"))
-            right = _right_text(value.get("right"))
+            raw = value.get("right")
+            if value.get("left") == _L4PROTO and isinstance(raw, int):
+                # The ruleset is sent with numbers (ruleset.L4PROTO_NUMBERS); the kernel lists
+                # names where /etc/protocols has them: the view shows names either way.
+                raw = L4PROTO_NAMES.get(raw, raw)
+            right = _right_text(raw)
             parts.append(f"{left} {right}" if op == "==" else f"{left} {op} {right}")
         elif key == "counter":
             if isinstance(value, dict):

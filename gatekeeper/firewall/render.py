@@ -14,10 +14,12 @@ leaves the previous one in force and no packet ever sees a half-built table.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from gatekeeper.firewall.policy import Network, PortRange
 from gatekeeper.firewall.ruleset import (
+    L4PROTO_NUMBERS,
     TABLE_FAMILY,
     TABLE_NAME,
     Chain,
@@ -53,7 +55,22 @@ class NamedSets:
 
     def __init__(self) -> None:
         self._names: dict[tuple[str, str], str] = {}
+        # id(the rule value a list was made from) -> (that value, its reference). Prerouting
+        # repeats the document rules with the very same tuples, so each list of thousands of
+        # elements is converted and compared once; by identity, because hashing a tuple of
+        # networks costs as much as converting it. The value is kept so its id stays unique.
+        self._seen: dict[tuple[str, int], tuple[object, Any]] = {}
         self.objects: list[JSON] = []
+
+    def value_of(
+        self, set_type: str | list[str], source: object, items: Callable[[], list[Any]]
+    ) -> Any:
+        """`value(set_type, items())` for the list made from `source`, made once per source."""
+        key = (str(set_type), id(source))
+        found = self._seen.get(key)
+        if found is None:
+            found = self._seen[key] = (source, self.value(set_type, items()))
+        return found[1]
 
     def value(self, set_type: str | list[str], items: list[Any]) -> Any:
         if len(items) == 1 and isinstance(set_type, str):
@@ -80,9 +97,10 @@ class NamedSets:
 def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
     """The rule's statements; lists go to `sets` when given, else inline anonymous sets."""
 
-    def listed(set_type: str | list[str], items: list[Any]) -> Any:
+    def listed(set_type: str | list[str], source: object, make: Callable[[], list[Any]]) -> Any:
         if sets is not None:
-            return sets.value(set_type, items)
+            return sets.value_of(set_type, source, make)
+        items = make()
         return {"set": items} if isinstance(set_type, list) else _value(items)
 
     expr: list[JSON] = []
@@ -102,7 +120,7 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
         expr.append(
             _match(
                 {"payload": {"protocol": "ip6", "field": "daddr"}},
-                listed("ipv6_addr", [_prefix(n) for n in rule.daddr]),
+                listed("ipv6_addr", rule.daddr, lambda: [_prefix(n) for n in rule.daddr]),
             )
         )
     if rule.saddr:
@@ -112,7 +130,8 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
                 {"payload": {"protocol": proto, "field": "saddr"}},
                 listed(
                     "ipv4_addr" if rule.family is Family.IPV4 else "ipv6_addr",
-                    [_prefix(n) for n in rule.saddr],
+                    rule.saddr,
+                    lambda: [_prefix(n) for n in rule.saddr],
                 ),
                 "!=" if rule.saddr_negate else "==",
             )
@@ -130,7 +149,7 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
         expr.append(
             _match(
                 {"payload": {"protocol": rule.l4proto, "field": "dport"}},
-                listed("inet_service", [_port(p) for p in rule.dports]),
+                listed("inet_service", rule.dports, lambda: [_port(p) for p in rule.dports]),
             )
         )
     elif rule.icmp_types:
@@ -147,7 +166,8 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
             )
         )
     elif rule.l4proto is not None and not rule.saddr_dport:
-        expr.append(_match({"meta": {"key": "l4proto"}}, rule.l4proto))
+        # A number, not the name (L4PROTO_NUMBERS: why).
+        expr.append(_match({"meta": {"key": "l4proto"}}, L4PROTO_NUMBERS[rule.l4proto]))
     if rule.saddr_dport:
         ip = "ip" if rule.family is Family.IPV4 else "ip6"
         left = {
@@ -157,11 +177,14 @@ def rule_expr(rule: Rule, sets: NamedSets | None = None) -> list[JSON]:
             ]
         }
         addr_type = "ipv4_addr" if rule.family is Family.IPV4 else "ipv6_addr"
-        items = [{"concat": [_prefix(n), _port(p)]} for n, p in rule.saddr_dport]
         expr.append(
             _match(
                 left,
-                listed([addr_type, "inet_service"], items),
+                listed(
+                    [addr_type, "inet_service"],
+                    rule.saddr_dport,
+                    lambda: [{"concat": [_prefix(n), _port(p)]} for n, p in rule.saddr_dport],
+                ),
                 "!=" if rule.saddr_dport_negate else "==",
             )
         )

@@ -68,6 +68,12 @@ class Family(StrEnum):
         return "IPv4" if self is Family.IPV4 else "IPv6"
 
 
+# IANA protocol numbers for nftables' l4proto names. The ruleset is sent with numbers: a name
+# is resolved through /etc/protocols, which minimal systems (Talos, a minbase image) lack, and
+# nftables then refuses the whole ruleset ("Could not resolve protocol name").
+L4PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58}
+L4PROTO_NAMES = {n: name for name, n in L4PROTO_NUMBERS.items()}
+
 # nftables' l4proto names for the document protocols.
 L4PROTO = {
     Protocol.TCP: "tcp",
@@ -124,7 +130,10 @@ class Ruleset:
 
 
 def _interval(net: Network) -> tuple[int, int]:
-    return int(net.network_address), int(net.broadcast_address)
+    # Arithmetic rather than net.broadcast_address, which builds two address objects per call
+    # (a tenth of the time to turn 1000 documents into a ruleset).
+    lo = int(net.network_address)
+    return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -209,19 +218,20 @@ def _intersect(a: Intervals, b: Intervals) -> Intervals:
 
 def _networks(intervals: Intervals, family: Family) -> list[Network]:
     nets: list[Network] = []
+    net_cls: type[Network]
+    addr_cls: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]
+    if family is Family.IPV4:
+        net_cls, addr_cls, bits = ipaddress.IPv4Network, ipaddress.IPv4Address, 32
+    else:
+        net_cls, addr_cls, bits = ipaddress.IPv6Network, ipaddress.IPv6Address, 128
     for lo, hi in intervals:
-        if family is Family.IPV4:
-            nets.extend(
-                ipaddress.summarize_address_range(
-                    ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi)
-                )
-            )
+        size = hi - lo + 1
+        if size & (size - 1) == 0 and lo & (size - 1) == 0:
+            # Already one CIDR (most document subnets): summarize_address_range would find
+            # the same, building several address objects on the way.
+            nets.append(net_cls((lo, bits - size.bit_length() + 1)))
         else:
-            nets.extend(
-                ipaddress.summarize_address_range(
-                    ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)
-                )
-            )
+            nets.extend(ipaddress.summarize_address_range(addr_cls(lo), addr_cls(hi)))
     return nets
 
 

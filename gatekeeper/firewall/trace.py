@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gatekeeper.firewall import listing
-from gatekeeper.firewall.ruleset import INGRESS_CHAIN, TABLE_FAMILY, TABLE_NAME
+from gatekeeper.firewall.ruleset import (
+    INGRESS_CHAIN,
+    L4PROTO_NAMES,
+    L4PROTO_NUMBERS,
+    TABLE_FAMILY,
+    TABLE_NAME,
+)
 
 JSON = dict[str, Any]
 TRACE_TABLE = "gatekeeper_trace"
@@ -89,7 +95,7 @@ class TraceFilter:
         if self.dport is not None and self.proto is not None:
             expr.append(match({"payload": {"protocol": self.proto, "field": "dport"}}, self.dport))
         elif self.proto is not None:
-            expr.append(match({"meta": {"key": "l4proto"}}, _L4[self.proto]))
+            expr.append(match({"meta": {"key": "l4proto"}}, L4PROTO_NUMBERS[_L4[self.proto]]))
         return expr
 
 
@@ -189,6 +195,8 @@ class SeenPacket:
             return m[1] if m else None
 
         proto = find(r"\bip protocol (\S+)") or find(r"\bip6 nexthdr (\S+)")
+        if proto is not None and proto.isdigit():  # a system without /etc/protocols
+            proto = L4PROTO_NAMES.get(int(proto), proto)
         proto = _L4_NAMES.get(proto or "", proto)
         dport = find(rf"\b{proto} dport (\d+)") if proto in ("tcp", "udp") else None
         return cls(

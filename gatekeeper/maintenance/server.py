@@ -236,7 +236,7 @@ class MaintenanceService:
             candidates = [target.hostport(self.port)]
         else:
             try:
-                # pyroute2 runs its own loop machinery: keep it off ours.
+                # A dump of every address: keep it off the loop that serves the API.
                 sans = [*(await asyncio.to_thread(local_addresses)), *self.extra_sans]
             except Exception as exc:  # the SANs are informative: never fail a bind over them
                 log.warning("maintenance API: could not list local addresses: %s", exc)

@@ -100,12 +100,6 @@ def normalize_fingerprint(text: str) -> str:
 
 def local_addresses() -> list[IPAddress]:
     """Every address configured in this network namespace (for the SANs of ListenAll)."""
-    from pyroute2 import IPRoute
+    from gatekeeper.wireguard import rtnl
 
-    out: list[IPAddress] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            value = msg.get_attr("IFA_ADDRESS")
-            if value:
-                out.append(ipaddress.ip_address(value.split("%", 1)[0]))
-    return out
+    return [found.interface.ip for found in rtnl.addresses()]

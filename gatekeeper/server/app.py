@@ -100,7 +100,12 @@ class Server:
         self.watch: DeviceWatch | None = None
         self._lock: IO[bytes] | None = None
         self._interface_lock: InterfaceLock | None = None
-        self.fleet = Fleet(options.state_dir, options.fleet)
+        self.fleet = Fleet(
+            options.state_dir,
+            options.fleet,
+            registry_url=options.registry,
+            registry_password_file=options.registry_password_file,
+        )
 
     async def start(self) -> None:
         opts = self.options

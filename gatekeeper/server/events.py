@@ -23,9 +23,9 @@ from google.protobuf.message import DecodeError, EncodeError
 from gatekeeper.pb.events import events_pb2, events_pb2_grpc
 from gatekeeper.server.attribution import Attributor, grpc_peer_address
 from gatekeeper.server.audit import rfc3339
-from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
-from gatekeeper.server.registry import MachineRecord
+from gatekeeper.server.registry import MachineRecord, RegistryError
+from gatekeeper.server.telemetry import TelemetrySink
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,13 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
     def __init__(
         self,
         attributor: Attributor,
-        journal: Journal,
+        sink: TelemetrySink,
         metrics: ServerMetrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.attributor = attributor
-        self.journal = journal
+        self.sink = sink
         self.metrics = metrics
         self.clock = clock
         # machine key -> its byte budget (a few hundred bytes per registered machine).
@@ -127,7 +127,7 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
             entry = event_entry(request, machine.node_uuid, str(address))
         except BadEvent as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.journal.append(EVENTS_JOURNAL, [entry])
+        self.sink.append(EVENTS_JOURNAL, [entry])
         if self.metrics:
             self.metrics.events.inc()
         return events_pb2.EventResponse()
@@ -137,7 +137,12 @@ class EventSinkService(events_pb2_grpc.EventSinkServiceServicer):
         address: ipaddress.IPv6Address | None,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> MachineRecord:
-        machine = self.attributor.machine(address)
+        try:
+            machine = await self.attributor.machine(address)
+        except RegistryError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the server's registry is unreachable: try again"
+            )
         if machine is None:
             if self.metrics:
                 self.metrics.telemetry_refused.labels("events").inc()

@@ -3,7 +3,9 @@
 - the audit log and per-source failure limit around Provision (`guard.py`);
 - machine isolation in the server's namespace (`isolation.py`);
 - the admin socket for the CLI (`admin.py`);
-- events (gRPC) and machine logs (TCP) on the server's overlay address only;
+- events (gRPC) and machine logs (TCP) on the server's overlay address only, stored through
+  the telemetry store (`telemetry.py`: journals in the state directory, or the PostgreSQL
+  registry's tables);
 - Prometheus metrics on `metrics_listen`.
 """
 
@@ -29,12 +31,19 @@ from gatekeeper.server.audit import AUDIT_NAME, AuditLog
 from gatekeeper.server.events import EventSinkService, add_event_sink, events_server_options
 from gatekeeper.server.guard import ProvisionGuard
 from gatekeeper.server.isolation import install_isolation, remove_isolation
-from gatekeeper.server.journal import EVENT_MAX_BYTES, LOG_MAX_BYTES, Journal
+from gatekeeper.server.journal import EVENT_MAX_BYTES, LOG_MAX_BYTES
 from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.logreceiver import LogReceiver
 from gatekeeper.server.metrics import MetricsServer, ServerMetrics, serve_metrics
 from gatekeeper.server.provisioning import Provisioner
-from gatekeeper.server.registry import Registry
+from gatekeeper.server.registry import Registry, RegistryError
+from gatekeeper.server.registry_url import parse_registry_url, read_password_file
+from gatekeeper.server.telemetry import (
+    JournalTelemetry,
+    Retention,
+    TelemetryBackend,
+    TelemetryQueue,
+)
 from gatekeeper.wireguard.backend import Device
 
 log = logging.getLogger(__name__)
@@ -80,11 +89,6 @@ class FleetOptions:
     events_max_age: float | None = None
 
 
-def sweep_every(max_ages: list[float]) -> float:
-    """How often the journals are swept: a small part of the shortest age, at most a minute."""
-    return max(0.5, min(60.0, min(max_ages) / 4))
-
-
 def logs_dir(state_dir: Path) -> Path:
     return state_dir / "logs"
 
@@ -102,9 +106,18 @@ def connected_count(device: Device, now: float) -> int:
 
 
 class Fleet:
-    def __init__(self, state_dir: Path, options: FleetOptions) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        options: FleetOptions,
+        *,
+        registry_url: str | None = None,
+        registry_password_file: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.options = options
+        self.registry_url = registry_url
+        self.registry_password_file = registry_password_file
         self.metrics = ServerMetrics()
         self.audit = AuditLog(state_dir / AUDIT_NAME)
         self.admin: AdminServer | None = None
@@ -112,8 +125,7 @@ class Fleet:
         self.log_receiver: LogReceiver | None = None
         self.metrics_server: MetricsServer | None = None
         self.provision_guard: ProvisionGuard | None = None
-        self._journals: list[Journal] = []
-        self._sweeper: asyncio.Task[None] | None = None
+        self.telemetry: TelemetryQueue | None = None
         self._isolated = False
         self.events_port = 0
         self.logs_port = 0
@@ -163,15 +175,17 @@ class Fleet:
                 raise FleetError(str(exc)) from None
         address = str(server_address(prefix))
         attributor = Attributor(registry, prefix)
-        if opts.events_port:
-            journal = Journal(
-                events_dir(self.state_dir),
-                max_bytes=max(1, opts.events_max_bytes // 2),
-                max_age=opts.events_max_age,
+        if opts.events_port or opts.logs_port:
+            self.telemetry = TelemetryQueue(
+                self._telemetry_backend(),
+                retention=self._retention(),
+                on_drop=self.metrics.telemetry_dropped.inc,
             )
-            self._journals.append(journal)
+        if opts.events_port:
+            assert self.telemetry is not None
+            sink = self.telemetry.sink("events")
             self.events_server = grpc.aio.server(options=events_server_options())
-            add_event_sink(self.events_server, EventSinkService(attributor, journal, self.metrics))
+            add_event_sink(self.events_server, EventSinkService(attributor, sink, self.metrics))
             try:
                 self.events_port = self.events_server.add_insecure_port(
                     f"[{address}]:{opts.events_port}"
@@ -182,15 +196,10 @@ class Fleet:
                 raise FleetError(f"cannot listen for events on [{address}]:{opts.events_port}")
             await self.events_server.start()
         if opts.logs_port:
-            journal = Journal(
-                logs_dir(self.state_dir),
-                max_bytes=max(1, opts.logs_max_bytes // 2),
-                max_age=opts.logs_max_age,
-            )
-            self._journals.append(journal)
+            assert self.telemetry is not None
             self.log_receiver = LogReceiver(
                 attributor,
-                journal,
+                self.telemetry.sink("logs"),
                 self.metrics,
                 max_connections=opts.log_max_connections or LOG_MAX_CONNECTIONS,
             )
@@ -201,9 +210,6 @@ class Fleet:
                     f"cannot listen for machine logs on [{address}]:{opts.logs_port}: "
                     f"{exc.strerror or exc}"
                 ) from None
-        ages = [a for a in (opts.logs_max_age, opts.events_max_age) if a is not None]
-        if ages:
-            self._sweeper = asyncio.create_task(self._sweep(sweep_every(ages)))
         log.info(
             "fleet: isolation %s, events %s, logs %s, metrics %s",
             "on" if self._isolated else "off",
@@ -212,21 +218,39 @@ class Fleet:
             opts.metrics_listen or "off",
         )
 
-    async def _sweep(self, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            for journal in self._journals:
-                try:
-                    # On the loop, as the appends are: a stat per file, no rewriting.
-                    journal.sweep()
-                except OSError as exc:
-                    log.warning("journal sweep in %s failed: %s", journal.directory, exc)
+    def _retention(self) -> Retention:
+        opts = self.options
+        return Retention(
+            logs_max_bytes=opts.logs_max_bytes,
+            events_max_bytes=opts.events_max_bytes,
+            logs_max_age=opts.logs_max_age,
+            events_max_age=opts.events_max_age,
+        )
+
+    def _telemetry_backend(self) -> TelemetryBackend:
+        """Where the registry is PostgreSQL, its tables (readable by every instance);
+        otherwise the journals in the state directory."""
+        try:
+            target = parse_registry_url(self.registry_url, self.state_dir)
+        except RegistryError as exc:
+            raise FleetError(str(exc)) from None
+        if target.kind != "postgresql":
+            return JournalTelemetry(
+                events_dir(self.state_dir), logs_dir(self.state_dir), self._retention()
+            )
+        from gatekeeper.server.pg_telemetry import PostgresTelemetry
+
+        password = None
+        if self.registry_password_file is not None:
+            try:
+                password = read_password_file(self.registry_password_file)
+            except RegistryError as exc:
+                raise FleetError(str(exc)) from None
+        return PostgresTelemetry(
+            target.where, shown=target.where, retention=self._retention(), password=password
+        )
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
         if self.events_server is not None:
             await self.events_server.stop(grace=0.5)
         if self.log_receiver is not None:
@@ -235,8 +259,10 @@ class Fleet:
             self.metrics_server.close()
         if self.admin is not None:
             await self.admin.close()
-        for journal in self._journals:
-            journal.close()
+        if self.telemetry is not None:
+            # What is queued is written first (bounded): a clean stop loses nothing.
+            await asyncio.to_thread(self.telemetry.close, 2.0)
+            self.telemetry = None
         if self._isolated:
             with contextlib.suppress(FirewallUnavailable, FirewallApplyError):
                 remove_isolation()

@@ -1,15 +1,16 @@
 """The machine-log receiver: one JSON object per line over TCP, as Talos sends its logs.
 
 Listens on the server's overlay address only. A connection whose source is not a registered
-machine on the overlay is closed at once and nothing is read. Each line is stored in that
-machine's journal with the time it arrived. Lines longer than `max_line` are dropped whole
-(the rest of the line is skipped up to its newline), so one connection never buffers more
-than that. A line that is not one JSON object (or nests deeper than `MAX_DEPTH`) is stored
-as text, marked malformed; the lines around it are stored as usual.
+machine on the overlay is closed at once and nothing is read. Each line goes to the
+telemetry store (`telemetry.py`) under that machine, with the time it arrived. Lines longer
+than `max_line` are dropped whole (the rest of the line is skipped up to its newline), so one
+connection never buffers more than that. A line that is not one JSON object (or nests deeper
+than `MAX_DEPTH`) is stored as text, marked malformed; the lines around it are stored as usual.
 
 Connections are bounded, so no machine can take the server's file descriptors: at most
-`per_machine` per machine and `max_connections` in all (the server sizes it to its open-file
-limit); one more is closed as soon as it is accepted. A connection that sends nothing for
+`per_machine` per machine (per source address: on the overlay, one machine's) and
+`max_connections` in all (the server sizes it to its open-file limit); one more is closed as
+soon as it is accepted. A connection that sends nothing for
 `idle_timeout`, or takes longer than `line_timeout` to finish a line it started (a slow
 sender), is closed; the machine reconnects when it next has something to say.
 """
@@ -28,9 +29,9 @@ from typing import Any
 from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.audit import rfc3339
 from gatekeeper.server.escape import shown
-from gatekeeper.server.journal import Journal
 from gatekeeper.server.metrics import ServerMetrics
-from gatekeeper.server.registry import MachineRecord
+from gatekeeper.server.registry import MachineRecord, RegistryError
+from gatekeeper.server.telemetry import TelemetrySink
 from gatekeeper.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class LogReceiver:
     def __init__(
         self,
         attributor: Attributor,
-        journal: Journal,
+        sink: TelemetrySink,
         metrics: ServerMetrics | None = None,
         *,
         max_line: int = MAX_LINE,
@@ -95,7 +96,7 @@ class LogReceiver:
         line_timeout: float = LINE_TIMEOUT,
     ) -> None:
         self.attributor = attributor
-        self.journal = journal
+        self.sink = sink
         self.metrics = metrics
         self.max_line = max_line
         self.max_connections = max_connections
@@ -104,7 +105,7 @@ class LogReceiver:
         self.line_timeout = line_timeout
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self._per_machine: collections.Counter[str] = collections.Counter()
+        self._per_address: collections.Counter[str] = collections.Counter()
         self._refusals = LogThrottle(REFUSAL_LOGS_PER_MINUTE, 60.0)
 
     async def start(self, host: str, port: int) -> int:
@@ -161,20 +162,27 @@ class LogReceiver:
             address = ipaddress.IPv6Address(str(peer[0]).split("%")[0])
         except (ValueError, TypeError, IndexError):
             address = None
-        machine = self.attributor.machine(address)
-        if machine is None:
-            self._refuse(peer, "not a registered machine")
+        # Counted by source address (on the overlay, one machine's) before the registry is
+        # asked: the lookup waits, and the connections must count in the order they came.
+        source = str(address)
+        if self._per_address[source] >= self.per_machine:
+            self._refuse(peer, f"that address already has {self.per_machine} log connections")
             return
-        if self._per_machine[machine.machine_key] >= self.per_machine:
-            self._refuse(peer, f"machine already has {self.per_machine} log connections")
-            return
-        self._per_machine[machine.machine_key] += 1
+        self._per_address[source] += 1
         try:
+            try:
+                machine = await self.attributor.machine(address)
+            except RegistryError:
+                self._refuse(peer, "the registry is unreachable, the machine unknown")
+                return
+            if machine is None:
+                self._refuse(peer, "not a registered machine")
+                return
             await self._lines(reader, machine)
         finally:
-            self._per_machine[machine.machine_key] -= 1
-            if self._per_machine[machine.machine_key] <= 0:
-                del self._per_machine[machine.machine_key]
+            self._per_address[source] -= 1
+            if self._per_address[source] <= 0:
+                del self._per_address[source]
 
     async def _lines(self, reader: asyncio.StreamReader, machine: MachineRecord) -> None:
         pending = b""
@@ -220,7 +228,7 @@ class LogReceiver:
                     {"received": rfc3339(now), "machine": machine.node_uuid, "malformed": True}
                 )
         try:
-            self.journal.append(machine.machine_key, entries)
+            self.sink.append(machine.machine_key, entries)
         except (OSError, ValueError, RecursionError) as exc:
             log.warning(
                 "cannot store %d log lines of %s: %s",

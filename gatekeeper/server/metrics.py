@@ -82,6 +82,13 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.telemetry_dropped = Counter(
+            "gatekeeper_telemetry_dropped",
+            "Events and log lines dropped: the telemetry store was behind or away and its "
+            "queue full (docs/registry.md)",
+            registry=self.registry,
+        )
+
     def watch_fleet(
         self, *, registered: Callable[[], float], connected: Callable[[], float]
     ) -> None:

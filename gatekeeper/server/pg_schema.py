@@ -16,10 +16,36 @@ from gatekeeper.server.registry import RegistryError
 
 # The schema this code reads and writes. A registry at a higher version was written by a
 # newer gatekeeper: refused, since this code would not keep its rules.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
+# From this version on, the registry holds events and machine logs (pg_telemetry.py).
+TELEMETRY_VERSION = 3
 
 # pg_advisory_xact_lock key (a fixed 64-bit number, "gk" in the top bytes).
 MIGRATION_LOCK = 0x676B_0000_0001
+
+
+def telemetry_step() -> str:
+    """Version 3: events and machine logs (pg_telemetry.py). New tables only, touching
+    nothing an earlier step made, so it holds whatever version 2 adds."""
+    return """
+    CREATE TABLE IF NOT EXISTS telemetry_events (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        received double precision NOT NULL,
+        node_uuid text NOT NULL,
+        entry text NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS telemetry_events_received ON telemetry_events (received);
+    CREATE TABLE IF NOT EXISTS telemetry_logs (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        machine_key text NOT NULL,
+        received double precision NOT NULL,
+        bytes integer NOT NULL,
+        entry text NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS telemetry_logs_machine ON telemetry_logs (machine_key, seq);
+    CREATE INDEX IF NOT EXISTS telemetry_logs_received ON telemetry_logs (received);
+    """
+
 
 # Step N takes the schema from version N-1 to N. The store decides uniqueness (constraints)
 # and order (`seq`, assigned at commit time, whatever the writing servers' clocks say).
@@ -59,6 +85,10 @@ STEPS: tuple[str, ...] = (
         revoked double precision
     );
     """,
+    # Version 2: instances and machine owners, from the reconciler work (issue 12). Until
+    # that step is merged here, an empty step keeps the numbering every branch agrees on.
+    "SELECT 1",
+    telemetry_step(),
 )
 assert len(STEPS) == SCHEMA_VERSION
 

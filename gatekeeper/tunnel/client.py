@@ -8,7 +8,8 @@ device from that socket, so to the device the server simply lives at `127.0.0.1:
 
 Behaviour (docs/compatibility.md): one channel to the same host and TLS choice as the API; every
 stream carries `x-siderolink-ipv6-addr`; datagrams wait in a bounded queue (100, drop oldest)
-while no stream is open; a broken stream is reopened after a random 5-10 s; `peer not
+while no stream is open (with one open, a full queue pauses reading the relay socket
+instead, see pump.py); a broken stream is reopened after a random 5-10 s; `peer not
 allowed` and `peer replaced` are fatal: the client stops and reports, and the agent's
 lifecycle provisions again. A stream that stays silent while we keep sending is reopened (a
 TCP connection can die without either end being told).
@@ -34,6 +35,7 @@ from gatekeeper.tunnel import batching
 from gatekeeper.tunnel.errors import is_fatal
 from gatekeeper.tunnel.guard import Verdict, check_datagram
 from gatekeeper.tunnel.header import PEER_HEADER, canonical_peer
+from gatekeeper.tunnel.pump import Pump, has_room, widen_buffers
 from gatekeeper.tunnel.queue import DEFAULT_QUEUE_SIZE, DropOldestQueue
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,8 @@ class TunnelClient:
         self._sent = 0
         self._received = 0
         self._queue: DropOldestQueue[bytes] = DropOldestQueue(queue_size)
-        self._wake = asyncio.Event()
+        self._pump: Pump | None = None
+        self._paused = False
         self._sock: socket.socket | None = None
         self._device: tuple[Any, ...] | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -124,6 +127,7 @@ class TunnelClient:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            widen_buffers(sock)
             sock.bind((self.bind_host, 0))
         except OSError as exc:
             sock.close()
@@ -179,8 +183,14 @@ class TunnelClient:
         sock = self._sock
         if sock is None:
             return
+        pump = self._pump
+        # With a stream open, read no more than the queue has room for and leave the rest in
+        # the socket's buffer (see pump.py): reading 256 into a queue of 100 would throw the
+        # oldest away at once, which TCP inside the tunnel pays for. Without a stream the
+        # queue keeps the newest datagrams and drops the oldest (docs/compatibility.md).
+        budget = _READ_BUDGET if pump is None else self._queue.maxsize - len(self._queue)
         got = 0
-        for _ in range(_READ_BUDGET):
+        for _ in range(budget):
             try:
                 data, source = sock.recvfrom(_RECV_SIZE)
             except BlockingIOError:
@@ -194,10 +204,26 @@ class TunnelClient:
             self._device = source
             self._queue.push(data)
             got += 1
-        if got:
-            if not self._last_tx or self._last_tx <= self._last_rx:
-                self._last_tx = time.monotonic()
-            self._wake.set()
+        if pump is not None and len(self._queue) >= self._queue.maxsize:
+            self._pause_reading()
+        if got and (not self._last_tx or self._last_tx <= self._last_rx):
+            self._last_tx = time.monotonic()
+        if pump is not None:
+            pump.kick()
+
+    def _pause_reading(self) -> None:
+        if self._sock is not None and self._loop is not None and not self._paused:
+            self._loop.remove_reader(self._sock.fileno())
+            self._paused = True
+
+    def _on_space(self) -> None:
+        if has_room(self._queue):
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._sock is not None and self._loop is not None and self._paused:
+            self._paused = False
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def _to_device(self, datagrams: list[bytes]) -> None:
         sock, device = self._sock, self._device
@@ -304,17 +330,26 @@ class TunnelClient:
             await asyncio.wait_for(answered.wait(), FIRST_ANSWER_WAIT)
         if call.done():
             await asyncio.Event().wait()  # refused: the receiving task reports why
-        queue = self._queue
-        while True:
-            on = negotiated.is_set()
-            items = batching.take(queue, batching=on, max_bytes=self._batch_bytes)
-            if not items:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            data, batch = batching.fields(items, batching=on)
+
+        async def write(data: bytes, batch: list[bytes]) -> None:
             await call.write(wireguard_pb2.PeerPacket(Data=data, batch=batch))
-            self._sent += len(items)
+            self._sent += (1 if data else 0) + len(batch)
+
+        pump = Pump(
+            self._queue,
+            write,
+            batching_on=negotiated.is_set,
+            max_bytes=lambda: self._batch_bytes,
+            on_space=self._on_space,
+        )
+        self._pump = pump
+        try:
+            pump.kick()  # what queued up while no stream was open
+            await pump.wait()
+        finally:
+            self._pump = None
+            pump.close(abandon=True)
+            self._resume_reading()
 
     async def _receive(self, call: Any) -> None:
         while True:

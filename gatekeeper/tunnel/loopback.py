@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gatekeeper.tunnel.pump import widen_buffers
 from gatekeeper.tunnel.server import TunnelHub, add_to_server
 
 T = TypeVar("T")
@@ -29,6 +30,8 @@ class _Echo(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # A device takes a window's burst from the hub without losing any; so must this one.
+        widen_buffers(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         self.seen += 1

@@ -10,8 +10,11 @@ is connected, so only the device's own datagrams are read from it.
 
 Fairness: everything runs on one event loop. Each stream reads a message, hands its datagrams
 to the device and yields; a stream over its rate waits (HTTP/2 flow control then slows its
-sender); each peer's outgoing queue is bounded (drop oldest), so a machine that reads slowly
-loses its own oldest packets and holds up nobody else.
+sender); each peer's outgoing queue is bounded: while its stream is slow to take datagrams
+the hub stops reading that peer's relay socket (the kernel buffer then holds, and at worst
+drops, the newest), so a machine that reads slowly loses its own packets and holds up nobody
+else. Writes start from the relay socket's readable callback (pump.py), so a datagram to an
+idle peer waits for no task wake-up.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gatekeeper.tunnel import batching
 from gatekeeper.tunnel.errors import PEER_NOT_ALLOWED, PEER_REPLACED
 from gatekeeper.tunnel.guard import DEFAULT_MAX_DATAGRAM, Cut, StreamGuard, TokenBucket
 from gatekeeper.tunnel.header import HeaderError, canonical_peer, header_from_metadata
+from gatekeeper.tunnel.pump import Pump, has_room, widen_buffers
 from gatekeeper.tunnel.queue import DEFAULT_QUEUE_SIZE, DropOldestQueue
 
 log = logging.getLogger(__name__)
@@ -66,15 +70,16 @@ class _Stream:
     def __init__(self, batching_on: bool, who: str) -> None:
         self.batching = batching_on
         self.who = who
-        self.wake = asyncio.Event()
         self.reason: str | None = None
         self.cut: Cut | None = None
+        self.pump: Pump | None = None
 
     def end(self, reason: str, cut: Cut | None = None) -> None:
         if self.reason is None:
             self.reason = reason
             self.cut = cut
-        self.wake.set()
+        if self.pump is not None:
+            self.pump.close()
 
 
 @dataclass(eq=False)
@@ -89,6 +94,7 @@ class _Peer:
     no_stream_drops: int = 0
     streams: int = 0
     closed: bool = field(default=False)
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class TunnelHub:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            widen_buffers(sock)
             sock.bind((self.device[0], 0))
             sock.connect(self.device)
             host, port = sock.getsockname()[:2]
@@ -214,7 +221,12 @@ class TunnelHub:
 
     def _on_readable(self, peer: _Peer) -> None:
         stream = peer.stream
-        for _ in range(_READ_BUDGET):
+        pump = stream.pump if stream is not None else None
+        queue = peer.outgoing
+        # With a pump, read only what the queue has room for; the rest waits in the socket's
+        # buffer until the pump takes some (pump.py: backpressure instead of drop-oldest).
+        budget = _READ_BUDGET if pump is None else queue.maxsize - len(queue)
+        for _ in range(budget):
             try:
                 data = peer.sock.recv(_RECV_SIZE)
             except BlockingIOError:
@@ -226,9 +238,22 @@ class TunnelHub:
             if stream is None:
                 peer.no_stream_drops += 1
             else:
-                peer.outgoing.push(data)
-        if stream is not None and peer.outgoing:
-            stream.wake.set()
+                queue.push(data)
+        if pump is not None:
+            if len(queue) >= queue.maxsize:
+                self._pause(peer)
+            pump.kick()
+
+    def _pause(self, peer: _Peer) -> None:
+        if not peer.paused and not peer.closed:
+            self._loop.remove_reader(peer.sock.fileno())
+            peer.paused = True
+
+    def resume(self, peer: _Peer) -> None:
+        """Read the peer's relay socket again (after `_pause`), unless it is closed."""
+        if peer.paused and not peer.closed:
+            peer.paused = False
+            self._loop.add_reader(peer.sock.fileno(), self._on_readable, peer)
 
     # -- streams ------------------------------------------------------------------------
 
@@ -337,15 +362,32 @@ class TunnelService(wireguard_pb2_grpc.WireGuardOverGRPCServiceServicer):
     async def _write(
         self, peer: _Peer, stream: _Stream, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        queue = peer.outgoing
-        while stream.reason is None:
-            items = batching.take(queue, batching=stream.batching, max_bytes=self.hub.batch_bytes)
-            if not items:
-                stream.wake.clear()
-                await stream.wake.wait()
-                continue
-            data, batch = batching.fields(items, batching=stream.batching)
+        async def write(data: bytes, batch: list[bytes]) -> None:
             await context.write(wireguard_pb2.PeerPacket(Data=data, batch=batch))
+
+        hub = self.hub
+
+        def on_space() -> None:
+            if has_room(peer.outgoing):
+                hub.resume(peer)
+
+        pump = Pump(
+            peer.outgoing,
+            write,
+            batching_on=lambda: stream.batching,
+            max_bytes=lambda: hub.batch_bytes,
+            on_space=on_space,
+        )
+        stream.pump = pump
+        if stream.reason is not None:
+            pump.close()
+        try:
+            pump.kick()
+            await pump.wait()
+        finally:
+            stream.pump = None
+            pump.close(abandon=True)
+            hub.resume(peer)
 
     async def _read(
         self,

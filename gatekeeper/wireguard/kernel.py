@@ -1,9 +1,10 @@
 """The kernel backend: the `wireguard` link kind, configured over generic netlink.
 
-This is what Talos does with wgctrl: rtnetlink creates the link, WireGuard's generic netlink
-family (through pyroute2's `WireGuard` socket) sets the key, port and peers and reads back
-handshakes and counters, and iplink sets addresses and MTU. Nothing runs beside us: the kernel
-owns the device, so close() only deletes the link.
+This is what Talos does with wgctrl: rtnetlink (`rtnl`) creates the link, WireGuard's generic
+netlink family sets the key, port and peers and reads back handshakes and counters, and iplink
+sets addresses and MTU. The family's messages are encoded here on `rtnl`'s primitives: pyroute2
+would cost the agent ~25 MB and, under emulation, seconds of import before the link exists.
+Nothing runs beside us: the kernel owns the device, so close() only deletes the link.
 
 The message building and parsing are pure functions (`set_messages`, `parse_device`); the
 device class is a thin adapter that sends them.
@@ -14,33 +15,19 @@ over by a newer device (same name, new index) then fails instead of changing the
 
 from __future__ import annotations
 
-import base64
 import errno
 import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
-
-from pyroute2 import IPRoute, WireGuard
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic.wireguard import (
-    WG_CMD_GET_DEVICE,
-    WG_CMD_SET_DEVICE,
-    WG_GENL_VERSION,
-    WGDEVICE_F_REPLACE_PEERS,
-    WGPEER_F_REMOVE_ME,
-    WGPEER_F_REPLACE_ALLOWEDIPS,
-    WGPEER_F_UPDATE_ONLY,
-    wgmsg,
-)
+from typing import TypeVar
 
 from gatekeeper.netaddr import HostPortError, split_host_port
-from gatekeeper.wireguard import iplink
+from gatekeeper.wireguard import iplink, rtnl
 from gatekeeper.wireguard.backend import (
     IPInterface,
     IPNetwork,
@@ -56,11 +43,67 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LINK_KIND = "wireguard"
 
+# WireGuard's generic netlink family, as the kernel's include/uapi/linux/wireguard.h defines it.
+WG_GENL_NAME = "wireguard"
+WG_GENL_VERSION = 1
+WG_CMD_GET_DEVICE = 0
+WG_CMD_SET_DEVICE = 1
+
+WGDEVICE_A_IFINDEX = 1
+WGDEVICE_A_IFNAME = 2
+WGDEVICE_A_PRIVATE_KEY = 3
+WGDEVICE_A_PUBLIC_KEY = 4
+WGDEVICE_A_FLAGS = 5
+WGDEVICE_A_LISTEN_PORT = 6
+WGDEVICE_A_FWMARK = 7
+WGDEVICE_A_PEERS = 8
+WGDEVICE_F_REPLACE_PEERS = 1
+
+WGPEER_A_PUBLIC_KEY = 1
+WGPEER_A_PRESHARED_KEY = 2
+WGPEER_A_FLAGS = 3
+WGPEER_A_ENDPOINT = 4
+WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
+WGPEER_A_LAST_HANDSHAKE_TIME = 6
+WGPEER_A_RX_BYTES = 7
+WGPEER_A_TX_BYTES = 8
+WGPEER_A_ALLOWEDIPS = 9
+WGPEER_A_PROTOCOL_VERSION = 10
+WGPEER_F_REMOVE_ME = 1
+WGPEER_F_REPLACE_ALLOWEDIPS = 2
+WGPEER_F_UPDATE_ONLY = 4
+
+WGALLOWEDIP_A_FAMILY = 1
+WGALLOWEDIP_A_IPADDR = 2
+WGALLOWEDIP_A_CIDR_MASK = 3
+
+NLA_F_NESTED = 0x8000
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+
+_GENL = struct.Struct("=BBH")  # genlmsghdr: command, version, reserved
+_U8 = struct.Struct("=B")
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_TIMESPEC = struct.Struct("=qq")  # struct __kernel_timespec: seconds, nanoseconds
+# struct sockaddr_in / sockaddr_in6: the family in host order, the port in network order.
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")
+_SOCKADDR_IN6 = struct.Struct("=H2s4s16sI")
+
 # A nested netlink attribute carries a 16-bit length, so the peer list of one message must
 # stay well under 64 KiB; larger sets go out in several messages (as wgctrl does).
 MESSAGE_BUDGET = 32 * 1024
 _PEER_OVERHEAD = 96  # key, flags, endpoint, keepalive, nest headers
 _ALLOWED_IP_SIZE = 40  # family, address, mask, nest header (IPv6; IPv4 is smaller)
+
+
+def _nest(kind: int, body: bytes) -> bytes:
+    return rtnl.attr(kind | NLA_F_NESTED, body)
+
+
+def _genl_header(command: int) -> bytes:
+    return _GENL.pack(command, WG_GENL_VERSION, 0)
 
 
 # --- pure: building requests ---------------------------------------------------------------
@@ -79,7 +122,7 @@ class _PeerPart:
         return _PEER_OVERHEAD + _ALLOWED_IP_SIZE * len(self.allowed_ips)
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
+def _split_endpoint(endpoint: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     # The one host:port rule (gatekeeper.netaddr): `fd00::1:8090` is refused, as by the UAPI.
     try:
         host, number = split_host_port(endpoint, "peer endpoint")
@@ -89,41 +132,48 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
         raise WireGuardError(
             f"peer endpoint {endpoint[:80]!r} is not an IP literal with a port: {why}"
         ) from None
-    return str(address), number
+    return address, number
 
 
-def _peer_attrs(part: _PeerPart) -> dict[str, Any]:
+def encode_endpoint(endpoint: str) -> bytes:
+    """`host:port` / `[v6]:port` as the struct sockaddr WGPEER_A_ENDPOINT carries."""
+    address, port = _split_endpoint(endpoint)
+    net_port = port.to_bytes(2, "big")
+    if address.version == 6:
+        return _SOCKADDR_IN6.pack(socket.AF_INET6, net_port, b"\0" * 4, address.packed, 0)
+    return _SOCKADDR_IN.pack(socket.AF_INET, net_port, address.packed)
+
+
+def _allowed_ip_attr(net: IPNetwork) -> bytes:
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    return _nest(
+        0,
+        rtnl.attr(WGALLOWEDIP_A_FAMILY, _U16.pack(family))
+        + rtnl.attr(WGALLOWEDIP_A_IPADDR, net.network_address.packed)
+        + rtnl.attr(WGALLOWEDIP_A_CIDR_MASK, _U8.pack(net.prefixlen)),
+    )
+
+
+def _peer_attr(part: _PeerPart) -> bytes:
     peer = part.config
-    attrs: list[list[Any]] = [["WGPEER_A_PUBLIC_KEY", peer.public_key.base64()]]
+    body = rtnl.attr(WGPEER_A_PUBLIC_KEY, peer.public_key.raw)
     if part.remove:
-        attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME])
-        return {"attrs": attrs}
+        return _nest(0, body + rtnl.attr(WGPEER_A_FLAGS, _U32.pack(WGPEER_F_REMOVE_ME)))
     only = WGPEER_F_UPDATE_ONLY if peer.update_only else 0
     if part.first:
         # The Device contract: set_peer replaces allowed IPs and keepalive; a missing endpoint
         # keeps whatever the peer had (or learned from its packets).
-        attrs.append(["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS | only])
+        body += rtnl.attr(WGPEER_A_FLAGS, _U32.pack(WGPEER_F_REPLACE_ALLOWEDIPS | only))
         if peer.endpoint is not None:
-            addr, port = _split_endpoint(peer.endpoint)
-            attrs.append(["WGPEER_A_ENDPOINT", {"addr": addr, "port": port}])
-        attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.persistent_keepalive or 0])
+            body += rtnl.attr(WGPEER_A_ENDPOINT, encode_endpoint(peer.endpoint))
+        keepalive = peer.persistent_keepalive or 0
+        body += rtnl.attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, _U16.pack(keepalive))
     elif only:
-        attrs.append(["WGPEER_A_FLAGS", only])
-    allowed = []
-    for net in part.allowed_ips:
-        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
-        allowed.append(
-            {
-                "attrs": [
-                    ["WGALLOWEDIP_A_FAMILY", family],
-                    ["WGALLOWEDIP_A_IPADDR", net.network_address.packed],
-                    ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen],
-                ]
-            }
-        )
-    if allowed or part.first:
-        attrs.append(["WGPEER_A_ALLOWEDIPS", allowed])
-    return {"attrs": attrs}
+        body += rtnl.attr(WGPEER_A_FLAGS, _U32.pack(only))
+    if part.allowed_ips or part.first:
+        allowed = b"".join(_allowed_ip_attr(net) for net in part.allowed_ips)
+        body += _nest(WGPEER_A_ALLOWEDIPS, allowed)
+    return _nest(0, body)
 
 
 def _parts(peers: Iterable[PeerConfig], budget: int) -> list[_PeerPart]:
@@ -146,32 +196,29 @@ def set_messages(
     peers: Sequence[PeerConfig] = (),
     remove: Sequence[PublicKey] = (),
     budget: int = MESSAGE_BUDGET,
-) -> list[wgmsg]:
-    """The WG_CMD_SET_DEVICE messages that apply this change, in order.
+) -> list[bytes]:
+    """The WG_CMD_SET_DEVICE payloads (generic netlink header and attributes) for this change.
 
     The device settings and the replace-peers flag go in the first message only, so a peer
     list split over several messages is replaced once and then added to.
     """
     parts = _parts(peers, budget)
     parts += [_PeerPart(PeerConfig(key, ()), (), first=True, remove=True) for key in remove]
-    messages: list[wgmsg] = []
+    messages: list[bytes] = []
     batch: list[_PeerPart] = []
     used = 0
 
     def flush(first: bool) -> None:
-        msg = wgmsg()
-        msg["cmd"] = WG_CMD_SET_DEVICE
-        msg["version"] = WG_GENL_VERSION
-        msg["attrs"].append(["WGDEVICE_A_IFINDEX", ifindex])
+        msg = _genl_header(WG_CMD_SET_DEVICE) + rtnl.attr(WGDEVICE_A_IFINDEX, _U32.pack(ifindex))
         if first:
             if private_key is not None:
-                msg["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", private_key.base64()])
+                msg += rtnl.attr(WGDEVICE_A_PRIVATE_KEY, private_key.raw)
             if listen_port is not None:
-                msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", listen_port])
+                msg += rtnl.attr(WGDEVICE_A_LISTEN_PORT, _U16.pack(listen_port))
             if replace_peers:
-                msg["attrs"].append(["WGDEVICE_A_FLAGS", WGDEVICE_F_REPLACE_PEERS])
+                msg += rtnl.attr(WGDEVICE_A_FLAGS, _U32.pack(WGDEVICE_F_REPLACE_PEERS))
         if batch:
-            msg["attrs"].append(["WGDEVICE_A_PEERS", [_peer_attrs(p) for p in batch]])
+            msg += _nest(WGDEVICE_A_PEERS, b"".join(_peer_attr(p) for p in batch))
         messages.append(msg)
 
     for part in parts:
@@ -185,12 +232,9 @@ def set_messages(
     return messages
 
 
-def get_message(ifindex: int) -> wgmsg:
-    msg = wgmsg()
-    msg["cmd"] = WG_CMD_GET_DEVICE
-    msg["version"] = WG_GENL_VERSION
-    msg["attrs"].append(["WGDEVICE_A_IFINDEX", ifindex])
-    return msg
+def get_message(ifindex: int) -> bytes:
+    """The WG_CMD_GET_DEVICE payload; it is sent as a dump (NLM_F_DUMP)."""
+    return _genl_header(WG_CMD_GET_DEVICE) + rtnl.attr(WGDEVICE_A_IFINDEX, _U32.pack(ifindex))
 
 
 # --- pure: reading replies -----------------------------------------------------------------
@@ -202,76 +246,95 @@ class DeviceDump:
     peers: tuple[PeerStats, ...]
 
 
-def _key_bytes(value: Any) -> bytes:
-    # pyroute2 decodes WireGuard keys to base64.
-    return base64.b64decode(value)
+def decode_endpoint(value: bytes) -> str | None:
+    """A WGPEER_A_ENDPOINT sockaddr as `host:port` / `[v6]:port`; None for an unset one."""
+    if len(value) >= _SOCKADDR_IN6.size:
+        family, port, _flow, raw6, _scope = _SOCKADDR_IN6.unpack_from(value)
+        if family == socket.AF_INET6:
+            return f"[{ipaddress.IPv6Address(raw6)}]:{int.from_bytes(port, 'big')}"
+    if len(value) >= _SOCKADDR_IN.size:
+        family, port, raw4 = _SOCKADDR_IN.unpack_from(value)
+        if family == socket.AF_INET:
+            return f"{ipaddress.IPv4Address(raw4)}:{int.from_bytes(port, 'big')}"
+    return None
 
 
-def _allowed_ip(attr: Any) -> IPNetwork:
-    family = attr.get_attr("WGALLOWEDIP_A_FAMILY")
-    packed = bytes.fromhex(attr.get_attr("WGALLOWEDIP_A_IPADDR").replace(":", ""))
-    mask = attr.get_attr("WGALLOWEDIP_A_CIDR_MASK")
-    address = ipaddress.ip_address(packed[: 16 if family == socket.AF_INET6 else 4])
-    return ipaddress.ip_network(f"{address}/{mask}", strict=False)
-
-
-def _endpoint(attr: Any) -> str | None:
-    if attr is None:
+def _allowed_ip(body: bytes) -> IPNetwork | None:
+    values = dict(rtnl.attrs(body))
+    family = _U16.unpack(values[WGALLOWEDIP_A_FAMILY])[0] if WGALLOWEDIP_A_FAMILY in values else 0
+    raw = values.get(WGALLOWEDIP_A_IPADDR, b"")
+    mask = values.get(WGALLOWEDIP_A_CIDR_MASK, b"")
+    if not mask:
         return None
-    addr = ipaddress.ip_address(attr["addr"])
-    port = attr["port"]
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+    if family == socket.AF_INET6 and len(raw) == 16:
+        return ipaddress.IPv6Network((raw, mask[0]), strict=False)
+    if family == socket.AF_INET and len(raw) == 4:
+        return ipaddress.IPv4Network((raw, mask[0]), strict=False)
+    return None
 
 
-def parse_device(messages: Iterable[Any]) -> DeviceDump:
-    """Merge a WG_CMD_GET_DEVICE dump: the kernel may continue one peer (its allowed IPs)
-    in the next message, so peers are gathered by public key in order of appearance."""
+@dataclass
+class _PeerFields:
+    endpoint: str | None = None
+    handshake: float | None = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    keepalive: int = 0
+    allowed: list[IPNetwork] = field(default_factory=list)
+
+
+def _read_peer(body: bytes, fields: dict[bytes, _PeerFields]) -> None:
+    values: dict[int, bytes] = {}
+    allowed: list[IPNetwork] = []
+    for kind, value in rtnl.attrs(body):
+        if kind == WGPEER_A_ALLOWEDIPS:
+            allowed.extend(ip for _, entry in rtnl.attrs(value) if (ip := _allowed_ip(entry)))
+        else:
+            values[kind] = value
+    key = values.get(WGPEER_A_PUBLIC_KEY)
+    if key is None or len(key) != 32:
+        return  # the kernel names every peer by its key; a malformed entry is not one
+    entry = fields.setdefault(key, _PeerFields())
+    entry.allowed.extend(allowed)
+    if (raw := values.get(WGPEER_A_ENDPOINT)) is not None:
+        entry.endpoint = decode_endpoint(raw)
+    if (raw := values.get(WGPEER_A_LAST_HANDSHAKE_TIME)) is not None and len(raw) >= 16:
+        seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
+        entry.handshake = seconds + nanoseconds / 1e9 if seconds or nanoseconds else None
+    if (raw := values.get(WGPEER_A_RX_BYTES)) is not None and len(raw) >= 8:
+        entry.rx_bytes = _U64.unpack_from(raw)[0]
+    if (raw := values.get(WGPEER_A_TX_BYTES)) is not None and len(raw) >= 8:
+        entry.tx_bytes = _U64.unpack_from(raw)[0]
+    if (raw := values.get(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL)) is not None and len(raw) >= 2:
+        entry.keepalive = _U16.unpack_from(raw)[0]
+
+
+def parse_device(messages: Iterable[bytes]) -> DeviceDump:
+    """Merge a WG_CMD_GET_DEVICE dump (each message's generic netlink header and attributes):
+    the kernel may continue one peer (its allowed IPs) in the next message, so peers are
+    gathered by public key in order of appearance."""
     listen_port = 0
-    order: list[bytes] = []
-    fields: dict[bytes, dict[str, Any]] = {}
+    fields: dict[bytes, _PeerFields] = {}  # dicts keep insertion order: the kernel's order
     for msg in messages:
-        port = msg.get_attr("WGDEVICE_A_LISTEN_PORT")
-        if port is not None:
-            listen_port = int(port)
-        for peer in msg.get_attr("WGDEVICE_A_PEERS") or []:
-            key = _key_bytes(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
-            if key not in fields:
-                order.append(key)
-                fields[key] = {"allowed": []}
-            entry = fields[key]
-            for name in (
-                "WGPEER_A_ENDPOINT",
-                "WGPEER_A_LAST_HANDSHAKE_TIME",
-                "WGPEER_A_RX_BYTES",
-                "WGPEER_A_TX_BYTES",
-                "WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL",
-            ):
-                value = peer.get_attr(name)
-                if value is not None:
-                    entry[name] = value
-            entry["allowed"].extend(
-                _allowed_ip(a) for a in peer.get_attr("WGPEER_A_ALLOWEDIPS") or []
-            )
-    peers = []
-    for key in order:
-        entry = fields[key]
-        handshake = entry.get("WGPEER_A_LAST_HANDSHAKE_TIME")
-        when = None
-        if handshake is not None and (handshake["tv_sec"] or handshake["tv_nsec"]):
-            when = handshake["tv_sec"] + handshake["tv_nsec"] / 1e9
-        keepalive = int(entry.get("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0)
-        peers.append(
-            PeerStats(
-                public_key=PublicKey(key),
-                endpoint=_endpoint(entry.get("WGPEER_A_ENDPOINT")),
-                last_handshake=when,
-                rx_bytes=int(entry.get("WGPEER_A_RX_BYTES") or 0),
-                tx_bytes=int(entry.get("WGPEER_A_TX_BYTES") or 0),
-                allowed_ips=tuple(entry["allowed"]),
-                persistent_keepalive=keepalive or None,
-            )
+        for kind, value in rtnl.attrs(msg[_GENL.size :]):
+            if kind == WGDEVICE_A_LISTEN_PORT and len(value) >= 2:
+                listen_port = _U16.unpack_from(value)[0]
+            elif kind == WGDEVICE_A_PEERS:
+                for _, peer in rtnl.attrs(value):
+                    _read_peer(peer, fields)
+    peers = tuple(
+        PeerStats(
+            public_key=PublicKey(key),
+            endpoint=entry.endpoint,
+            last_handshake=entry.handshake,
+            rx_bytes=entry.rx_bytes,
+            tx_bytes=entry.tx_bytes,
+            allowed_ips=tuple(entry.allowed),
+            persistent_keepalive=entry.keepalive or None,
         )
-    return DeviceDump(listen_port=listen_port, peers=tuple(peers))
+        for key, entry in fields.items()
+    )
+    return DeviceDump(listen_port=listen_port, peers=peers)
 
 
 # --- I/O -----------------------------------------------------------------------------------
@@ -285,38 +348,24 @@ def _hint(code: int) -> str:
     return ""
 
 
-def _genl(what: str, fn: Callable[[Any], T]) -> T:
-    """Run fn on a fresh WireGuard generic netlink socket, errors as one-line WireGuardError."""
+def _genl(what: str, fn: Callable[[int], T]) -> T:
+    """Run fn with WireGuard's generic netlink family id, errors as one-line WireGuardError.
 
-    def call() -> T:
-        try:
-            wg = WireGuard()
-        except NetlinkError as exc:
-            if exc.code == errno.ENOENT:
-                raise WireGuardError(
-                    f"{what}: this kernel has no WireGuard (generic netlink family 'wireguard' "
-                    "missing): load the wireguard module or use the userspace backend"
-                ) from None
-            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
-        try:
-            return fn(wg)
-        except NetlinkError as exc:
-            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
-        finally:
-            wg.close()
-
-    return iplink.off_loop(call)
-
-
-def _rtnl(what: str, fn: Callable[[Any], T]) -> T:
-    def call() -> T:
-        try:
-            with IPRoute() as ipr:
-                return fn(ipr)
-        except NetlinkError as exc:
-            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
-
-    return iplink.off_loop(call)
+    The kernel answers these requests synchronously (rtnl), so no helper thread is needed.
+    """
+    try:
+        family = rtnl.genl_family_id(WG_GENL_NAME)
+    except rtnl.NetlinkError as exc:
+        if exc.code == errno.ENOENT:
+            raise WireGuardError(
+                f"{what}: this kernel has no WireGuard (generic netlink family 'wireguard' "
+                "missing): load the wireguard module or use the userspace backend"
+            ) from None
+        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
+    try:
+        return fn(family)
+    except rtnl.NetlinkError as exc:
+        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
 
 
 class KernelDevice:
@@ -331,13 +380,13 @@ class KernelDevice:
     def name(self) -> str:
         return self._name
 
-    def _send(self, what: str, messages: Sequence[wgmsg]) -> None:
+    def _send(self, what: str, messages: Sequence[bytes]) -> None:
         if self._closed:
             raise WireGuardError(f"cannot {what}: {self._name} is closed")
 
-        def send(wg: Any) -> None:
+        def send(family: int) -> None:
             for msg in messages:
-                tuple(wg.nlm_request(msg, wg.prid, NLM_F_REQUEST | NLM_F_ACK))
+                rtnl.request(rtnl.NETLINK_GENERIC, family, NLM_F_ACK, msg)
 
         _genl(what, send)
 
@@ -346,8 +395,11 @@ class KernelDevice:
             raise WireGuardError(f"cannot read {self._name}: it is closed")
         return _genl(
             f"read {self._name}",
-            lambda wg: parse_device(
-                wg.nlm_request(get_message(self.ifindex), wg.prid, NLM_F_REQUEST | NLM_F_DUMP)
+            lambda family: parse_device(
+                body
+                for _kind, body in rtnl.request(
+                    rtnl.NETLINK_GENERIC, family, NLM_F_DUMP, get_message(self.ifindex)
+                )
             ),
         )
 
@@ -444,22 +496,16 @@ class KernelBackend:
             raise WireGuardError(f"MTU {mtu!r} for {ifname}: must be {MIN_MTU}..{MAX_MTU}")
         _take_over(ifname)
 
-        def add(ipr: Any) -> int:
-            try:
-                ipr.link("add", ifname=ifname, kind=LINK_KIND)
-            except NetlinkError as exc:
-                if exc.code == errno.EOPNOTSUPP:
-                    raise WireGuardError(
-                        f"cannot create {ifname}: this kernel has no WireGuard link type "
-                        "(load the wireguard module or use the userspace backend)"
-                    ) from None
-                raise
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise WireGuardError(f"created {ifname} but it vanished at once")
-            return int(found[0])
-
-        ifindex = _rtnl(f"creating WireGuard interface {ifname}", add)
+        try:
+            ifindex = iplink.create_link(ifname, LINK_KIND)
+        except rtnl.NetlinkError as exc:
+            if exc.code == errno.EOPNOTSUPP:
+                raise WireGuardError(
+                    f"cannot create {ifname}: this kernel has no WireGuard link type "
+                    "(load the wireguard module or use the userspace backend)"
+                ) from None
+            what = f"creating WireGuard interface {ifname}"
+            raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
         device = KernelDevice(ifname, ifindex)
         try:
             iplink.set_mtu(ifname, mtu)

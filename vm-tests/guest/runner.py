@@ -50,7 +50,7 @@ def params() -> dict[str, str]:
 
 def setup_network(address: str | None) -> None:
     """lo and eth0 up, eth0 addressed: with iproute2's ip, which starts faster under TCG than
-    importing pyroute2 here (the agent imports it anyway). Full path: busybox has an `ip` too."""
+    a Python netlink client here. Full path: busybox has an `ip` too."""
     ip = "/usr/sbin/ip"
     commands = [[ip, "link", "set", "lo", "up"]]
     if address:
