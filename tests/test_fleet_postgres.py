@@ -100,6 +100,7 @@ def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> 
         "--wireguard-interface", interface,
         "--wireguard-port", str(port),
         "--endpoint", f"[{underlay}]:{port}",
+        "--instance", f"srv{n}",
     )  # fmt: skip
     log = sl.workdir / f"server{n}.log"
     proc = sl.lab.spawn(ns, argv, log=log)

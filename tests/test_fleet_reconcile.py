@@ -34,11 +34,6 @@ def gone_within(sl: SideroLinkLab, key: str, seconds: float) -> float | None:
     return None
 
 
-@pytest.mark.xfail(
-    reason="open: in most runs the server's reconcile loop makes no change after the first "
-    "Provision (peer still on the device 5 s later, nothing logged); not yet diagnosed",
-    strict=False,
-)
 def test_a_removal_without_the_admin_socket_reaches_the_device(
     sl: SideroLinkLab, tmp_path: Path
 ) -> None:

@@ -122,11 +122,21 @@ def _read_token(args: argparse.Namespace) -> str | None:
     return args.join_token or os.environ.get("GATEKEEPER_JOIN_TOKEN") or None
 
 
+def _instance_name(text: str) -> str:
+    from gatekeeper.server.instances import check_instance_name
+
+    try:
+        return check_instance_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gatekeeper.server.app import ServerError, ServerOptions, serve
     from gatekeeper.server.fleet import FleetOptions
+    from gatekeeper.server.instances import default_instance
     from gatekeeper.tunnel.peers import TunnelMode
 
     try:
@@ -158,6 +168,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         ),
         tunnel_mode=TunnelMode(args.tunnel_mode),
         restore_last_endpoint=not args.disable_last_endpoint,
+        instance=args.instance or default_instance(),
         registry=args.registry,
         registry_password_file=(
             Path(args.registry_password_file) if args.registry_password_file else None
@@ -319,6 +330,14 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
         metavar="FILE",
         help="PostgreSQL password (else PGPASSWORD or ~/.pgpass; a password in the URL is "
         "refused: ps shows it)",
+    )
+    server.add_argument(
+        "--instance",
+        type=_instance_name,
+        default=None,
+        metavar="NAME",
+        help="this server's name among several on one --registry (default: the host name); "
+        "each needs its own (docs/registry.md, Owners and failover)",
     )
     server.add_argument("--listen", default="[::]:8090", help="gRPC listen address")
     server.add_argument("--tls-cert", help="PEM certificate (enables TLS, with --tls-key)")

@@ -25,6 +25,7 @@ from gatekeeper.server.devicewatch import (
     SwappableDevice,
 )
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
+from gatekeeper.server.instances import InstanceHeartbeat, default_instance
 from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
 from gatekeeper.server.logreceiver import MAX_CONNECTIONS as LOG_MAX_CONNECTIONS
 from gatekeeper.server.peer_reconciler import PeerReconciler
@@ -72,6 +73,8 @@ class ServerOptions:
     # `--registry URL` (None: SQLite in state_dir) and where its password is (docs/registry.md).
     registry: str | None = None
     registry_password_file: Path | None = None
+    # `--instance`: this server's name in a fleet of several (docs/registry.md, "Owners").
+    instance: str = field(default_factory=default_instance)
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
@@ -94,8 +97,8 @@ class Server:
         self.tunnels: TunnelHub | None = None
         self.port = 0
         self._sync_task: asyncio.Task[None] | None = None
-        self._reconcile_task: asyncio.Task[None] | None = None
         self.reconciler: PeerReconciler | None = None
+        self.heartbeat: InstanceHeartbeat | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.watch: DeviceWatch | None = None
         self._lock: IO[bytes] | None = None
@@ -201,13 +204,27 @@ class Server:
             tunnels=self.tunnels,
             tunnel_secret=tunnel_secret(identity.private_key.base64()),
             restore_last_endpoint=opts.restore_last_endpoint,
+            instance=opts.instance,
         )
+        provisioner = self.provisioner
+        self.heartbeat = InstanceHeartbeat(
+            self.registry,
+            name=opts.instance,
+            endpoints=opts.endpoints,
+            on_fleet=lambda endpoints: setattr(provisioner, "fleet_endpoints", endpoints),
+        )
+        try:
+            # Before the device holds anything: a second process under this name is refused.
+            await asyncio.to_thread(self.heartbeat.first)
+        except RegistryError as exc:
+            raise ServerError(str(exc)) from None
         # The device is the reconciled result of the registry: restoring at start, after the
         # device's re-creation, and following removals or other instances' provisions through
         # the shared store are all this one reconcile (docs/registry.md).
         self.reconciler = PeerReconciler(
             self.registry,
             self.device,
+            instance=opts.instance,
             endpoint_of=self.provisioner.reconcile_endpoint,
             forget_address=self.provisioner.forget_tunnel_from_thread,
             in_flight=self.provisioner.in_flight,
@@ -262,11 +279,13 @@ class Server:
         self._sync_task = asyncio.create_task(self._sync_endpoints())
         reconciler = self.reconciler
         self.watch = DeviceWatch(self.device, create, lambda: reconciler.reconcile().added)
-        self._reconcile_task = asyncio.create_task(reconciler.run())
+        reconciler.start()
+        self.heartbeat.start()
         self._watch_task = asyncio.create_task(self.watch.run())
         log.info(
-            "server ready: gRPC %s (%s), WireGuard %s port %d, overlay %s, server key %s, "
-            "%d machines restored, tunnel %s",
+            "server ready: instance %s, gRPC %s (%s), WireGuard %s port %d, overlay %s, "
+            "server key %s, %d machines restored, tunnel %s",
+            opts.instance,
             opts.listen,
             "TLS" if opts.tls_cert else "plaintext",
             opts.wireguard_interface,
@@ -293,7 +312,10 @@ class Server:
                 log.warning("endpoint sync failed: %s", exc)
 
     async def close(self) -> None:
-        for task in (self._watch_task, self._sync_task, self._reconcile_task):
+        for worker in (self.reconciler, self.heartbeat):
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
+        for task in (self._watch_task, self._sync_task):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import socket
 import threading
@@ -30,7 +31,10 @@ from psycopg import errors as pgerrors
 
 from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
+    INSTANCE_STALE_AFTER,
     AddressTaken,
+    InstanceInUse,
+    InstanceRecord,
     KeyTaken,
     MachineRecord,
     RegistrationLimit,
@@ -47,7 +51,7 @@ _REGISTRATION_LOCK = 0x676B_0000_0002
 
 _COLUMNS = (
     "machine_key, node_uuid, address, public_key, endpoint, tunnel, talos_version, created, "
-    "updated, join_token_id, conflict_time, conflict_from, provisions, remote_address"
+    "updated, join_token_id, conflict_time, conflict_from, provisions, remote_address, owner"
 )
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
@@ -57,7 +61,7 @@ T = TypeVar("T")
 def _record(row: tuple[Any, ...]) -> MachineRecord:
     (
         key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id,
-        conflict_time, conflict_from, provisions, remote,
+        conflict_time, conflict_from, provisions, remote, owner,
     ) = row  # fmt: skip
     return MachineRecord(
         machine_key=key,
@@ -74,6 +78,7 @@ def _record(row: tuple[Any, ...]) -> MachineRecord:
         conflict_from=conflict_from,
         provisions=int(provisions),
         remote_address=remote,
+        owner=owner,
     )
 
 
@@ -94,6 +99,75 @@ def _token(row: tuple[Any, ...]) -> TokenRecord:
 def _first_line(exc: BaseException) -> str:
     """libpq's messages span lines (a hint after a tab): one line, whitespace collapsed."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _instance(row: tuple[Any, ...]) -> InstanceRecord:
+    name, endpoints, run_id, started, seen = row
+    return InstanceRecord(
+        name=name,
+        endpoints=tuple(str(e) for e in json.loads(endpoints)),
+        run_id=run_id,
+        started=float(started),
+        seen=float(seen),
+    )
+
+
+class PostgresChangeFeed:
+    """LISTENs on the machines' change channel (pg_schema.CHANGE_CHANNEL) on a connection of
+    its own. After the connection was lost (a PostgreSQL restart), notifications sent
+    meanwhile are gone: the first wait on the new connection answers True, so the reconciler
+    reads everything once, which catches up whatever happened."""
+
+    def __init__(self, conninfo: str, password: str | None, *, shown: str) -> None:
+        self._conninfo = conninfo
+        self._password = password
+        self.shown = shown
+        self._db: psycopg.Connection[tuple[Any, ...]] | None = None
+        self.failure: str | None = None
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        kwargs: dict[str, Any] = {
+            "connect_timeout": 3,
+            "autocommit": True,
+            "application_name": "gatekeeper-reconciler",
+        }
+        if self._password is not None:
+            kwargs["password"] = self._password
+        db = psycopg.connect(self._conninfo, **kwargs)
+        db.execute(f"LISTEN {pg_schema.CHANGE_CHANNEL}")
+        return db
+
+    def wait(self, timeout: float) -> bool:
+        if self._db is None or self._db.closed or self._db.broken:
+            self.close()
+            try:
+                self._db = self._connect()
+            except psycopg.Error as exc:
+                self.failure = _first_line(exc)
+                time.sleep(timeout)
+                return True
+            self.failure = None
+            return True
+        try:
+            # Every notification that is already there, then back: one reconcile for many.
+            got = False
+            for _ in self._db.notifies(timeout=timeout, stop_after=1):
+                got = True
+            while got:
+                more = list(self._db.notifies(timeout=0.0))
+                if not more:
+                    break
+            return got
+        except psycopg.Error as exc:
+            self.failure = _first_line(exc)
+            self.close()
+            return True
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None
 
 
 class _Retry(Exception):
@@ -362,12 +436,13 @@ class PostgresRegistry:
                 self._use_token(cur, token_id, now)
         cur.execute(
             f"INSERT INTO machines ({_COLUMNS}) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, 1, %s) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, 1, %s, %s) "
             "ON CONFLICT (machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
             "address = excluded.address, public_key = excluded.public_key, "
             "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
             "talos_version = excluded.talos_version, updated = excluded.updated, "
-            "provisions = machines.provisions + 1, remote_address = excluded.remote_address",
+            "provisions = machines.provisions + 1, remote_address = excluded.remote_address, "
+            "owner = excluded.owner",
             (
                 record.machine_key,
                 record.node_uuid,
@@ -380,6 +455,7 @@ class PostgresRegistry:
                 now,
                 token_id if not known and token_id else record.join_token_id,
                 record.remote_address,
+                record.owner,
             ),
         )
 
@@ -426,20 +502,57 @@ class PostgresRegistry:
 
         return self._run(op)
 
-    def change_marker(self) -> tuple[int, float]:
-        def op(db: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, float]:
-            row = db.execute("SELECT count(*), coalesce(max(updated), 0) FROM machines").fetchone()
-            assert row is not None  # an aggregate always answers one row
-            return int(row[0]), float(row[1])
-
-        return self._run(op)
-
     def remove(self, machine_key: str) -> bool:
         def op(db: psycopg.Connection[tuple[Any, ...]]) -> bool:
             cur = db.execute("DELETE FROM machines WHERE machine_key = %s", (machine_key,))
             return cur.rowcount > 0
 
         return self._run(op)
+
+    def set_owner(self, machine_key: str, instance: str) -> bool:
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> bool:
+            cur = db.execute(
+                "UPDATE machines SET owner = %s WHERE machine_key = %s "
+                "AND owner IS DISTINCT FROM %s",
+                (instance, machine_key, instance),
+            )
+            return cur.rowcount > 0
+
+        return self._run(op)
+
+    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+        stale = me.seen - INSTANCE_STALE_AFTER
+
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[InstanceRecord]:
+            with self._transaction(db) as cur:
+                cur.execute(
+                    "INSERT INTO instances (name, endpoints, run_id, started, seen) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
+                    "endpoints = excluded.endpoints, run_id = excluded.run_id, "
+                    "started = excluded.started, seen = excluded.seen "
+                    "WHERE instances.run_id = excluded.run_id OR instances.seen < %s",
+                    (me.name, json.dumps(me.endpoints), me.run_id, me.started, me.seen, stale),
+                )
+                if cur.rowcount == 0:
+                    raise InstanceInUse(me.name)
+                if take_over:
+                    # Row locks decide: of two survivors taking over at once, each machine
+                    # goes to the first to commit; the second finds it owned by a live one.
+                    cur.execute(
+                        "UPDATE machines SET owner = %s WHERE owner IS NULL OR owner IN "
+                        "(SELECT name FROM instances WHERE seen < %s AND name <> %s)",
+                        (me.name, stale, me.name),
+                    )
+                cur.execute(
+                    "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+                )
+                rows = cur.fetchall()
+            return [_instance(row) for row in rows]
+
+        return self._run(op)
+
+    def change_feed(self) -> PostgresChangeFeed:
+        return PostgresChangeFeed(self._conninfo, self._password, shown=self.shown)
 
     def add_token(self, token: TokenRecord) -> None:
         self._run(

@@ -16,9 +16,13 @@ from gatekeeper.server.registry import RegistryError
 
 # The schema this code reads and writes. A registry at a higher version was written by a
 # newer gatekeeper: refused, since this code would not keep its rules.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # From this version on, the registry holds events and machine logs (pg_telemetry.py).
 TELEMETRY_VERSION = 3
+
+# The channel every change to a machine's peer (added, re-keyed, moved, removed, a new owner)
+# is announced on, at commit: each instance's peer reconciler LISTENs to it.
+CHANGE_CHANNEL = "gatekeeper_machines"
 
 # pg_advisory_xact_lock key (a fixed 64-bit number, "gk" in the top bytes).
 MIGRATION_LOCK = 0x676B_0000_0001
@@ -44,6 +48,35 @@ def telemetry_step() -> str:
     );
     CREATE INDEX IF NOT EXISTS telemetry_logs_machine ON telemetry_logs (machine_key, seq);
     CREATE INDEX IF NOT EXISTS telemetry_logs_received ON telemetry_logs (received);
+    """
+
+
+def owners_step() -> str:
+    """Version 4: instances, an owner per machine, and a notification per change.
+
+    Per row, not per statement: an UPDATE that matches nothing (a take-over with no machine
+    to take) announces nothing; PostgreSQL folds a transaction's identical notifications
+    into one, so a batch of changes is one wake-up for each listener."""
+    return f"""
+    CREATE TABLE IF NOT EXISTS instances (
+        name text PRIMARY KEY,
+        endpoints text NOT NULL,
+        run_id text NOT NULL,
+        started double precision NOT NULL,
+        seen double precision NOT NULL
+    );
+    ALTER TABLE machines ADD COLUMN IF NOT EXISTS owner text;
+    CREATE INDEX IF NOT EXISTS machines_owner ON machines (owner);
+    CREATE OR REPLACE FUNCTION gatekeeper_machines_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{CHANGE_CHANNEL}', '');
+            RETURN NULL;
+        END $$;
+    DROP TRIGGER IF EXISTS machines_changed ON machines;
+    CREATE TRIGGER machines_changed
+        AFTER INSERT OR DELETE OR UPDATE OF public_key, address, tunnel, owner ON machines
+        FOR EACH ROW EXECUTE FUNCTION gatekeeper_machines_changed();
     """
 
 
@@ -85,10 +118,11 @@ STEPS: tuple[str, ...] = (
         revoked double precision
     );
     """,
-    # Version 2: instances and machine owners, from the reconciler work (issue 12). Until
-    # that step is merged here, an empty step keeps the numbering every branch agrees on.
+    # Version 2 was reserved for owners while events and logs came first (version 3); owners
+    # came as version 4. Empty, so registries at any version agree on what each step made.
     "SELECT 1",
     telemetry_step(),
+    owners_step(),
 )
 assert len(STEPS) == SCHEMA_VERSION
 

@@ -124,6 +124,8 @@ class Plan:
 @dataclass(frozen=True)
 class Rules:
     tunnel_mode: TunnelMode = TunnelMode.OFF
+    # The instance answering: a machine is owned by the one it last provisioned through.
+    instance: str | None = None
 
 
 def check_request(req: ProvisionInput, admission: Admission | TokenDenied) -> Checked | Rejected:
@@ -212,6 +214,7 @@ def decide(
         created=existing.created if existing else now,
         join_token_id=existing.join_token_id if existing else admission.token_id,
         remote_address=peer_address(req.peer),
+        owner=rules.instance,
     )
     return Plan(
         record=record,

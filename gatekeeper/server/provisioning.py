@@ -92,6 +92,7 @@ class Provisioner:
         tunnels: TunnelPeers | None = None,
         tunnel_secret: bytes | None = None,
         restore_last_endpoint: bool = True,
+        instance: str,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -99,13 +100,19 @@ class Provisioner:
         self.server_address = server_address(prefix)
         self.server_public_key = server_public_key
         self.endpoints = tuple(endpoints)
+        # This server's --instance: the owner its Provisions write (docs/registry.md, "Owners").
+        self.instance = instance
+        # The other live instances' endpoints, kept by the heartbeat (app.py), never read from
+        # the store during a Provision: listed after ours, so a machine that loses this
+        # instance walks on to a survivor without provisioning again.
+        self.fleet_endpoints: tuple[str, ...] = ()
         self.tokens = tokens
         self.max_machines = max_machines
         # Tunnel peers need somewhere to relay to: without a hub the mode is off.
         self.tunnel_mode = tunnel_mode if tunnels is not None else TunnelMode.OFF
         self.tunnels = tunnels
         self.tunnel_prefix = tunnel_prefix_for(prefix)
-        self.rules = Rules(tunnel_mode=self.tunnel_mode)
+        self.rules = Rules(tunnel_mode=self.tunnel_mode, instance=instance)
         self.live = LivePeers(device)
         # Names tunnel streams unguessably (tunnel/header.py); the server derives it from its
         # key so that names survive restarts. A throwaway one only where no key is given.
@@ -219,7 +226,7 @@ class Provisioner:
         )
         return ProvisionOutput(
             # In tunnel mode the reference and Omni answer exactly [grpc_peer_addr_port].
-            server_endpoints=(virtual,) if virtual else self.endpoints,
+            server_endpoints=(virtual,) if virtual else self.reply_endpoints(),
             server_public_key=self.server_public_key.base64(),
             node_address_prefix=f"{address}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
@@ -298,6 +305,10 @@ class Provisioner:
 
     def _virtual(self, public_key: str) -> str:
         return tunnel_addr_port(self.tunnel_prefix, self.tunnel_secret, public_key)
+
+    def reply_endpoints(self) -> tuple[str, ...]:
+        ours = self.endpoints
+        return ours + tuple(e for e in self.fleet_endpoints if e not in ours)
 
     def _tunnel_peer(
         self, record: MachineRecord, key: PublicKey, *, previous: MachineRecord | None

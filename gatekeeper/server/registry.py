@@ -75,6 +75,53 @@ class MachineRecord:
     # where the last one came from (the gRPC peer, `[addr]:port`), for `gatekeeper machines`.
     provisions: int = 0
     remote_address: str | None = None
+    # The server instance that holds the machine's link now (`--instance`): the only one that
+    # sends to the machine first (docs/registry.md, "Owners"). None: written before owners.
+    owner: str | None = None
+
+
+# An instance that has not refreshed its row for this long is gone (killed, cut off from the
+# store): its name may be taken again, and a survivor takes over the machines it held.
+INSTANCE_STALE_AFTER = 15.0
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One running `gatekeeper server` of the fleet, as its heartbeat last wrote it."""
+
+    name: str
+    # The WireGuard endpoints it advertises (`--endpoint`), in its preference order.
+    endpoints: tuple[str, ...]
+    # Random per process: a second process under the same name is refused while the first lives.
+    run_id: str
+    started: float
+    seen: float
+
+    def live(self, now: float) -> bool:
+        return now - self.seen < INSTANCE_STALE_AFTER
+
+
+class InstanceInUse(RegistryError):
+    """Another live process already runs under this instance name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"another server runs as instance {name!r} on this registry (its heartbeat is less "
+            f"than {INSTANCE_STALE_AFTER:g} s old): give each server its own --instance"
+        )
+
+
+class ChangeFeed(Protocol):
+    """Wakes a peer reconciler when machine records may have changed (any instance, any
+    process). It may wake without a change; it never sleeps through one for longer than the
+    timeout a caller gives."""
+
+    def wait(self, timeout: float) -> bool:
+        """True when machines may have changed (or the feed lost track and the caller should
+        read everything again), False after `timeout` seconds of quiet."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def machine_key(node_uuid: str, unique_token: str | None) -> str:
@@ -134,11 +181,22 @@ class Registry(Protocol):
 
     def machines(self) -> list[MachineRecord]: ...
 
-    def change_marker(self) -> tuple[int, float]:
-        """Cheap to read, and moves when a machine is added, re-provisioned or removed (the
-        peer reconciler polls it instead of reading every record each second)."""
+    def remove(self, machine_key: str) -> bool: ...
+
+    def set_owner(self, machine_key: str, instance: str) -> bool:
+        """Make `instance` the machine's owner; False when there is no such machine or it is
+        owned by `instance` already."""
         ...
 
-    def remove(self, machine_key: str) -> bool: ...
+    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+        """Write this instance's row and read every instance's, in one transaction.
+
+        Raises InstanceInUse when a live row of the same name has another run_id. With
+        `take_over`, machines owned by instances that are no longer live, and those written
+        before owners existed, become `me`'s (the store picks the one survivor that gets each).
+        """
+        ...
+
+    def change_feed(self) -> ChangeFeed: ...
 
     def close(self) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
 import os
 import sqlite3
 import threading
@@ -19,7 +20,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from gatekeeper.server.registry import (
+    INSTANCE_STALE_AFTER,
     AddressTaken,
+    InstanceInUse,
+    InstanceRecord,
     KeyTaken,
     MachineRecord,
     RegistrationLimit,
@@ -47,6 +51,13 @@ CREATE TABLE IF NOT EXISTS machines (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    endpoints TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    started REAL NOT NULL,
+    seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -69,6 +80,7 @@ _MIGRATIONS = (
     ("machines", "conflict_from", "TEXT"),
     ("machines", "provisions", "INTEGER NOT NULL DEFAULT 0"),
     ("machines", "remote_address", "TEXT"),
+    ("machines", "owner", "TEXT"),
 )
 
 _COLUMN_NAMES = (
@@ -86,17 +98,18 @@ _COLUMN_NAMES = (
     "conflict_from",
     "provisions",
     "remote_address",
+    "owner",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 # What a claim writes: the conflict columns are set by record_conflict alone.
-_WRITTEN = ", ".join((*_COLUMN_NAMES[:10], "provisions", "remote_address"))
+_WRITTEN = ", ".join((*_COLUMN_NAMES[:10], "provisions", "remote_address", "owner"))
 _TOKEN_COLUMNS = "token_id, name, secret_hash, created, expires, max_uses, uses, revoked"
 
 
 def _record(row: tuple[object, ...]) -> MachineRecord:
     (
         key, uuid, address, public_key, endpoint, tunnel, version, created, updated, token_id,
-        conflict_time, conflict_from, provisions, remote,
+        conflict_time, conflict_from, provisions, remote, owner,
     ) = row  # fmt: skip
     return MachineRecord(
         machine_key=str(key),
@@ -113,6 +126,7 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
         conflict_from=None if conflict_from is None else str(conflict_from),
         provisions=int(provisions or 0),  # type: ignore[call-overload]
         remote_address=None if remote is None else str(remote),
+        owner=None if owner is None else str(owner),
     )
 
 
@@ -168,6 +182,62 @@ def _token(row: tuple[object, ...]) -> TokenRecord:
         uses=int(uses),  # type: ignore[call-overload]
         revoked=None if revoked is None else float(revoked),  # type: ignore[arg-type]
     )
+
+
+def _instance(row: tuple[object, ...]) -> InstanceRecord:
+    name, endpoints, run_id, started, seen = row
+    return InstanceRecord(
+        name=str(name),
+        endpoints=tuple(str(e) for e in json.loads(str(endpoints))),
+        run_id=str(run_id),
+        started=float(started),  # type: ignore[arg-type]
+        seen=float(seen),  # type: ignore[arg-type]
+    )
+
+
+class SqliteChangeFeed:
+    """Wakes on any commit to the registry file, from any connection or process.
+
+    `PRAGMA data_version` changes when another connection committed; this feed has its own
+    connection, so the server's own writes count too. Polled: SQLite has no notification
+    across processes, and one tiny read every POLL seconds costs nothing.
+    """
+
+    POLL = 0.2
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._version: int | None = None
+
+    def _read(self) -> int:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                now = self._read()
+            except sqlite3.Error:
+                self.close()  # reopened next time; the caller reads everything meanwhile
+                time.sleep(min(self.POLL, timeout))
+                return True
+            if self._version is None or now != self._version:
+                self._version = now
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self.POLL, left))
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+            self._version = None
 
 
 class SqliteRegistry:
@@ -356,12 +426,13 @@ class SqliteRegistry:
                 )
         try:
             self._db.execute(
-                f"INSERT INTO machines ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
+                f"INSERT INTO machines ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) "
                 "ON CONFLICT(machine_key) DO UPDATE SET node_uuid = excluded.node_uuid, "
                 "address = excluded.address, public_key = excluded.public_key, "
                 "endpoint = excluded.endpoint, tunnel = excluded.tunnel, "
                 "talos_version = excluded.talos_version, updated = excluded.updated, "
-                "provisions = machines.provisions + 1, remote_address = excluded.remote_address",
+                "provisions = machines.provisions + 1, remote_address = excluded.remote_address, "
+                "owner = excluded.owner",
                 (
                     record.machine_key,
                     record.node_uuid,
@@ -374,6 +445,7 @@ class SqliteRegistry:
                     now,
                     token_id if known is None and token_id else record.join_token_id,
                     record.remote_address,
+                    record.owner,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -411,17 +483,52 @@ class SqliteRegistry:
             ).fetchall()
         return [_record(row) for row in rows]
 
-    def change_marker(self) -> tuple[int, float]:
-        with self._locked():
-            count, latest = self._db.execute(
-                "SELECT count(*), coalesce(max(updated), 0) FROM machines"
-            ).fetchone()
-        return int(count), float(latest)
-
     def remove(self, machine_key: str) -> bool:
         with self._locked():
             cur = self._db.execute("DELETE FROM machines WHERE machine_key = ?", (machine_key,))
         return cur.rowcount > 0
+
+    def set_owner(self, machine_key: str, instance: str) -> bool:
+        with self._locked():
+            cur = self._db.execute(
+                "UPDATE machines SET owner = ? WHERE machine_key = ? AND owner IS NOT ?",
+                (instance, machine_key, instance),
+            )
+        return cur.rowcount > 0
+
+    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+        stale = me.seen - INSTANCE_STALE_AFTER
+        with self._locked():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO instances (name, endpoints, run_id, started, seen) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "endpoints = excluded.endpoints, run_id = excluded.run_id, "
+                    "started = excluded.started, seen = excluded.seen "
+                    "WHERE instances.run_id = excluded.run_id OR instances.seen < ?",
+                    (me.name, json.dumps(me.endpoints), me.run_id, me.started, me.seen, stale),
+                )
+                if cur.rowcount == 0:
+                    raise InstanceInUse(me.name)
+                if take_over:
+                    self._db.execute(
+                        "UPDATE machines SET owner = ? WHERE owner IS NULL OR owner IN "
+                        "(SELECT name FROM instances WHERE seen < ? AND name != ?)",
+                        (me.name, stale, me.name),
+                    )
+                rows = self._db.execute(
+                    "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+                ).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        return [_instance(row) for row in rows]
+
+    def change_feed(self) -> SqliteChangeFeed:
+        return SqliteChangeFeed(self.path)
 
     def add_token(self, token: TokenRecord) -> None:
         with self._locked():
