@@ -41,6 +41,7 @@ from gatekeeper.tunnel.server import server_options as tunnel_server_options
 from gatekeeper.wireguard.backend import Device, WireGuardError
 from gatekeeper.wireguard.keys import PrivateKey
 from gatekeeper.wireguard.select import select_backend
+from gatekeeper.wireguard.userspace import UserspaceBackend
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class Server:
             self._interface_lock = None
         try:
             backend, why = select_backend(opts.backend)
+            if isinstance(backend, UserspaceBackend):
+                backend.die_with_parent = True  # why: UserspaceBackend.die_with_parent
             log.info("WireGuard backend: %s (%s)", backend.name, why)
 
             def create() -> Device:

@@ -16,12 +16,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
@@ -371,6 +372,11 @@ class UserspaceBackend:
         self.executable = executable
         self.start_timeout = start_timeout
         self.request_timeout = request_timeout
+        # The server sets this: its instance is one unit, and a wireguard-go that outlived a
+        # kill -9 of its server would keep sending to machines a surviving instance took
+        # over (docs/registry.md, "Owners and failover"). The agent leaves it off: its link
+        # keeps working through an agent crash.
+        self.die_with_parent = False
 
     def preflight(self) -> str:
         """The wireguard-go path, or a WireGuardError saying what to install or grant."""
@@ -406,6 +412,7 @@ class UserspaceBackend:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=_parent_death_signal() if self.die_with_parent else None,
             )
         except OSError as exc:
             raise WireGuardError(f"cannot start {executable}: {exc.strerror or exc}") from None
@@ -461,6 +468,20 @@ def _in_use_hint(ifname: str) -> str:
         "by all network namespaces, so choose another interface name or give this namespace "
         "a private /run/wireguard"
     )
+
+
+def _parent_death_signal() -> Callable[[], None]:
+    """A preexec_fn asking the kernel to SIGTERM the child when the thread that started it
+    dies; prepared in the parent (nothing may be imported between fork and exec)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def set_it() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+    return set_it
 
 
 def _check_tun_device() -> None:
