@@ -250,3 +250,15 @@ def test_tunnel_machine_keeps_no_endpoint() -> None:
     plan = run(request(), Facts(existing=existing, holder=existing))
     assert isinstance(plan, Plan)
     assert plan.record.endpoint is None
+
+
+def test_the_answering_instance_becomes_the_owner() -> None:
+    # A new machine, and one that was owned by another instance (a take-over, or it moved).
+    new = run(request(), Facts(existing=None, holder=None, free_address=FREE), instance="srv2")
+    assert isinstance(new, Plan) and new.record.owner == "srv2"
+    moved = run(
+        request(),
+        Facts(existing=record(KEY, owner="srv1"), holder=None),
+        instance="srv2",
+    )
+    assert isinstance(moved, Plan) and moved.record.owner == "srv2"

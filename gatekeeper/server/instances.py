@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from gatekeeper.server.registry import (
     INSTANCE_STALE_AFTER,
@@ -52,6 +53,21 @@ def survivor_endpoints(instances: Sequence[InstanceRecord], me: str, now: float)
     return tuple(seen)
 
 
+def dead_here(run_id: str, host: str | None = None) -> bool:
+    """Whether a run_id names a process of this host that no longer runs gatekeeper (gone,
+    or its PID reused by something else)."""
+    parts = run_id.split(":")
+    if len(parts) != 3 or parts[0] != (host or default_instance()) or not parts[1].isdigit():
+        return False
+    try:
+        cmdline = Path(f"/proc/{int(parts[1])}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False  # cannot tell: wait for the row to go stale
+    return b"gatekeeper" not in cmdline
+
+
 def may_take_over(healthy_since: float | None, now: float) -> bool:
     """Only after this instance has written its heartbeat for longer than the stale window:
     after a store outage every row looks stale, and the first instance back must give the
@@ -81,12 +97,12 @@ class InstanceHeartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def beat(self) -> list[InstanceRecord]:
+    def beat(self, *, replaces: str | None = None) -> list[InstanceRecord]:
         now = self.clock()
         me = InstanceRecord(self.name, self.endpoints, self.run_id, self.started, now)
         try:
             instances = self.registry.heartbeat(
-                me, take_over=may_take_over(self.healthy_since, now)
+                me, take_over=may_take_over(self.healthy_since, now), replaces=replaces
             )
         except Exception:
             self.healthy_since = None
@@ -99,7 +115,8 @@ class InstanceHeartbeat:
 
     def first(self, wait: float = INSTANCE_STALE_AFTER + 1.0) -> None:
         """The first beat, at start. A row of this name whose writer died (kill -9, a crash,
-        then a restart by systemd) goes stale within the window: wait that long before
+        then a restart by systemd) is taken at once when that writer was a process of this
+        host that is gone; otherwise it goes stale within the window: wait that long before
         calling the name taken."""
         deadline = time.monotonic() + wait
         said = False
@@ -107,7 +124,11 @@ class InstanceHeartbeat:
             try:
                 self.beat()
                 return
-            except InstanceInUse:
+            except InstanceInUse as exc:
+                if dead_here(exc.holder):
+                    log.info("instance %s: its previous process is gone; taking over", self.name)
+                    self.beat(replaces=exc.holder)
+                    return
                 if time.monotonic() >= deadline:
                     raise
                 if not said:
@@ -139,15 +160,23 @@ class InstanceHeartbeat:
             failing = False
 
     def stop(self) -> None:
+        """Stop beating and leave the fleet (see Registry.leave)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.healthy_since is not None:
+            me = InstanceRecord(self.name, self.endpoints, self.run_id, self.started, 0.0)
+            try:
+                self.registry.leave(me)
+            except Exception as exc:  # the store may be away: the row then goes stale
+                log.warning("instance %s: cannot leave the registry: %s", self.name, exc)
 
 
 __all__ = [
     "HEARTBEAT_EVERY",
     "InstanceHeartbeat",
     "check_instance_name",
+    "dead_here",
     "default_instance",
     "may_take_over",
     "survivor_endpoints",

@@ -520,7 +520,9 @@ class PostgresRegistry:
 
         return self._run(op)
 
-    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+    def heartbeat(
+        self, me: InstanceRecord, *, take_over: bool, replaces: str | None = None
+    ) -> list[InstanceRecord]:
         stale = me.seen - INSTANCE_STALE_AFTER
 
         def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[InstanceRecord]:
@@ -530,18 +532,28 @@ class PostgresRegistry:
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
                     "endpoints = excluded.endpoints, run_id = excluded.run_id, "
                     "started = excluded.started, seen = excluded.seen "
-                    "WHERE instances.run_id = excluded.run_id OR instances.seen < %s",
-                    (me.name, json.dumps(me.endpoints), me.run_id, me.started, me.seen, stale),
+                    "WHERE instances.run_id IN (excluded.run_id, %s) OR instances.seen < %s",
+                    (
+                        me.name,
+                        json.dumps(me.endpoints),
+                        me.run_id,
+                        me.started,
+                        me.seen,
+                        replaces or me.run_id,
+                        stale,
+                    ),
                 )
                 if cur.rowcount == 0:
-                    raise InstanceInUse(me.name)
+                    cur.execute("SELECT run_id FROM instances WHERE name = %s", (me.name,))
+                    row = cur.fetchone()
+                    raise InstanceInUse(me.name, str(row[0]) if row else "")
                 if take_over:
                     # Row locks decide: of two survivors taking over at once, each machine
                     # goes to the first to commit; the second finds it owned by a live one.
                     cur.execute(
-                        "UPDATE machines SET owner = %s WHERE owner IS NULL OR owner IN "
-                        "(SELECT name FROM instances WHERE seen < %s AND name <> %s)",
-                        (me.name, stale, me.name),
+                        "UPDATE machines SET owner = %s WHERE owner IS NULL OR owner NOT IN "
+                        "(SELECT name FROM instances WHERE seen >= %s)",
+                        (me.name, stale),
                     )
                 cur.execute(
                     "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
@@ -550,6 +562,13 @@ class PostgresRegistry:
             return [_instance(row) for row in rows]
 
         return self._run(op)
+
+    def leave(self, me: InstanceRecord) -> None:
+        self._run(
+            lambda db: db.execute(
+                "DELETE FROM instances WHERE name = %s AND run_id = %s", (me.name, me.run_id)
+            )
+        )
 
     def change_feed(self) -> PostgresChangeFeed:
         return PostgresChangeFeed(self._conninfo, self._password, shown=self.shown)

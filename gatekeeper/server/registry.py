@@ -104,11 +104,13 @@ class InstanceRecord:
 class InstanceInUse(RegistryError):
     """Another live process already runs under this instance name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, holder: str) -> None:
         super().__init__(
             f"another server runs as instance {name!r} on this registry (its heartbeat is less "
             f"than {INSTANCE_STALE_AFTER:g} s old): give each server its own --instance"
         )
+        # The run_id of the row's writer: the caller may know it is dead (instances.py).
+        self.holder = holder
 
 
 class ChangeFeed(Protocol):
@@ -188,13 +190,22 @@ class Registry(Protocol):
         owned by `instance` already."""
         ...
 
-    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+    def heartbeat(
+        self, me: InstanceRecord, *, take_over: bool, replaces: str | None = None
+    ) -> list[InstanceRecord]:
         """Write this instance's row and read every instance's, in one transaction.
 
-        Raises InstanceInUse when a live row of the same name has another run_id. With
-        `take_over`, machines owned by instances that are no longer live, and those written
-        before owners existed, become `me`'s (the store picks the one survivor that gets each).
+        Raises InstanceInUse when a live row of the same name has another run_id, unless that
+        run_id is `replaces` (a writer the caller knows is dead). With
+        `take_over`, every machine whose owner is not a live instance (stale, gone, renamed,
+        or none: written before owners existed) becomes `me`'s; the store picks the one
+        survivor that gets each.
         """
+        ...
+
+    def leave(self, me: InstanceRecord) -> None:
+        """A clean stop: this instance's row goes, and survivors take its machines over at
+        their next heartbeat instead of after the stale window."""
         ...
 
     def change_feed(self) -> ChangeFeed: ...

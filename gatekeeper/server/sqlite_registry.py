@@ -496,7 +496,9 @@ class SqliteRegistry:
             )
         return cur.rowcount > 0
 
-    def heartbeat(self, me: InstanceRecord, *, take_over: bool) -> list[InstanceRecord]:
+    def heartbeat(
+        self, me: InstanceRecord, *, take_over: bool, replaces: str | None = None
+    ) -> list[InstanceRecord]:
         stale = me.seen - INSTANCE_STALE_AFTER
         with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
@@ -506,16 +508,27 @@ class SqliteRegistry:
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                     "endpoints = excluded.endpoints, run_id = excluded.run_id, "
                     "started = excluded.started, seen = excluded.seen "
-                    "WHERE instances.run_id = excluded.run_id OR instances.seen < ?",
-                    (me.name, json.dumps(me.endpoints), me.run_id, me.started, me.seen, stale),
+                    "WHERE instances.run_id IN (excluded.run_id, ?) OR instances.seen < ?",
+                    (
+                        me.name,
+                        json.dumps(me.endpoints),
+                        me.run_id,
+                        me.started,
+                        me.seen,
+                        replaces or me.run_id,
+                        stale,
+                    ),
                 )
                 if cur.rowcount == 0:
-                    raise InstanceInUse(me.name)
+                    (holder,) = self._db.execute(
+                        "SELECT run_id FROM instances WHERE name = ?", (me.name,)
+                    ).fetchone()
+                    raise InstanceInUse(me.name, str(holder))
                 if take_over:
                     self._db.execute(
-                        "UPDATE machines SET owner = ? WHERE owner IS NULL OR owner IN "
-                        "(SELECT name FROM instances WHERE seen < ? AND name != ?)",
-                        (me.name, stale, me.name),
+                        "UPDATE machines SET owner = ? WHERE owner IS NULL OR owner NOT IN "
+                        "(SELECT name FROM instances WHERE seen >= ?)",
+                        (me.name, stale),
                     )
                 rows = self._db.execute(
                     "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
@@ -526,6 +539,12 @@ class SqliteRegistry:
                     self._db.execute("ROLLBACK")
                 raise
         return [_instance(row) for row in rows]
+
+    def leave(self, me: InstanceRecord) -> None:
+        with self._locked():
+            self._db.execute(
+                "DELETE FROM instances WHERE name = ? AND run_id = ?", (me.name, me.run_id)
+            )
 
     def change_feed(self) -> SqliteChangeFeed:
         return SqliteChangeFeed(self.path)

@@ -1,0 +1,218 @@
+"""Instances, owners and the change feed on the registry (docs/registry.md, "Owners and
+failover"): the rules in the store, on a real SQLite file and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.server.instances import (
+    check_instance_name,
+    dead_here,
+    may_take_over,
+    survivor_endpoints,
+)
+from gatekeeper.server.registry import (
+    INSTANCE_STALE_AFTER,
+    InstanceInUse,
+    InstanceRecord,
+    MachineRecord,
+    Registry,
+)
+from gatekeeper.server.sqlite_registry import SqliteRegistry
+
+NOW = 1_800_000_000.0
+
+
+def instance(
+    name: str, seen: float = NOW, *, run: str = "", started: float = 0.0
+) -> InstanceRecord:
+    return InstanceRecord(
+        name, (f"[2001:db8::{len(name)}]:51820",), run or f"run-{name}", started, seen
+    )
+
+
+def machine(n: int, owner: str | None) -> MachineRecord:
+    return MachineRecord(
+        machine_key=f"key-{n}",
+        node_uuid=f"uuid-{n}",
+        address=ipaddress.IPv6Address(f"fdae:41e4:649b:9303::{n:x}"),
+        public_key=f"{n:043d}=",
+        owner=owner,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    if request.param == "sqlite":
+        with SqliteRegistry(tmp_path) as reg:
+            yield reg
+        return
+    url = request.getfixturevalue("pg_url")
+    from gatekeeper.server.pg_registry import PostgresRegistry
+
+    reg = PostgresRegistry(url, shown=url)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+def owners(reg: Registry) -> dict[str, str | None]:
+    return {m.machine_key: m.owner for m in reg.machines()}
+
+
+def test_a_live_name_is_refused_to_another_process_and_free_once_stale(registry: Registry) -> None:
+    registry.heartbeat(instance("srv1", run="first"), take_over=False)
+    with pytest.raises(InstanceInUse) as refused:
+        registry.heartbeat(instance("srv1", NOW + 1, run="second"), take_over=False)
+    assert str(refused.value) == (
+        "another server runs as instance 'srv1' on this registry (its heartbeat is less than "
+        "15 s old): give each server its own --instance"
+    )
+    # The same process beats again as often as it likes.
+    registry.heartbeat(instance("srv1", NOW + 2, run="first"), take_over=False)
+    # Its writer died: once the row is stale the name is free.
+    later = NOW + 2 + INSTANCE_STALE_AFTER + 0.1
+    rows = registry.heartbeat(instance("srv1", later, run="second"), take_over=False)
+    assert [(r.name, r.run_id) for r in rows] == [("srv1", "second")]
+
+
+def test_take_over_moves_exactly_the_machines_no_live_instance_owns(registry: Registry) -> None:
+    registry.heartbeat(instance("srv1"), take_over=False)
+    registry.heartbeat(instance("srv2"), take_over=False)
+    registry.heartbeat(instance("srv3"), take_over=False)
+    for n, owner in enumerate(("srv1", "srv2", "srv3", None, "renamed"), start=1):
+        registry.claim(machine(n, owner))
+    later = NOW + INSTANCE_STALE_AFTER + 1
+    registry.heartbeat(instance("srv2", later), take_over=False)  # srv2 lives on
+    # Without take_over (not healthy long enough yet) nothing moves.
+    registry.heartbeat(instance("srv3", later), take_over=False)
+    assert owners(registry)["key-1"] == "srv1"
+    registry.heartbeat(instance("srv3", later), take_over=True)
+    assert owners(registry) == {
+        "key-1": "srv3",  # srv1 went stale
+        "key-2": "srv2",  # live: kept
+        "key-3": "srv3",
+        "key-4": "srv3",  # written before owners
+        "key-5": "srv3",  # an instance no row names
+    }
+
+
+def test_leaving_frees_the_name_and_hands_the_machines_over(registry: Registry) -> None:
+    registry.heartbeat(instance("srv1", run="a"), take_over=False)
+    registry.heartbeat(instance("srv2"), take_over=False)
+    registry.claim(machine(1, "srv1"))
+    registry.leave(instance("srv1", run="a"))
+    registry.heartbeat(instance("srv1", NOW + 1, run="b"), take_over=False)  # no wait
+    registry.leave(instance("srv1", run="b"))
+    registry.heartbeat(instance("srv2", NOW + 2), take_over=True)
+    assert owners(registry) == {"key-1": "srv2"}
+
+
+def test_set_owner_says_whether_anything_changed(registry: Registry) -> None:
+    registry.claim(machine(1, "srv1"))
+    assert registry.set_owner("key-1", "srv2") is True
+    assert registry.set_owner("key-1", "srv2") is False
+    assert registry.set_owner("key-nobody", "srv2") is False
+    assert owners(registry) == {"key-1": "srv2"}
+
+
+def test_the_change_feed_wakes_on_a_commit_from_another_process(registry: Registry) -> None:
+    feed = registry.change_feed()
+    try:
+        assert feed.wait(1.0) is True  # the first wait: read everything once
+        assert feed.wait(0.5) is False  # quiet
+        registry.claim(machine(1, "srv1"))
+        assert feed.wait(2.0) is True
+        assert feed.wait(0.3) is False
+        if not isinstance(registry, SqliteRegistry):
+            # An endpoint update moves no peer: no wake-up (SQLite cannot tell commits apart).
+            registry.update_endpoints({"key-1": "[2001:db8::7]:51820"})
+            assert feed.wait(0.5) is False
+        woke: list[float] = []
+        started = time.monotonic()
+        waiter = threading.Thread(target=lambda: woke.append(feed.wait(5.0) and time.monotonic()))
+        waiter.start()
+        time.sleep(0.3)
+        _remove_elsewhere(registry, "key-1")
+        waiter.join(10)
+        assert woke and woke[0], "the feed slept through a removal"
+        print(f"woke {woke[0] - started - 0.3:.3f} s after another process's removal")
+    finally:
+        feed.close()
+
+
+def _remove_elsewhere(registry: Registry, key: str) -> None:
+    """The removal from a separate process, as `gatekeeper machines remove` on another host."""
+    if isinstance(registry, SqliteRegistry):
+        code = (
+            "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+            "db.execute('DELETE FROM machines WHERE machine_key = ?', (sys.argv[2],)); db.commit()"
+        )
+        target = str(registry.path)
+    else:
+        code = (
+            "import psycopg, sys; db = psycopg.connect(sys.argv[1], autocommit=True); "
+            "db.execute('DELETE FROM machines WHERE machine_key = %s', (sys.argv[2],))"
+        )
+        target = registry._conninfo  # type: ignore[attr-defined]
+    subprocess.run([sys.executable, "-c", code, target, key], check=True, timeout=30)
+
+
+def test_survivors_are_listed_oldest_first_without_the_dead_or_ourselves() -> None:
+    fleet = [
+        instance("me", started=1.0),
+        instance("young", started=30.0),
+        instance("old", started=10.0),
+        instance("dead", NOW - INSTANCE_STALE_AFTER - 1, started=0.0),
+    ]
+    assert survivor_endpoints(fleet, "me", NOW) == ("[2001:db8::3]:51820", "[2001:db8::5]:51820")
+
+
+def test_take_over_waits_for_a_healthy_window() -> None:
+    assert not may_take_over(None, NOW)
+    assert not may_take_over(NOW - INSTANCE_STALE_AFTER, NOW)
+    assert may_take_over(NOW - INSTANCE_STALE_AFTER - 0.1, NOW)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 64, "srv\n1", "münchen/1"])
+def test_instance_names_are_checked(bad: str) -> None:
+    with pytest.raises(ValueError, match="instance name"):
+        check_instance_name(bad)
+    assert check_instance_name("eu-west.1_a") == "eu-west.1_a"
+
+
+def test_a_dead_predecessor_on_this_host_is_replaced_at_once(registry: Registry) -> None:
+    registry.heartbeat(instance("srv1", run="host:1:a"), take_over=False)
+    with pytest.raises(InstanceInUse) as refused:
+        registry.heartbeat(instance("srv1", NOW + 1, run="host:2:b"), take_over=False)
+    assert refused.value.holder == "host:1:a"
+    rows = registry.heartbeat(
+        instance("srv1", NOW + 1, run="host:2:b"), take_over=False, replaces="host:1:a"
+    )
+    assert [r.run_id for r in rows] == ["host:2:b"]
+
+
+def test_which_predecessors_count_as_dead_here() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    other = subprocess.Popen(["sleep", "30"])  # a live process that is not gatekeeper
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "gatekeeper"])
+    try:
+        assert dead_here(f"h:{gone.pid}:x", host="h")
+        assert dead_here(f"h:{other.pid}:x", host="h")  # its PID was reused
+        assert not dead_here(f"h:{server.pid}:x", host="h")  # alive: wait for it
+        assert not dead_here(f"elsewhere:{gone.pid}:x", host="h")  # another host's
+        assert not dead_here("garbage", host="h")
+    finally:
+        for proc in (other, server):
+            proc.kill()
+            proc.wait()
