@@ -78,7 +78,7 @@ class Client:
     def __init__(self, machine: Machine, count: int, token: str, channels: int) -> None:
         argv = [
             sys.executable, str(STORM), "--coordinated", "--count", str(count),
-            "--concurrency", str(count), "--token", token,
+            "--concurrency", str(count), f"--token={token}",
             *(["--channels", str(channels)] if channels else []),
         ]  # fmt: skip
         self.proc = subprocess.Popen(

@@ -167,7 +167,7 @@ def storm(fleet: TwoServers, target: Instance, count: int, out: Path) -> subproc
         [
             sys.executable, str(STORM), target.target,
             "--count", str(count), "--concurrency", "25", "--channels", "2",
-            "--token", fleet.sl.join_token, "--out", str(out),
+            f"--token={fleet.sl.join_token}", "--out", str(out),
         ],
         log=out.with_suffix(".log"),
     )  # fmt: skip
@@ -188,6 +188,10 @@ def test_machines_provisioning_through_both_get_distinct_addresses(fleet: TwoSer
     listed = json.loads(fleet.gk("machines", "--json").stdout)
     assert sorted(r["uuid"] for r in listed) == sorted(a["uuid"] for a in answered)
     assert {r["uuid"]: r["address"] for r in listed} == {a["uuid"]: a["address"] for a in answered}
+    # Each machine's peer is on the device of the instance it provisioned through, only.
+    for server, out in zip((fleet.a, fleet.b), outs, strict=True):
+        keys = sorted(json.loads(line)["key"] for line in out.read_text().splitlines())
+        assert sorted(wg_peers(server.interface)) == keys
     print(f"200 provisions through two servers on PostgreSQL: {elapsed:.2f} s")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -22,15 +23,18 @@ class SlowStore:
     def __init__(self) -> None:
         self.thread: str | None = None
 
-    def provision(self, req: ProvisionInput) -> ProvisionOutput:
+    def provision_batch(self, reqs: Sequence[ProvisionInput]) -> list[ProvisionOutput]:
         self.thread = threading.current_thread().name
         time.sleep(1.0)
-        return ProvisionOutput(
-            server_endpoints=("[2001:db8::1]:51820",),
-            server_public_key="k",
-            node_address_prefix="fdae::2/64",
-            server_address="fdae::1",
-        )
+        return [
+            ProvisionOutput(
+                server_endpoints=("[2001:db8::1]:51820",),
+                server_public_key="k",
+                node_address_prefix="fdae::2/64",
+                server_address="fdae::1",
+            )
+            for _ in reqs
+        ]
 
 
 async def _run() -> tuple[float, SlowStore, provision_pb2.ProvisionResponse]:

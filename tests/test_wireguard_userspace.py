@@ -201,7 +201,13 @@ def test_private_run_wireguard_allows_the_same_name(lab: Lab, tmp_path: Path) ->
     script = (
         "import sys\n"
         "from gatekeeper.wireguard.userspace import UserspaceBackend\n"
+        "import time\n"
         "d = UserspaceBackend().create('gksame0')\n"
+        # wireguard-go binds its random port when the TUN device comes up, just after its
+        # UAPI socket answers: give it a moment.
+        "deadline = time.monotonic() + 5\n"
+        "while d.listen_port() == 0 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
         "print(d.listen_port() > 0)\n"
         "d.close()\n"
     )

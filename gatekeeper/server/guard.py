@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gatekeeper.server.audit import AuditLog
 from gatekeeper.server.metrics import ServerMetrics
@@ -58,6 +58,25 @@ class ProvisionGuard:
         self._limited_noted: set[str] = set()
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
+        (result,) = self.provision_batch([req])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def provision_batch(
+        self, reqs: Sequence[ProvisionInput]
+    ) -> list[ProvisionOutput | BaseException]:
+        """Provisioner.provision_batch, with each request limited, counted and audited as if
+        it had come alone."""
+        results: list[ProvisionOutput | BaseException | None] = [self._limited(req) for req in reqs]
+        admitted = [i for i, r in enumerate(results) if r is None]
+        outcomes = self.provisioner.provision_batch([reqs[i] for i in admitted])
+        for i, out in zip(admitted, outcomes, strict=True):
+            results[i] = out
+            self._watch(reqs[i], out)
+        return [r if r is not None else Rejected(Code.INTERNAL, "not decided") for r in results]
+
+    def _limited(self, req: ProvisionInput) -> Rejected | None:
         source = source_of(req.peer)
         blocked = self.limiter.blocked(source)
         if blocked and not self._valid_token(req):
@@ -66,26 +85,25 @@ class ProvisionGuard:
                 self._limited_noted.add(source)
                 self._audit(req, "rate_limited", reason=RATE_LIMITED)
                 log.warning("provisions from %s are rate limited", source)
-            raise Rejected(Code.RESOURCE_EXHAUSTED, RATE_LIMITED)
+            return Rejected(Code.RESOURCE_EXHAUSTED, RATE_LIMITED)
         if not blocked:
             self._limited_noted.discard(source)
-        try:
-            out = self.provisioner.provision(req)
-        except Rejected as exc:
-            if exc.code in _COUNTED:
-                self.limiter.failure(source)
-            outcome = _OUTCOME.get(exc.code, "error")
+        return None
+
+    def _watch(self, req: ProvisionInput, out: ProvisionOutput | BaseException) -> None:
+        if isinstance(out, Rejected):
+            if out.code in _COUNTED:
+                self.limiter.failure(source_of(req.peer))
+            outcome = _OUTCOME.get(out.code, "error")
             self._count(outcome)
-            self._audit(req, outcome, reason=exc.message, **exc.audit)
-            raise
-        except Exception:
+            self._audit(req, outcome, reason=out.message, **out.audit)
+        elif isinstance(out, BaseException):
             self._count("error")
             self._audit(req, "error", reason="internal error")
-            raise
-        self.last_ok = time.monotonic()
-        self._count("ok")
-        self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
-        return out
+        else:
+            self.last_ok = time.monotonic()
+            self._count("ok")
+            self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
 
     def _valid_token(self, req: ProvisionInput) -> bool:
         """A token that admits someone passes a limited source: the limit counts other

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -33,6 +33,7 @@ from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
     INSTANCE_STALE_AFTER,
     AddressTaken,
+    Claim,
     InstanceInUse,
     InstanceRecord,
     KeyTaken,
@@ -285,6 +286,10 @@ class PostgresRegistry:
             return op(db)
         except (RegistryError, TokenRefused):
             raise
+        except pgerrors.TransactionRollback as exc:
+            # A deadlock or serialization failure: PostgreSQL rolled the transaction back,
+            # so running it again is safe (once, as for a broken connection).
+            raise _Retry(self._error(exc).args[0]) from None
         except psycopg.OperationalError as exc:
             if db.broken or db.closed:
                 self._drop()
@@ -392,21 +397,50 @@ class PostgresRegistry:
         now: float | None = None,
         replaces: str | None = None,
     ) -> None:
+        (refused,) = self.claim_many([Claim(record, token_id, max_machines, replaces)], now=now)
+        if refused is not None:
+            raise refused
+
+    def claim_many(
+        self, claims: Sequence[Claim], *, now: float | None = None
+    ) -> list[RegistryError | None]:
         when = time.time() if now is None else now
 
-        def op(db: psycopg.Connection[tuple[Any, ...]]) -> None:
+        def one(db: psycopg.Connection[tuple[Any, ...]], claim: Claim) -> RegistryError | None:
             try:
-                with self._transaction(db) as cur:
-                    self._claim(cur, record, token_id, max_machines, when, replaces)
+                # A savepoint per claim (a nested transaction block): a refused one is
+                # undone alone, the others commit together.
+                with db.transaction(), db.cursor() as cur:
+                    self._claim(
+                        cur, claim.record, claim.token_id, claim.max_machines, when, claim.replaces
+                    )
             except pgerrors.UniqueViolation as exc:
                 constraint = exc.diag.constraint_name or ""
                 if "public_key" in constraint:
-                    raise KeyTaken("the public key belongs to another machine") from None
+                    return KeyTaken("the public key belongs to another machine")
                 if "address" in constraint:
-                    raise AddressTaken(f"{record.address} belongs to another machine") from None
+                    return AddressTaken(f"{claim.record.address} belongs to another machine")
                 raise
+            except (RegistrationLimit, TokenRefused) as exc:
+                return exc
+            return None
 
-        self._run(op)
+        keys = sorted(
+            {c.record.machine_key for c in claims} | {c.replaces for c in claims if c.replaces}
+        )
+
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[RegistryError | None]:
+            with db.transaction():
+                # Every machine's lock up front, in one order for all servers: two batches
+                # sharing machines then wait for each other instead of deadlocking.
+                db.execute(
+                    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT "
+                    "hashtextextended(k, 0) AS h FROM unnest(%s::text[]) AS k ORDER BY h) AS s",
+                    (keys,),
+                )
+                return [one(db, claim) for claim in claims]
+
+        return self._run(op)
 
     def _claim(
         self,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,6 +39,7 @@ from gatekeeper.server.provision_rules import (
 )
 from gatekeeper.server.registry import (
     AddressTaken,
+    Claim,
     KeyTaken,
     MachineRecord,
     RegistrationLimit,
@@ -75,6 +77,19 @@ class ProvisionOutput:
     node_address_prefix: str
     server_address: str
     grpc_peer_addr_port: str = ""
+
+
+def _refusal(why: RegistryError) -> Rejected | RegistryError:
+    """What a caller is told when the store refused its claim."""
+    if isinstance(why, AddressTaken):
+        return Rejected(Code.INTERNAL, "address allocation raced; try again")
+    if isinstance(why, KeyTaken):
+        return Rejected(Code.INVALID_ARGUMENT, KEY_ELSEWHERE)
+    if isinstance(why, TokenRefused):
+        return Rejected(Code.PERMISSION_DENIED, str(why))
+    if isinstance(why, RegistrationLimit):
+        return Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached")
+    return why
 
 
 class Provisioner:
@@ -154,6 +169,53 @@ class Provisioner:
         return done.result()
 
     def provision(self, req: ProvisionInput) -> ProvisionOutput:
+        (result,) = self.provision_batch([req])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def provision_batch(
+        self, reqs: Sequence[ProvisionInput]
+    ) -> list[ProvisionOutput | BaseException]:
+        """Provisions that arrived together, answered as one: each is decided in order, then
+        their peers go to the device in ONE UAPI set and their claims to the store in ONE
+        transaction (one commit). What each caller gets is what it would have got alone: a
+        request that touches a machine or key another one in the batch touches is decided
+        after that one has settled (in a batch of its own).
+        """
+        results: list[ProvisionOutput | BaseException | None] = [None] * len(reqs)
+        plans: list[tuple[int, Plan]] = []
+        later: list[int] = []
+        names: set[str] = set()  # machine keys and public keys this batch writes
+        addresses: set[ipaddress.IPv6Address] = set()
+        for i, req in enumerate(reqs):
+            try:
+                plan = self._plan(req, names, addresses)
+            except BaseException as exc:
+                results[i] = exc
+                continue
+            if plan is None:
+                later.append(i)
+                continue
+            plans.append((i, plan))
+        if plans:
+            for i, out in zip(
+                (i for i, _ in plans), self._apply_batch([p for _, p in plans]), strict=True
+            ):
+                results[i] = out
+        if later:
+            for i, out in zip(later, self.provision_batch([reqs[i] for i in later]), strict=True):
+                results[i] = out
+        return [r if r is not None else Rejected(Code.INTERNAL, "not decided") for r in results]
+
+    def _plan(
+        self,
+        req: ProvisionInput,
+        names: set[str],
+        addresses: set[ipaddress.IPv6Address],
+    ) -> Plan | None:
+        """The decision for one request (Rejected is raised); None when it must wait for
+        another request of the batch that touches the same machine or key."""
         # Order matters: nothing is touched (device or registry) before every check passed.
         try:
             admission: Admission | TokenDenied = self.tokens.admit(req.join_token)
@@ -162,73 +224,115 @@ class Provisioner:
         checked = check_request(req, admission)
         if isinstance(checked, Rejected):
             raise checked
-        plan = decide(req, checked, self._facts(checked), self.rules, time.time())
+        if checked.machine_key in names or checked.key.base64() in names:
+            return None
+        plan = decide(req, checked, self._facts(checked, addresses), self.rules, time.time())
         if isinstance(plan, Rejected):
             if plan.conflict is not None:
                 self._note_conflict(plan.conflict)
             raise plan
-        key = plan.key
-        # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
-        # peer without one it only makes wireguard-go spin (see sync_endpoints).
-        with self._in_flight_lock:
-            self._in_flight.add(key.base64())
-        try:
-            return self._apply(req, plan)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight.discard(key.base64())
+        touched = {plan.record.machine_key, plan.key.base64()}
+        if plan.replaces is not None:
+            touched |= {plan.replaces.machine_key, plan.replaces.public_key}
+        if plan.previous is not None:
+            touched.add(plan.previous.public_key)
+        if touched & names:
+            return None
+        names |= touched
+        addresses.add(plan.record.address)
+        return plan
 
     def in_flight(self) -> frozenset[str]:
         """Base64 keys being provisioned right now (see _in_flight)."""
         with self._in_flight_lock:
             return frozenset(self._in_flight)
 
-    def _apply(self, req: ProvisionInput, plan: Plan) -> ProvisionOutput:
-        record, key, existing = plan.record, plan.key, plan.previous
-        holder, address, uuid = plan.replaces, plan.record.address, req.node_uuid
-        self.device.set_peer(self._peer(key, address))
+    def _apply_batch(self, plans: Sequence[Plan]) -> list[ProvisionOutput | BaseException]:
+        keys = [p.key.base64() for p in plans]
+        with self._in_flight_lock:
+            self._in_flight.update(keys)
         try:
-            # One write: the new record and, when the key moves from the machine's previous
-            # identity, that identity's removal (the key index is unique).
-            self.registry.claim(
-                record,
-                token_id=plan.token_id,
-                max_machines=self.max_machines,
-                replaces=holder.machine_key if holder is not None else None,
-            )
+            return self._apply(plans)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.difference_update(keys)
+
+    def _apply(self, plans: Sequence[Plan]) -> list[ProvisionOutput | BaseException]:
+        # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
+        # peer without one it only makes wireguard-go spin (see sync_endpoints).
+        try:
+            self.device.set_peers([self._peer(p.key, p.record.address) for p in plans])
         except BaseException as exc:
-            held = existing if existing and existing.public_key == key.base64() else None
-            self._give_back(key, holder or held)
-            if isinstance(exc, AddressTaken):
-                raise Rejected(Code.INTERNAL, "address allocation raced; try again") from None
-            if isinstance(exc, KeyTaken):
-                raise Rejected(Code.INVALID_ARGUMENT, KEY_ELSEWHERE) from None
-            if isinstance(exc, TokenRefused):
-                raise Rejected(Code.PERMISSION_DENIED, str(exc)) from None
-            if isinstance(exc, RegistrationLimit):
-                raise Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached") from None
-            raise
+            for plan in plans:
+                with contextlib.suppress(Exception):
+                    self._give_back_plan(plan)
+            return [exc] * len(plans)
+        claims = [
+            Claim(
+                p.record,
+                token_id=p.token_id,
+                max_machines=self.max_machines,
+                # The same write removes the machine's previous identity when the key moves
+                # from it (the key index is unique).
+                replaces=p.replaces.machine_key if p.replaces is not None else None,
+            )
+            for p in plans
+        ]
+        try:
+            refused: Sequence[RegistryError | None] = self.registry.claim_many(claims)
+        except BaseException as exc:
+            for plan in plans:
+                self._give_back_plan(plan)
+            return [exc] * len(plans)
+        answers: list[ProvisionOutput | BaseException | None] = []
+        accepted: list[Plan] = []
+        for plan, why in zip(plans, refused, strict=True):
+            if why is None:
+                accepted.append(plan)
+                answers.append(None)
+            else:
+                self._give_back_plan(plan)
+                answers.append(_refusal(why))
+        virtuals = iter(
+            self._on_loop(lambda: [self._settle_tunnel(p) for p in accepted]) if accepted else ()
+        )
+        return [
+            self._settled(p, next(virtuals)) if a is None else a
+            for p, a in zip(plans, answers, strict=True)
+        ]
+
+    def _give_back_plan(self, plan: Plan) -> None:
+        existing, key = plan.previous, plan.key
+        held = existing if existing and existing.public_key == key.base64() else None
+        self._give_back(key, plan.replaces or held)
+
+    def _settle_tunnel(self, plan: Plan) -> str:
+        """On the loop: end the stream of an identity this one replaced, and admit (or drop)
+        this machine's tunnel stream; its virtual `[addr]:port` or ""."""
+        holder = plan.replaces
+        if holder is not None and holder.tunnel:
+            self.forget_tunnel(holder.address)
+        return self._tunnel_peer(plan.record, plan.key, previous=plan.previous)
+
+    def _settled(self, plan: Plan, virtual: str) -> ProvisionOutput:
+        record, existing, holder = plan.record, plan.previous, plan.replaces
         if holder is not None:
-            log.info("machine %s replaced its identity at %s", uuid, holder.address)
-            if holder.tunnel:
-                gone = holder.address
-                self._on_loop(lambda: self.forget_tunnel(gone))
+            log.info("machine %s replaced its identity at %s", record.node_uuid, holder.address)
         if existing and existing.public_key != record.public_key:
             # The machine came back with a new key (restart): its old peer must not linger.
             self.device.remove_peer(PublicKey.from_base64(existing.public_key))
-        virtual = self._on_loop(lambda: self._tunnel_peer(record, key, previous=existing))
         log.info(
             "provisioned machine %s at %s (key %s%s)",
-            uuid,
-            address,
-            key.fingerprint(),
+            record.node_uuid,
+            record.address,
+            plan.key.fingerprint(),
             ", again" if existing else "",
         )
         return ProvisionOutput(
             # In tunnel mode the reference and Omni answer exactly [grpc_peer_addr_port].
             server_endpoints=(virtual,) if virtual else self.reply_endpoints(),
             server_public_key=self.server_public_key.base64(),
-            node_address_prefix=f"{address}/{self.prefix.prefixlen}",
+            node_address_prefix=f"{record.address}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
             grpc_peer_addr_port=virtual,
         )
@@ -250,8 +354,9 @@ class Provisioner:
             return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
 
-    def _facts(self, checked: Checked) -> Facts:
-        """What the rules need from the store and the device, read now."""
+    def _facts(self, checked: Checked, batch: Collection[ipaddress.IPv6Address] = ()) -> Facts:
+        """What the rules need from the store and the device, read now; `batch`: addresses
+        earlier requests of this batch are about to claim."""
         existing = self.registry.get(checked.machine_key)
         holder = self.registry.by_public_key(checked.key.base64())
         if holder is not None and holder.machine_key == checked.machine_key:
@@ -259,7 +364,7 @@ class Provisioner:
         free = None
         if existing is None:
             try:
-                free = self._allocate()
+                free = self._allocate(batch)
             except AddressSpaceExhausted:
                 free = None
         # The device is read only where the rules look at a session: a key moving between
@@ -372,9 +477,9 @@ class Provisioner:
         """
         return PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
 
-    def _allocate(self) -> ipaddress.IPv6Address:
+    def _allocate(self, batch: Collection[ipaddress.IPv6Address]) -> ipaddress.IPv6Address:
         return allocate_node_address(
-            self.prefix, taken=lambda a: self.registry.by_address(a) is not None
+            self.prefix, taken=lambda a: a in batch or self.registry.by_address(a) is not None
         )
 
     def sync_endpoints(self) -> int:

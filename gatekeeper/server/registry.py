@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,6 +126,16 @@ class ChangeFeed(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One machine's claim, as `Registry.claim` takes it (see there)."""
+
+    record: MachineRecord
+    token_id: str | None = None
+    max_machines: int | None = None
+    replaces: str | None = None
+
+
 def machine_key(node_uuid: str, unique_token: str | None) -> str:
     material = node_uuid.lower().encode() + b"\0" + (unique_token or "").encode()
     return hashlib.sha256(material).hexdigest()
@@ -160,6 +170,17 @@ class Registry(Protocol):
         one use of that token is consumed, or TokenRefused when at `now` it is revoked,
         expired or used up. With `replaces`, that machine key's row is deleted in the same
         write (an identity handing its key to its successor): no crash can leave both.
+        """
+        ...
+
+    def claim_many(
+        self, claims: Sequence[Claim], *, now: float | None = None
+    ) -> list[RegistryError | None]:
+        """Several claims in ONE transaction (one commit), in order: each sees the ones before
+        it (token uses, the registration count, addresses). Each claim's own refusal
+        (AddressTaken, KeyTaken, RegistrationLimit, TokenRefused) is its entry in the result
+        and undoes only that claim; a failure of the store itself raises, and then nothing
+        was written.
         """
         ...
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from gatekeeper.overlay import swap_endpoints
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
+from gatekeeper.server.batcher import BatchProvisions, ProvisionBatcher
 from gatekeeper.server.escape import shown
 from gatekeeper.server.guard import RATE_LIMITED
-from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
+from gatekeeper.server.provisioning import Code, ProvisionInput, Rejected
 from gatekeeper.server.registry import RegistryError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
@@ -40,31 +39,23 @@ def request_input(request: provision_pb2.ProvisionRequest, peer: str) -> Provisi
     )
 
 
-class Provisions(Protocol):
-    """The Provisioner, or the guard that audits and rate-limits around it."""
-
-    def provision(self, req: ProvisionInput) -> ProvisionOutput: ...
-
-
 class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
-    def __init__(self, provisioner: Provisions) -> None:
-        self.provisioner = provisioner
+    def __init__(self, provisioner: BatchProvisions) -> None:
+        """`provisioner`: the Provisioner, or the guard that audits and rate-limits it."""
         # Store calls (an fsync per SQLite commit, a PostgreSQL round trip), UAPI writes and
         # the audit line block: never on the loop that also relays every tunnelled datagram.
-        # One thread keeps Provisions in the order they arrived, as on the loop before, so
-        # two requests for one machine never interleave between their reads and writes.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="provision")
+        # They run in the batcher's one thread, many Provisions per commit in a storm.
+        self.batcher = ProvisionBatcher(provisioner)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
 
     async def Provision(
         self, request: provision_pb2.ProvisionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> provision_pb2.ProvisionResponse:
         req = request_input(request, context.peer())
         try:
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self.executor, self.provisioner.provision, req)
+            out = await self.batcher.provision(req)
         except Rejected as exc:
             if exc.message != RATE_LIMITED:  # the guard logs a flood once, not per request
                 log.warning(

@@ -16,12 +16,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gatekeeper.server.registry import (
     INSTANCE_STALE_AFTER,
     AddressTaken,
+    Claim,
     InstanceInUse,
     InstanceRecord,
     KeyTaken,
@@ -386,20 +387,40 @@ class SqliteRegistry:
         now: float | None = None,
         replaces: str | None = None,
     ) -> None:
+        (refused,) = self.claim_many([Claim(record, token_id, max_machines, replaces)], now=now)
+        if refused is not None:
+            raise refused
+
+    def claim_many(
+        self, claims: Sequence[Claim], *, now: float | None = None
+    ) -> list[RegistryError | None]:
         now = time.time() if now is None else now
+        out: list[RegistryError | None] = []
         with self._locked():
-            # IMMEDIATE takes the write lock up front: the checks below and the write are one
+            # IMMEDIATE takes the write lock up front: the checks below and the writes are one
             # transaction even against `gatekeeper token revoke` in another process.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if replaces is not None and replaces != record.machine_key:
-                    self._db.execute("DELETE FROM machines WHERE machine_key = ?", (replaces,))
-                self._claim(record, token_id, max_machines, now)
+                for claim in claims:
+                    # A savepoint per claim: a refused one is undone alone.
+                    self._db.execute("SAVEPOINT claim")
+                    try:
+                        gone = claim.replaces
+                        if gone is not None and gone != claim.record.machine_key:
+                            self._db.execute("DELETE FROM machines WHERE machine_key = ?", (gone,))
+                        self._claim(claim.record, claim.token_id, claim.max_machines, now)
+                    except (AddressTaken, KeyTaken, RegistrationLimit, TokenRefused) as exc:
+                        self._db.execute("ROLLBACK TO claim")
+                        out.append(exc)
+                    else:
+                        out.append(None)
+                    self._db.execute("RELEASE claim")
                 self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 raise
+        return out
 
     def _claim(
         self, record: MachineRecord, token_id: str | None, max_machines: int | None, now: float
