@@ -27,10 +27,12 @@ def test_the_agent_entry_point_imports_no_postgresql_client() -> None:
 
 
 # Imported by the agent's entry path only if someone re-adds an eager import: pyroute2 (a
-# netlink library, ~25 MB; the product speaks netlink itself), the server and its PostgreSQL
+# netlink library, ~25 MB; the product speaks netlink itself), cryptography (its extension
+# ~11 MB; keys and the certificate go through libcrypto), the server and its PostgreSQL
 # client, the CLI's fleet and firewall commands.
 NOT_IN_THE_AGENT = (
     "pyroute2",
+    "cryptography",
     "psycopg",
     "prometheus_client",
     "gatekeeper.server",
