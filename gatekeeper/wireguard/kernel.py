@@ -29,14 +29,16 @@ from typing import TypeVar
 from gatekeeper.netaddr import HostPortError, split_host_port
 from gatekeeper.wireguard import iplink, rtnl
 from gatekeeper.wireguard.backend import (
+    MAX_MTU,
+    MIN_MTU,
     IPInterface,
     IPNetwork,
     PeerConfig,
     PeerStats,
     WireGuardError,
+    check_ifname,
 )
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
-from gatekeeper.wireguard.userspace import MAX_MTU, MIN_MTU, check_ifname
 
 log = logging.getLogger(__name__)
 
