@@ -1,19 +1,32 @@
-"""The few OpenSSL 3 calls the machine side needs: X25519 public keys, EC P-256 keys, signing.
+"""The few OpenSSL calls the machine side needs: X25519 public keys, EC P-256 keys, signing.
 
 Why not the `cryptography` package: mapping its Rust extension costs the agent about 11 MB
 of RSS and tens of milliseconds of imports (several times that under emulation), for three
-operations. Python's own `hashlib` already loads the system's libcrypto.so.3 into every
-process, so calling it through ctypes adds no library; the key operations stay in OpenSSL's
-constant-time code. Keys live in OpenSSL memory and are freed with their Python owner.
+operations. Python's own `hashlib` already loads the system's libcrypto into every process;
+this module calls that same library through ctypes, so it adds none, and the key operations
+stay in OpenSSL's constant-time code. Only calls OpenSSL 1.1.1 and 3.x both have are used
+(Python 3.11 accepts either). Keys live in OpenSSL memory and are freed with their owner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 from typing import Any
 
-# NID_X25519 in OpenSSL's obj_mac.h (a stable public constant).
+# Maps the libcrypto Python itself uses, for _load to find; a Python built without OpenSSL
+# has no _hashlib, and then the usual sonames are tried.
+with contextlib.suppress(ImportError):
+    import _hashlib  # noqa: F401
+
+# Public constants of OpenSSL's headers (obj_mac.h, evp.h, ec.h), the same in 1.1.1 and 3.x.
 _NID_X25519 = 1034
+_EVP_PKEY_EC = 408  # NID_X9_62_id_ecPublicKey
+_NID_P256 = 415  # NID_X9_62_prime256v1
+_EVP_PKEY_OP_KEYGEN = 1 << 2
+_EVP_PKEY_OP_PARAMGEN = 1 << 1
+_EVP_PKEY_CTRL_EC_PARAMGEN_CURVE_NID = 0x1000 + 1
 X25519_LEN = 32
 
 
@@ -21,17 +34,28 @@ class CryptoError(RuntimeError):
     """libcrypto refused an operation (the message names which)."""
 
 
-def _load() -> ctypes.CDLL:
-    # hashlib has loaded it already: dlopen hands back that copy.
+def _loaded_libcrypto() -> str | None:
+    """The path of the libcrypto mapped into this process (by Python's _hashlib)."""
     try:
-        return ctypes.CDLL("libcrypto.so.3")
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith("libcrypto.so"):
+                    return path
     except OSError:
-        from ctypes.util import find_library  # runs ldconfig: only when the soname is missing
+        pass
+    return None
 
-        name = find_library("crypto")
+
+def _load() -> ctypes.CDLL:
+    # The copy Python already uses (dlopen hands back its handle), or the usual sonames.
+    for name in (_loaded_libcrypto(), "libcrypto.so.3", "libcrypto.so.1.1"):
         if name:
-            return ctypes.CDLL(name)
-    raise CryptoError("libcrypto (OpenSSL 3) not found")
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    raise CryptoError("libcrypto (OpenSSL) not found: Python's hashlib should have loaded it")
 
 
 _lib = _load()
@@ -53,11 +77,20 @@ _pkey_get_raw_public = _fn(
     "EVP_PKEY_get_raw_public_key", ctypes.c_int, _P, ctypes.c_char_p, ctypes.POINTER(_SZ)
 )
 _pkey_free = _fn("EVP_PKEY_free", None, _P)
-_ctx_new_from_name = _fn("EVP_PKEY_CTX_new_from_name", _P, _P, ctypes.c_char_p, _P)
+_ctx_new_id = _fn("EVP_PKEY_CTX_new_id", _P, ctypes.c_int, _P)
 _ctx_free = _fn("EVP_PKEY_CTX_free", None, _P)
+_ctx_ctrl = _fn(
+    "EVP_PKEY_CTX_ctrl",
+    ctypes.c_int,
+    _P,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    _P,
+)
 _keygen_init = _fn("EVP_PKEY_keygen_init", ctypes.c_int, _P)
-_set_group_name = _fn("EVP_PKEY_CTX_set_group_name", ctypes.c_int, _P, ctypes.c_char_p)
-_generate = _fn("EVP_PKEY_generate", ctypes.c_int, _P, ctypes.POINTER(_P))
+_keygen = _fn("EVP_PKEY_keygen", ctypes.c_int, _P, ctypes.POINTER(_P))
 _i2d_pubkey = _fn("i2d_PUBKEY", ctypes.c_int, _P, ctypes.POINTER(_P))
 _pkey2pkcs8 = _fn("EVP_PKEY2PKCS8", _P, _P)
 _i2d_pkcs8 = _fn("i2d_PKCS8_PRIV_KEY_INFO", ctypes.c_int, _P, ctypes.POINTER(_P))
@@ -107,15 +140,25 @@ class EcKey:
 
     def __init__(self) -> None:
         self._pkey: int | None = None
-        ctx = _ctx_new_from_name(None, b"EC", None)
+        ctx = _ctx_new_id(_EVP_PKEY_EC, None)
         if not ctx:
             raise CryptoError("libcrypto has no EC key generator")
         try:
             pkey = _P()
+            # The curve is set on a context already made for key generation (as
+            # EVP_PKEY_CTX_set_ec_paramgen_curve_nid does; a macro over this in 1.1.1).
             if (
                 _keygen_init(ctx) != 1
-                or _set_group_name(ctx, b"P-256") != 1
-                or _generate(ctx, ctypes.byref(pkey)) != 1
+                or _ctx_ctrl(
+                    ctx,
+                    _EVP_PKEY_EC,
+                    _EVP_PKEY_OP_PARAMGEN | _EVP_PKEY_OP_KEYGEN,
+                    _EVP_PKEY_CTRL_EC_PARAMGEN_CURVE_NID,
+                    _NID_P256,
+                    None,
+                )
+                <= 0
+                or _keygen(ctx, ctypes.byref(pkey)) != 1
                 or not pkey.value
             ):
                 raise CryptoError("libcrypto could not generate an EC P-256 key")
