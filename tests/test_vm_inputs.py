@@ -47,6 +47,17 @@ def _index() -> ModuleIndex:
     )
 
 
+def test_module_signatures_are_stripped_and_unsigned_modules_kept() -> None:
+    """The appended signature is PKCS#7, then struct module_signature (sig_len last, big
+    endian), then the marker: what is left is the ELF the kernel loads without checking."""
+    elf = b"\x7fELF" + os.urandom(300)
+    pkcs7 = os.urandom(681)
+    trailer = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(pkcs7).to_bytes(4, "big")
+    signed = elf + pkcs7 + trailer + b"~Module signature appended~\n"
+    assert image.strip_signature(signed) == elf
+    assert image.strip_signature(elf) == elf
+
+
 def test_modules_load_after_what_they_need() -> None:
     order = _index().load_order(["virtio", "ext4", "wireguard"])
     names = [p.rsplit("/", 1)[1] for p in order]

@@ -8,9 +8,11 @@ a real kernel module runs in the VM (vm-tests), since this host's kernel has no 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,7 @@ from gatekeeper.wireguard.kernel import (
     WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
     WGPEER_A_PUBLIC_KEY,
     KernelBackend,
+    KernelDevice,
     decode_endpoint,
     get_message,
     parse_device,
@@ -267,3 +270,56 @@ def test_selection_on_a_kernel_without_wireguard_says_why() -> None:
     backend, reason = select.select_backend("auto")
     assert backend.name == "userspace"
     assert "kernel WireGuard not available" in reason and "userspace" in reason
+
+
+class _ReloadingKernel:
+    """Stands in for generic netlink, which this host has no WireGuard family in (the VM
+    tests run the real one): WireGuard's family id, which moves when the module reloads, and
+    what a request to a stale id gets (ENOENT)."""
+
+    def __init__(self) -> None:
+        self.family = 0x1A
+        self.lookups = 0
+        self.requests: list[int] = []
+
+    def request(self, protocol: int, kind: int, flags: int, payload: bytes) -> list[Any]:
+        assert protocol == rtnl.NETLINK_GENERIC
+        if kind == rtnl._GENL_ID_CTRL:
+            self.lookups += 1
+            return [(kind, b"\0" * 4 + rtnl.attr(1, struct.pack("=H", self.family)))]
+        self.requests.append(kind)
+        if kind != self.family:
+            raise rtnl.NetlinkError(errno.ENOENT)
+        if payload[0] == WG_CMD_SET_DEVICE and b"bad" in payload:
+            raise rtnl.NetlinkError(errno.EINVAL)
+        return [(kind, payload)] if payload[0] == WG_CMD_GET_DEVICE else []
+
+
+def test_the_family_is_looked_up_once_per_device_and_again_after_a_module_reload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernel = _ReloadingKernel()
+    monkeypatch.setattr(rtnl, "request", kernel.request)
+    device = KernelDevice("gk-lite-wg0", 7)
+    key = PrivateKey.generate()
+    for _ in range(5):
+        device.configure(key, 51820, [])
+        device.dump()
+    assert kernel.lookups == 1 and kernel.requests == [0x1A] * 10
+
+    kernel.family = 0x1B  # rmmod + modprobe: the old id answers ENOENT
+    device.dump()
+    assert kernel.lookups == 2 and kernel.requests[10:] == [0x1A, 0x1B]
+    device.dump()
+    assert kernel.lookups == 2 and kernel.requests[12:] == [0x1B]
+
+
+def test_an_error_of_the_request_itself_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _ReloadingKernel()
+    monkeypatch.setattr(rtnl, "request", kernel.request)
+    device = KernelDevice("gk-lite-wg0", 7)
+    peer = PeerConfig(public_key=PublicKey(b"bad" * 10 + b"!!"), allowed_ips=())
+    with pytest.raises(WireGuardError, match=r"^set peer \w+ on gk-lite-wg0: Invalid argument$"):
+        device.set_peer(peer)
+    # Looked up again to tell a stale id from a refusal, the same id came back: sent once.
+    assert kernel.lookups == 2 and kernel.requests == [0x1A]

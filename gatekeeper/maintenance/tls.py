@@ -7,85 +7,117 @@ keeps working across address moves. Clients do not verify the chain, as talosctl
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
+import secrets
 from collections.abc import Iterable
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from gatekeeper.libcrypto import EcKey
+from gatekeeper.maintenance import der
 from gatekeeper.maintenance.policy import IPAddress
 
 COMMON_NAME = "maintenance-service.talos.dev"
 LOOPBACKS: tuple[IPAddress, ...] = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 VALIDITY = datetime.timedelta(days=365)
 
+_ECDSA_WITH_SHA256 = der.sequence(der.oid("1.2.840.10045.4.3.2"))
+_NAME = der.sequence(
+    der.tlv(
+        der.SET, der.sequence(der.oid("2.5.4.3"), der.tlv(der.UTF8_STRING, COMMON_NAME.encode()))
+    )
+)
+_SUBJECT_ALT_NAME = "2.5.29.17"
+_BASIC_CONSTRAINTS = "2.5.29.19"
+_EXTENDED_KEY_USAGE = "2.5.29.37"
+_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+
+
+def _pem(label: str, data: bytes) -> bytes:
+    body = base64.b64encode(data)
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return (
+        b"\n".join([f"-----BEGIN {label}-----".encode(), *lines, f"-----END {label}-----".encode()])
+        + b"\n"
+    )
+
+
+def _extension(name: str, value: bytes, critical: bool = False) -> bytes:
+    return der.sequence(
+        der.oid(name), *([der.boolean(True)] if critical else []), der.tlv(der.OCTET_STRING, value)
+    )
+
 
 class ServerIdentity:
-    """An in-memory EC P-256 key (never written anywhere) and certificates issued for it."""
+    """An in-memory EC P-256 key (never written anywhere) and certificates issued for it.
+
+    The key and signatures are OpenSSL's (gatekeeper/libcrypto.py); the certificate's DER is
+    written here: one fixed shape, so a few lines of encoder cost less than a library."""
 
     def __init__(self) -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key = EcKey()
+        self._spki = self._key.spki_der()
 
     @property
     def key_pem(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _pem("PRIVATE KEY", self._key.pkcs8_der())
 
     @property
     def spki_fingerprint(self) -> str:
         """Hex SHA-256 of the public key (SubjectPublicKeyInfo DER): stable for the key's life."""
-        der = self._key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return hashlib.sha256(der).hexdigest()
+        return hashlib.sha256(self._spki).hexdigest()
 
     def certificate_pem(self, addresses: Iterable[IPAddress]) -> bytes:
-        """Self-signed, CN maintenance-service.talos.dev, SANs = these addresses + loopback."""
+        """Self-signed X.509 v3, CN maintenance-service.talos.dev, SANs = these addresses +
+        loopback, not a CA, for server authentication, valid for a year."""
         ips = list(dict.fromkeys([*addresses, *LOOPBACKS]))
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, COMMON_NAME)])
         now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate client clock skew
-            .not_valid_after(now + VALIDITY)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(COMMON_NAME), *(x509.IPAddress(ip) for ip in ips)]
+        names = [der.implicit(2, COMMON_NAME.encode())] + [der.implicit(7, ip.packed) for ip in ips]
+        tbs = der.sequence(
+            der.explicit(0, der.integer(2)),  # v3
+            der.integer(secrets.randbits(159) | 1),  # positive, at most 20 bytes (RFC 5280)
+            _ECDSA_WITH_SHA256,
+            _NAME,
+            der.sequence(
+                der.time(now - datetime.timedelta(minutes=5)),  # tolerate client clock skew
+                der.time(now + VALIDITY),
+            ),
+            _NAME,
+            self._spki,
+            der.explicit(
+                3,
+                der.sequence(
+                    _extension(_SUBJECT_ALT_NAME, der.sequence(*names)),
+                    _extension(_BASIC_CONSTRAINTS, der.sequence(), critical=True),
+                    _extension(_EXTENDED_KEY_USAGE, der.sequence(der.oid(_SERVER_AUTH))),
                 ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
+            ),
         )
-        return cert.public_bytes(serialization.Encoding.PEM)
+        signature = self._key.sign_sha256(tbs)
+        return _pem("CERTIFICATE", der.sequence(tbs, _ECDSA_WITH_SHA256, der.bit_string(signature)))
 
 
-def certificate_fingerprint(der: bytes) -> str:
+def certificate_fingerprint(der_bytes: bytes) -> str:
     """Hex SHA-256 of a DER certificate (what `openssl x509 -fingerprint -sha256` shows)."""
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(der_bytes).hexdigest()
 
 
-def spki_fingerprint_of(der: bytes) -> str:
-    """Hex SHA-256 of a DER certificate's public key."""
-    cert = x509.load_der_x509_certificate(der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
+def spki_fingerprint_of(der_bytes: bytes) -> str:
+    """Hex SHA-256 of a DER certificate's public key (its SubjectPublicKeyInfo, as encoded).
+
+    Raises der.DerError for bytes that are not a certificate."""
+    tag, certificate, _ = der.read(der_bytes)
+    tbs = der.elements(certificate)[0] if tag == der.SEQUENCE and certificate else None
+    if tbs is None or tbs[0] != der.SEQUENCE:
+        raise der.DerError("not an X.509 certificate")
+    fields = der.elements(tbs[1])
+    # version [0] is optional (v1 omits it); then serial, signature, issuer, validity,
+    # subject, subjectPublicKeyInfo.
+    index = 6 if fields and fields[0][0] == 0xA0 else 5
+    if len(fields) <= index or fields[index][0] != der.SEQUENCE:
+        raise der.DerError("X.509 certificate without a public key")
+    return hashlib.sha256(fields[index][2]).hexdigest()
 
 
 def normalize_fingerprint(text: str) -> str:

@@ -22,6 +22,22 @@ class WireGuardError(RuntimeError):
     """A device operation failed; the message says what to install or grant when that is why."""
 
 
+IFNAME_MAX = 15
+MIN_MTU = 1280  # below it the kernel turns IPv6 off on the link, and the overlay is IPv6
+MAX_MTU = 65535
+
+
+def check_ifname(ifname: str) -> None:
+    """The kernel's rules for interface names, as one clear error."""
+    if not isinstance(ifname, str) or not 0 < len(ifname.encode()) <= IFNAME_MAX:
+        raise WireGuardError(f"interface name {ifname!r} must be 1 to {IFNAME_MAX} bytes long")
+    if ifname in (".", "..") or any(c in ifname for c in "/:% ") or not ifname.isprintable():
+        raise WireGuardError(
+            f"interface name {ifname!r} may not be '.' or '..' nor contain '/', ':', '%', "
+            "spaces or control characters"
+        )
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     public_key: PublicKey

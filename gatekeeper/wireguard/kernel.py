@@ -29,14 +29,16 @@ from typing import TypeVar
 from gatekeeper.netaddr import HostPortError, split_host_port
 from gatekeeper.wireguard import iplink, rtnl
 from gatekeeper.wireguard.backend import (
+    MAX_MTU,
+    MIN_MTU,
     IPInterface,
     IPNetwork,
     PeerConfig,
     PeerStats,
     WireGuardError,
+    check_ifname,
 )
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
-from gatekeeper.wireguard.userspace import MAX_MTU, MIN_MTU, check_ifname
 
 log = logging.getLogger(__name__)
 
@@ -348,24 +350,26 @@ def _hint(code: int) -> str:
     return ""
 
 
-def _genl(what: str, fn: Callable[[int], T]) -> T:
-    """Run fn with WireGuard's generic netlink family id, errors as one-line WireGuardError.
+def _failure(what: str, exc: rtnl.NetlinkError) -> WireGuardError:
+    return WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}")
 
-    The kernel answers these requests synchronously (rtnl), so no helper thread is needed.
-    """
+
+def _family_id(what: str) -> int:
+    """WireGuard's generic netlink family id, errors as one-line WireGuardError."""
     try:
-        family = rtnl.genl_family_id(WG_GENL_NAME)
+        return rtnl.genl_family_id(WG_GENL_NAME)
     except rtnl.NetlinkError as exc:
         if exc.code == errno.ENOENT:
             raise WireGuardError(
                 f"{what}: this kernel has no WireGuard (generic netlink family 'wireguard' "
                 "missing): load the wireguard module or use the userspace backend"
             ) from None
-        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
-    try:
-        return fn(family)
-    except rtnl.NetlinkError as exc:
-        raise WireGuardError(f"{what}: {os.strerror(exc.code)}{_hint(exc.code)}") from None
+        raise _failure(what, exc) from None
+
+
+# What a request to a family id that is no longer WireGuard's gets: nothing there (ENOENT),
+# or another family that took the id and does not know the command (EINVAL, EOPNOTSUPP).
+_STALE_FAMILY = (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 class KernelDevice:
@@ -375,6 +379,34 @@ class KernelDevice:
         self._name = ifname
         self.ifindex = ifindex
         self._closed = False
+        # Looked up once: the id stays WireGuard's while the module is loaded (a link of
+        # this kind exists, so it is), and every sample would otherwise cost a round trip.
+        self._family: int | None = None
+
+    def _genl(self, what: str, fn: Callable[[int], T]) -> T:
+        """Run fn with WireGuard's generic netlink family id; errors as WireGuardError.
+
+        The kernel answers these requests synchronously, so no helper thread is needed. If
+        the cached id has gone stale (the module reloaded) the id is looked up again and fn
+        retried once; an error with the id unchanged is the request's own.
+        """
+        family = self._family if self._family is not None else _family_id(what)
+        self._family = family
+        try:
+            return fn(family)
+        except rtnl.NetlinkError as exc:
+            if exc.code not in _STALE_FAMILY:
+                raise _failure(what, exc) from None
+            error = exc
+        fresh = _family_id(what)
+        if fresh == family:
+            raise _failure(what, error) from None
+        self._family = fresh
+        log.info("WireGuard's generic netlink family moved (%d -> %d)", family, fresh)
+        try:
+            return fn(fresh)
+        except rtnl.NetlinkError as exc:
+            raise _failure(what, exc) from None
 
     @property
     def name(self) -> str:
@@ -388,12 +420,12 @@ class KernelDevice:
             for msg in messages:
                 rtnl.request(rtnl.NETLINK_GENERIC, family, NLM_F_ACK, msg)
 
-        _genl(what, send)
+        self._genl(what, send)
 
     def dump(self) -> DeviceDump:
         if self._closed:
             raise WireGuardError(f"cannot read {self._name}: it is closed")
-        return _genl(
+        return self._genl(
             f"read {self._name}",
             lambda family: parse_device(
                 body

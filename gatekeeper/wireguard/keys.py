@@ -1,21 +1,19 @@
-"""WireGuard keys (X25519). Private keys live in memory only and never print themselves."""
+"""WireGuard keys (X25519). Private keys live in memory only and never print themselves.
+
+X25519 itself is OpenSSL's (gatekeeper/libcrypto.py), not the `cryptography` package's: the
+agent needs only this one operation and the package's extension costs it about 11 MB."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import os
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
+from gatekeeper.libcrypto import X25519_LEN, x25519_public_key
 
-KEY_LEN = 32
+KEY_LEN = X25519_LEN
 
 
 class InvalidKey(ValueError):
@@ -70,16 +68,18 @@ class PrivateKey:
 
     @classmethod
     def generate(cls) -> PrivateKey:
-        key = X25519PrivateKey.generate()
-        return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+        """32 random bytes, clamped as RFC 7748 (and `wg genkey`) clamp an X25519 scalar."""
+        raw = bytearray(os.urandom(KEY_LEN))
+        raw[0] &= 248
+        raw[31] = (raw[31] & 127) | 64
+        return cls(bytes(raw))
 
     @classmethod
     def from_base64(cls, text: str) -> PrivateKey:
         return cls(_decode(text, "private key"))
 
     def public_key(self) -> PublicKey:
-        key = X25519PrivateKey.from_private_bytes(self.raw)
-        return PublicKey(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return PublicKey(x25519_public_key(self.raw))
 
     def base64(self) -> str:
         """The secret itself: only for the server's registry and for UAPI/netlink."""

@@ -29,10 +29,13 @@ from typing import IO, Literal
 
 from gatekeeper.wireguard import iplink, ownership, uapi
 from gatekeeper.wireguard.backend import (
+    MAX_MTU,
+    MIN_MTU,
     IPInterface,
     PeerConfig,
     PeerStats,
     WireGuardError,
+    check_ifname,
 )
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 
@@ -43,9 +46,6 @@ SOCKET_DIR = Path("/var/run/wireguard")
 TUN_DEVICE = Path("/dev/net/tun")
 INSTALL_HINT = "wireguard-go not found: install the Debian package wireguard-go"
 CAP_NET_ADMIN = 12
-IFNAME_MAX = 15
-MIN_MTU = 1280  # below it the kernel turns IPv6 off on the link, and the overlay is IPv6
-MAX_MTU = 65535
 _TAIL_LINES = 30
 # A health check's UAPI read: wireguard-go answers in well under a millisecond when it works.
 HEALTH_TIMEOUT = 2.0
@@ -58,17 +58,6 @@ _CHILD_ENV_DROP = ("WG_TUN_FD", "WG_UAPI_FD", "WG_PROCESS_FOREGROUND")
 
 def socket_path(ifname: str) -> Path:
     return SOCKET_DIR / f"{ifname}.sock"
-
-
-def check_ifname(ifname: str) -> None:
-    """The kernel's rules for interface names, as one clear error."""
-    if not isinstance(ifname, str) or not 0 < len(ifname.encode()) <= IFNAME_MAX:
-        raise WireGuardError(f"interface name {ifname!r} must be 1 to {IFNAME_MAX} bytes long")
-    if ifname in (".", "..") or any(c in ifname for c in "/:% ") or not ifname.isprintable():
-        raise WireGuardError(
-            f"interface name {ifname!r} may not be '.' or '..' nor contain '/', ':', '%', "
-            "spaces or control characters"
-        )
 
 
 def missing_privilege(proc_status: str, euid: int, *, file_caps: bool = False) -> str | None:

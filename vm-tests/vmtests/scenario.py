@@ -32,6 +32,29 @@ MAINTENANCE_PORT = 50000
 # What the guest runs and reports once its link is up (guest/runner.py).
 GUEST_CHECKS = ("contract", "firewall")
 
+# When the guest's maintenance API first answers, found by one process in the server's
+# namespace, started with QEMU and ready (imports done) long before the link comes up: it
+# reads the overlay address, then calls Version in-process until an answer, so the figure is
+# the guest's and not the start-up of a CLI process on the host (which the functional check
+# `gatekeeper maint version` below still pays, and reports as cli_answering).
+API_PROBE = """
+import sys, time
+from gatekeeper.maintenance import client
+print("ready", flush=True)
+address, deadline = sys.stdin.readline().split()
+while time.monotonic() < float(deadline):
+    try:
+        with client.connect(address, timeout=1) as conn:
+            client.version(conn, timeout=2)
+    except Exception:
+        time.sleep(0.02)
+        continue
+    print(time.monotonic(), flush=True)
+    break
+else:
+    print("none", flush=True)
+"""
+
 
 @dataclass
 class Bounds:
@@ -86,6 +109,7 @@ class Run:
         self.tunnel = tunnel
         self.guest_checks = guest_checks
         self.vm: Vm | None = None
+        self.api_probe: subprocess.Popen[str] | None = None
         self.lab = SideroLinkLab()
         self.node_uuid = str(uuid.uuid4())
 
@@ -113,8 +137,45 @@ class Run:
             tap=TAP,
             qmp=self.log_dir / "qmp.sock",
         )
+        self.api_probe = subprocess.Popen(
+            ns.exec_argv([sys.executable, "-c", API_PROBE]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.vm = Vm.start(spec, netns=ns.name, stderr_path=self.log_dir / "qemu.log")
         return self.vm
+
+    def aim_api_probe(self, address: str, timeout: float) -> None:
+        """Point the probe at the guest's overlay address; it polls from now on."""
+        probe = self.api_probe
+        if probe is None or probe.stdin is None or probe.stdout is None:
+            return
+        try:
+            if probe.stdout.readline().strip() == "ready":
+                probe.stdin.write(f"{address} {time.monotonic() + timeout}\n")
+                probe.stdin.flush()
+        except OSError:
+            self._stop_probe()
+
+    def api_answered(self, timeout: float) -> float | None:
+        """time.monotonic() of the guest API's first Version answer to the probe, or None."""
+        probe = self.api_probe
+        if probe is None:
+            return None
+        try:
+            out, _ = probe.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self._stop_probe()
+        last = out.strip().splitlines()[-1:] or ["none"]
+        return None if last[0] == "none" else float(last[0])
+
+    def _stop_probe(self) -> None:
+        if self.api_probe is not None and self.api_probe.poll() is None:
+            self.api_probe.kill()
+            self.api_probe.wait()
 
     def server_ns_run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -140,6 +201,7 @@ class Run:
 
     def close(self) -> None:
         try:
+            self._stop_probe()
             if self.vm is not None:
                 self.vm.stop()
         finally:
@@ -187,6 +249,8 @@ def run_scenario(
         status: dict[str, Any] = connected.data["status"]
         progress(f"{name}: link up {connected.seen:.1f} s after QEMU started")
         address = str(status.get("node_address") or "").split("/")[0]
+        if address:
+            run.aim_api_probe(address, timeout=20)
 
         ping_deadline = time.monotonic() + bounds.ping
         took = run.ping(address, ping_deadline) if address else None
@@ -222,9 +286,12 @@ def run_scenario(
             )
         )
 
+        first = run.api_answered(timeout=30) if address else None
+        if first is not None:
+            report.timings["api_answering"] = round(first - vm.started, 2)
         answered = run.maint(address, timeout=20)
         if answered.returncode == 0:
-            report.timings["api_answering"] = round(vm.elapsed(), 2)
+            report.timings["cli_answering"] = round(vm.elapsed(), 2)
         report.checks.append(
             Check(
                 "maintenance API answers over the overlay",
