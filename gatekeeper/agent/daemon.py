@@ -341,9 +341,10 @@ class Agent:
                 self.publish()
             if result.changed:
                 guard = link.overlay_addresses
+                applied = result.policy or self.firewall.policy
                 log.info(
                     "firewall in force (ingress %s%s)",
-                    self.firewall.policy.default_action.value,
+                    applied.default_action.value,
                     f"; {guard[0]} only via the overlay links" if guard else "",
                 )
                 self.publish()

@@ -25,6 +25,8 @@ class ReconcileResult:
     changed: bool  # a transaction was committed
     in_force: bool  # the kernel table now equals the desired one
     error: str | None = None  # why the desired ruleset is not in force
+    # The policy this call reconciled to: the caller's current one may have moved on since.
+    policy: FirewallPolicy | None = None
 
 
 JSON = dict[str, Any]
@@ -146,7 +148,7 @@ class FirewallController:
         except (FirewallApplyError, FirewallUnavailable) as exc:
             return ReconcileResult(changed=False, in_force=False, error=str(exc))
         self._applied, self._applied_mark = key, None
-        return ReconcileResult(changed=True, in_force=True)
+        return ReconcileResult(changed=True, in_force=True, policy=key[0])
 
     def remove(self) -> None:
         remove_table(self._kernel())
