@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fleetlab import api_target, gk, provisions
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
+from gatekeeper.server.sqlite_registry import SqliteRegistry
 from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
@@ -114,3 +118,40 @@ def test_machines_view_columns_filters_and_watch(sl: SideroLinkLab) -> None:
     )
     both = gk(sl, "machines", "--offline", "--connected", check=False)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_ctrl_c_in_the_middle_of_a_watched_listing_ends_it_cleanly(tmp_path: Path) -> None:
+    """A slow server (its admin socket answers only once the Ctrl-C was sent) holds the
+    listing: the Ctrl-C lands inside it, and `--watch` ends with 0 after that listing."""
+    SqliteRegistry(tmp_path).close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "admin.sock"))
+    listener.listen()
+    inside, sent = threading.Event(), threading.Event()
+
+    def slow_server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)
+            inside.set()
+            sent.wait(20)
+            conn.sendall(json.dumps({"ok": True, "peers": []}).encode() + b"\n")
+
+    server = threading.Thread(target=slow_server, daemon=True)
+    server.start()
+    try:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "gatekeeper", "machines", "--watch", "--interval", "0.1",
+             "--state-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert inside.wait(20), "the listing never asked the server"
+        watch.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # delivered while the listing waits
+        sent.set()
+        _, err = watch.communicate(timeout=30)
+        assert watch.returncode == 0, err
+    finally:
+        sent.set()
+        listener.close()
+        server.join(5)

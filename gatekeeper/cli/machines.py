@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -266,13 +268,23 @@ def _table(
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _list_once(args)
+    # --watch ends on Ctrl-C, also when it lands in the middle of a listing: the signal only
+    # sets a flag, looked at between listings (as `gatekeeper status --watch`). A second
+    # Ctrl-C interrupts at once, should a listing hang.
+    stop = threading.Event()
+
+    def on_interrupt(_sig: int, _frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_interrupt)
     while True:
         code = _list_once(args)
-        if not args.watch or code != 0:
+        if code != 0:
             return code
-        try:
-            time.sleep(args.interval)
-        except KeyboardInterrupt:
+        if stop.wait(args.interval):
             return 0
         print(flush=True)
 
