@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from gatekeeper.server.peer_reconciler import desired_peer, diff, owns
+from gatekeeper.server.peer_reconciler import desired_peer, diff, held_by, owns
 from gatekeeper.server.provisioning import SERVER_KEEPALIVE
 from gatekeeper.server.registry import MachineRecord
-from gatekeeper.wireguard.backend import PeerStats
+from gatekeeper.wireguard.backend import IPNetwork, PeerStats
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 
 PREFIX = "fdae:41e4:649b:9303::"
@@ -28,14 +28,19 @@ def record(
     )
 
 
-def held(key: PublicKey, address: str, endpoint: str | None = "[2001:db8::1]:5000") -> PeerStats:
-    return PeerStats(
-        public_key=key,
-        endpoint=endpoint,
-        last_handshake=None,
-        rx_bytes=0,
-        tx_bytes=0,
-        allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),),
+def held(*peers: tuple[PublicKey, str]) -> dict[str, tuple[IPNetwork, ...]]:
+    """The device's peers as the reconciler reads them: a real device dump (PeerStats) goes
+    through the same held_by."""
+    return held_by(
+        PeerStats(
+            public_key=key,
+            endpoint="[2001:db8::1]:5000",
+            last_handshake=None,
+            rx_bytes=0,
+            tx_bytes=0,
+            allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),),
+        )
+        for key, address in peers
     )
 
 
@@ -46,7 +51,7 @@ def keys(n: int) -> list[PublicKey]:
 def test_missing_peers_are_added_and_unknown_ones_removed() -> None:
     a, b, c = keys(3)
     records = [record(1, a), record(2, b)]
-    change = diff(records, [held(a, f"{PREFIX}1"), held(c, f"{PREFIX}3")], instance=ME)
+    change = diff(records, held((a, f"{PREFIX}1"), (c, f"{PREFIX}3")), instance=ME)
     assert [r.public_key for r in change.add] == [b.base64()]
     assert change.remove == (c,)
     assert change.removed_addresses == (ipaddress.IPv6Address(f"{PREFIX}3"),)
@@ -55,14 +60,14 @@ def test_missing_peers_are_added_and_unknown_ones_removed() -> None:
 def test_a_matching_live_peer_is_left_alone() -> None:
     # Re-setting it would replace the endpoint its session learned with the stored one.
     (a,) = keys(1)
-    change = diff([record(1, a, endpoint="[2001:db8::9]:1")], [held(a, f"{PREFIX}1")], instance=ME)
+    change = diff([record(1, a, endpoint="[2001:db8::9]:1")], held((a, f"{PREFIX}1")), instance=ME)
     assert not change
     assert change.add == () and change.remove == ()
 
 
 def test_a_peer_with_other_allowed_ips_is_set_again() -> None:
     (a,) = keys(1)
-    change = diff([record(1, a)], [held(a, f"{PREFIX}99")], instance=ME)
+    change = diff([record(1, a)], held((a, f"{PREFIX}99")), instance=ME)
     assert [r.machine_key for r in change.add] == ["m1"]
     assert change.remove == ()
 
@@ -71,13 +76,13 @@ def test_in_flight_keys_are_neither_removed_nor_added() -> None:
     # Provision puts the peer on the device before its claim commits.
     a, b = keys(2)
     busy = {a.base64(), b.base64()}
-    change = diff([record(2, b)], [held(a, f"{PREFIX}1")], instance=ME, in_flight=busy)
+    change = diff([record(2, b)], held((a, f"{PREFIX}1")), instance=ME, in_flight=busy)
     assert not change
 
 
 def test_an_empty_registry_empties_the_device() -> None:
     a, b = keys(2)
-    change = diff([], [held(a, f"{PREFIX}1"), held(b, f"{PREFIX}2")], instance=ME)
+    change = diff([], held((a, f"{PREFIX}1"), (b, f"{PREFIX}2")), instance=ME)
     assert set(change.remove) == {a, b}
 
 
@@ -96,7 +101,7 @@ def test_a_machine_owned_elsewhere_leaves_this_device() -> None:
     # live on that instance's device only, or both would send to it.
     a, b = keys(2)
     records = [record(1, a, owner="srv-b"), record(2, b, owner="srv-b")]
-    change = diff(records, [held(a, f"{PREFIX}1")], instance=ME)
+    change = diff(records, held((a, f"{PREFIX}1")), instance=ME)
     assert change.add == ()
     assert change.remove == (a,)
     assert change.removed_addresses == (ipaddress.IPv6Address(f"{PREFIX}1"),)
@@ -104,9 +109,9 @@ def test_a_machine_owned_elsewhere_leaves_this_device() -> None:
 
 def test_a_machine_taken_over_by_this_instance_is_added() -> None:
     (a,) = keys(1)
-    change = diff([record(1, a, owner=ME)], [], instance=ME)
+    change = diff([record(1, a, owner=ME)], held(), instance=ME)
     assert [r.machine_key for r in change.add] == ["m1"]
-    assert not diff([record(1, a, owner=ME)], [], instance="srv-b")
+    assert not diff([record(1, a, owner=ME)], held(), instance="srv-b")
 
 
 def test_records_from_before_owners_belong_to_whoever_reads_them() -> None:
@@ -114,4 +119,4 @@ def test_records_from_before_owners_belong_to_whoever_reads_them() -> None:
     legacy = record(1, a, owner=None)
     assert owns(legacy, ME) and owns(legacy, "srv-b")
     assert not owns(record(1, a, owner="srv-b"), ME)
-    assert [r.machine_key for r in diff([legacy], [], instance=ME).add] == ["m1"]
+    assert [r.machine_key for r in diff([legacy], held(), instance=ME).add] == ["m1"]

@@ -231,6 +231,7 @@ class Server:
             endpoint_of=self.provisioner.reconcile_endpoint,
             forget_address=self.provisioner.forget_tunnel_from_thread,
             in_flight=self.provisioner.in_flight,
+            booked=self.device.booked,
         )
         try:
             restored = self.reconciler.reconcile().added

@@ -18,12 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from gatekeeper.nslock import LOCK_DIR, LockHeld, NamespaceLock
 from gatekeeper.wireguard import iplink
-from gatekeeper.wireguard.backend import Device, IPInterface, PeerConfig, PeerStats, WireGuardError
+from gatekeeper.wireguard.backend import (
+    Device,
+    IPInterface,
+    IPNetwork,
+    PeerConfig,
+    PeerStats,
+    WireGuardError,
+)
 from gatekeeper.wireguard.keys import PrivateKey, PublicKey
 
 log = logging.getLogger(__name__)
@@ -56,14 +64,50 @@ class InterfaceLock:
 
 
 class SwappableDevice:
-    """A Device whose implementation can be replaced underneath its users."""
+    """A Device whose implementation can be replaced underneath its users.
+
+    It also keeps a book of the peers (key and allowed IPs) that this process put on the
+    device, so the peer reconciler can compare the store with it after each change without
+    reading every peer back from the device (about 80 us a peer across the server and
+    wireguard-go: 0.8 s at 10,000). The book is None (unknown) until a full read, after a
+    swap, and after a write that failed half-way; a full read (`peers()`) renews it.
+    """
 
     def __init__(self, device: Device) -> None:
-        self.current = device
+        self._current = device
+        self._lock = threading.Lock()
+        self._book: dict[str, tuple[IPNetwork, ...]] | None = {}
+
+    @property
+    def current(self) -> Device:
+        return self._current
+
+    @current.setter
+    def current(self, device: Device) -> None:
+        with self._lock:
+            self._current = device
+            self._book = None
 
     @property
     def name(self) -> str:
         return self.current.name
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._book = None
+            raise
+
+    def _note(self, peers: Sequence[PeerConfig]) -> None:
+        with self._lock:
+            if self._book is not None:
+                for p in peers:
+                    key = p.public_key.base64()
+                    if not p.update_only or key in self._book:
+                        self._book[key] = tuple(p.allowed_ips)
 
     def configure(
         self,
@@ -73,19 +117,41 @@ class SwappableDevice:
         *,
         replace_peers: bool = True,
     ) -> None:
-        self.current.configure(private_key, listen_port, peers, replace_peers=replace_peers)
+        with self._writing():
+            self.current.configure(private_key, listen_port, peers, replace_peers=replace_peers)
+        if replace_peers:
+            with self._lock:
+                self._book = {}
+        self._note(peers)
 
     def set_peer(self, peer: PeerConfig) -> None:
-        self.current.set_peer(peer)
+        with self._writing():
+            self.current.set_peer(peer)
+        self._note([peer])
 
     def set_peers(self, peers: Sequence[PeerConfig]) -> None:
-        self.current.set_peers(peers)
+        with self._writing():
+            self.current.set_peers(peers)
+        self._note(peers)
 
     def remove_peer(self, public_key: PublicKey) -> None:
-        self.current.remove_peer(public_key)
+        with self._writing():
+            self.current.remove_peer(public_key)
+        with self._lock:
+            if self._book is not None:
+                self._book.pop(public_key.base64(), None)
 
     def peers(self) -> list[PeerStats]:
-        return self.current.peers()
+        stats = self.current.peers()
+        with self._lock:
+            self._book = {s.public_key.base64(): tuple(s.allowed_ips) for s in stats}
+        return stats
+
+    def booked(self) -> dict[str, tuple[IPNetwork, ...]] | None:
+        """The peers this process put on the device (base64 key -> allowed IPs), or None when
+        that is not known and a full read is needed."""
+        with self._lock:
+            return None if self._book is None else dict(self._book)
 
     def listen_port(self) -> int:
         return self.current.listen_port()

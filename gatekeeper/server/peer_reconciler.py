@@ -18,22 +18,24 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from gatekeeper.server.provisioning import SERVER_KEEPALIVE
 from gatekeeper.server.registry import ChangeFeed, MachineRecord, Registry
-from gatekeeper.wireguard.backend import Device, PeerConfig, PeerStats
+from gatekeeper.wireguard.backend import Device, IPNetwork, PeerConfig, PeerStats
 from gatekeeper.wireguard.keys import PublicKey
 
 log = logging.getLogger(__name__)
 
-# A reconcile even when the feed stayed quiet: catches what no feed can see (a peer someone
-# removed with `wg set` by hand, a notification lost with its connection).
-FULL_EVERY = 60.0
-# Many changes close together (a provision storm through another instance) are read once:
-# after a wake-up the reconciler waits this long for more before it reads the store.
-SETTLE = 0.05
+# A pass that reads every peer back from the device even when the feed stayed quiet: catches
+# what no feed can see (a peer someone removed with `wg set` by hand, a notification lost with
+# its connection). At 10,000 peers a full read costs about 0.8 s of CPU: as rare as the
+# server's idle endpoint sync (app.py), which reads them all too.
+FULL_EVERY = 300.0
+# Passes after a change are at least this far apart: a provision storm's many commits are
+# read a few times, not once each (a removal still reaches the device well within 2 s).
+MIN_GAP = 0.25
 
 
 def owns(record: MachineRecord, instance: str) -> bool:
@@ -72,12 +74,13 @@ class PeerDiff:
 
 def diff(
     records: Iterable[MachineRecord],
-    device_peers: Iterable[PeerStats],
+    held: Mapping[str, tuple[IPNetwork, ...]],
     *,
     instance: str,
     in_flight: Collection[str] = (),
 ) -> PeerDiff:
-    """What to change so the device holds exactly one peer per record `instance` owns.
+    """What to change so the device, which holds `held` (base64 key -> allowed IPs), holds
+    exactly one peer per record `instance` owns.
 
     A peer that matches its record (same key, same allowed IPs) is left alone: setting it
     again would replace the endpoint its live session learned. Keys in `in_flight` are being
@@ -85,21 +88,26 @@ def diff(
     its claim commits, so the reconciler neither removes nor adds them until it has settled.
     """
     wanted = {r.public_key: r for r in records if owns(r, instance)}
-    held = {p.public_key.base64(): p for p in device_peers}
     add = tuple(
         r
         for key, r in wanted.items()
-        if key not in in_flight
-        and (key not in held or set(held[key].allowed_ips) != set(_allowed(r)))
+        if key not in in_flight and (key not in held or set(held[key]) != set(_allowed(r)))
     )
-    gone = [p for key, p in held.items() if key not in wanted and key not in in_flight]
+    gone = [key for key in held if key not in wanted and key not in in_flight]
     addresses = tuple(
         net.network_address
-        for p in gone
-        for net in p.allowed_ips
+        for key in gone
+        for net in held[key]
         if isinstance(net, ipaddress.IPv6Network) and net.prefixlen == 128
     )
-    return PeerDiff(add=add, remove=tuple(p.public_key for p in gone), removed_addresses=addresses)
+    return PeerDiff(
+        add=add, remove=tuple(PublicKey.from_base64(k) for k in gone), removed_addresses=addresses
+    )
+
+
+def held_by(peers: Iterable[PeerStats]) -> dict[str, tuple[IPNetwork, ...]]:
+    """A device read as `diff` takes it."""
+    return {p.public_key.base64(): tuple(p.allowed_ips) for p in peers}
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,10 @@ class PeerReconciler:
         endpoint_of: Callable[[MachineRecord], str | None],
         forget_address: Callable[[ipaddress.IPv6Address], None],
         in_flight: Callable[[], Collection[str]] = lambda: (),
+        booked: Callable[[], Mapping[str, tuple[IPNetwork, ...]] | None] = lambda: None,
     ) -> None:
         self.registry = registry
+        self.booked = booked
         self.device = device
         self.instance = instance
         self.endpoint_of = endpoint_of
@@ -137,13 +147,19 @@ class PeerReconciler:
         self.passes = 0
         self.last_error: str | None = None
 
-    def reconcile(self) -> Applied:
+    def reconcile(self, *, full: bool = True) -> Applied:
+        """One pass. `full`: read every peer from the device (at start, after a re-creation,
+        and every FULL_EVERY); otherwise compare with the book of peers this process set
+        (SwappableDevice.booked) when there is one."""
         with self._lock:
             # The in-flight set is read before the store: a claim that commits in between is
             # then either still in flight (skipped) or already visible in the records.
             busy = frozenset(self.in_flight())
             records = self.registry.machines()
-            change = diff(records, self.device.peers(), instance=self.instance, in_flight=busy)
+            held = None if full else self.booked()
+            if held is None:
+                held = held_by(self.device.peers())
+            change = diff(records, held, instance=self.instance, in_flight=busy)
             if change.add:
                 self.device.set_peers([desired_peer(r, self.endpoint_of(r)) for r in change.add])
             for key in change.remove:
@@ -167,7 +183,7 @@ class PeerReconciler:
         self._thread.start()
 
     def _run(self, feed: ChangeFeed, full_every: float) -> None:
-        last_full = time.monotonic()
+        last_full = last_pass = time.monotonic()
         pending = False  # the last pass failed: try again without waiting for a change
         while not self._stop.is_set():
             left = max(0.0, full_every - (time.monotonic() - last_full))
@@ -176,10 +192,13 @@ class PeerReconciler:
                 return
             if not (changed or pending or time.monotonic() - last_full >= full_every):
                 continue
+            full = not changed or pending
             if changed:
-                self._stop.wait(SETTLE)
+                # Several changes close together (a storm) are read once.
+                self._stop.wait(max(0.0, MIN_GAP - (time.monotonic() - last_pass)))
             try:
-                self.reconcile()
+                self.reconcile(full=full)
+                last_pass = time.monotonic()
             except Exception as exc:  # a store outage must not end the loop; it retries
                 if not pending:
                     log.warning("peer reconcile failed (retrying every second): %s", exc)
@@ -191,7 +210,8 @@ class PeerReconciler:
                 log.info("peer reconcile works again")
             pending = False
             self.last_error = None
-            last_full = time.monotonic()
+            if full:
+                last_full = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,10 +223,12 @@ class PeerReconciler:
 
 __all__ = [
     "FULL_EVERY",
+    "MIN_GAP",
     "Applied",
     "PeerDiff",
     "PeerReconciler",
     "desired_peer",
     "diff",
+    "held_by",
     "owns",
 ]
