@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS machines (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS machine_changes (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO machine_changes (id, seq) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS instances (
     name TEXT PRIMARY KEY,
     endpoints TEXT NOT NULL,
@@ -73,6 +78,18 @@ CREATE TABLE IF NOT EXISTS tokens (
 # One public key names one machine: a unique index, so no sequence of writes (nor a crash
 # between two of them) can leave two records pointing at one WireGuard peer.
 _KEY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS machines_public_key_unique ON machines (public_key)"
+
+# Every change to a machine's peer counts once in machine_changes (SqliteChangeFeed), in the
+# writer's transaction. After the migrations: they name the owner column.
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS machines_added AFTER INSERT ON machines
+    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS machines_removed AFTER DELETE ON machines
+    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS machines_changed
+    AFTER UPDATE OF public_key, address, tunnel, owner ON machines
+    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
+"""
 
 # Columns added after the first release, applied to registries that lack them.
 _MIGRATIONS = (
@@ -197,11 +214,13 @@ def _instance(row: tuple[object, ...]) -> InstanceRecord:
 
 
 class SqliteChangeFeed:
-    """Wakes on any commit to the registry file, from any connection or process.
+    """Wakes when a machine's peer may have changed, written by any connection or process.
 
-    `PRAGMA data_version` changes when another connection committed; this feed has its own
-    connection, so the server's own writes count too. Polled: SQLite has no notification
-    across processes, and one tiny read every POLL seconds costs nothing.
+    Triggers on `machines` count each such change in `machine_changes` (an added, re-keyed,
+    moved or removed machine, a new owner; not endpoint updates, heartbeats or tokens), in the
+    writer's own transaction. This feed has a connection of its own and reads that counter
+    every POLL seconds: SQLite has no notification across processes, and `PRAGMA
+    data_version` (which moves with every commit) first tells whether reading it is needed.
     """
 
     POLL = 0.2
@@ -210,11 +229,19 @@ class SqliteChangeFeed:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._version: int | None = None
+        self._data_version = -1
+        self._seq = 0
 
     def _read(self) -> int:
         if self._db is None:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+            self._data_version = -1
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._data_version:
+            self._data_version = version
+            row = self._db.execute("SELECT seq FROM machine_changes WHERE id = 1").fetchone()
+            self._seq = int(row[0]) if row else 0
+        return self._seq
 
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -271,6 +298,7 @@ class SqliteRegistry:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
             self._migrate()
+            self._db.executescript(_TRIGGERS)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(explain(self.path, exc)) from None
         self._select = _COLUMNS
