@@ -72,14 +72,6 @@ def test_a_peer_with_other_allowed_ips_is_set_again() -> None:
     assert change.remove == ()
 
 
-def test_in_flight_keys_are_neither_removed_nor_added() -> None:
-    # Provision puts the peer on the device before its claim commits.
-    a, b = keys(2)
-    busy = {a.base64(), b.base64()}
-    change = diff([record(2, b)], held((a, f"{PREFIX}1")), instance=ME, in_flight=busy)
-    assert not change
-
-
 def test_an_empty_registry_empties_the_device() -> None:
     a, b = keys(2)
     change = diff([], held((a, f"{PREFIX}1"), (b, f"{PREFIX}2")), instance=ME)

@@ -230,7 +230,7 @@ class Server:
             instance=opts.instance,
             endpoint_of=self.provisioner.reconcile_endpoint,
             forget_address=self.provisioner.forget_tunnel_from_thread,
-            in_flight=self.provisioner.in_flight,
+            lock=self.provisioner.device_lock,
             booked=self.device.booked,
         )
         try:

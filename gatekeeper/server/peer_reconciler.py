@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gatekeeper.server.provisioning import SERVER_KEEPALIVE
@@ -77,23 +77,18 @@ def diff(
     held: Mapping[str, tuple[IPNetwork, ...]],
     *,
     instance: str,
-    in_flight: Collection[str] = (),
 ) -> PeerDiff:
     """What to change so the device, which holds `held` (base64 key -> allowed IPs), holds
     exactly one peer per record `instance` owns.
 
     A peer that matches its record (same key, same allowed IPs) is left alone: setting it
-    again would replace the endpoint its live session learned. Keys in `in_flight` are being
-    provisioned through this instance right now: Provision puts the peer on the device before
-    its claim commits, so the reconciler neither removes nor adds them until it has settled.
+    again would replace the endpoint its live session learned.
     """
     wanted = {r.public_key: r for r in records if owns(r, instance)}
     add = tuple(
-        r
-        for key, r in wanted.items()
-        if key not in in_flight and (key not in held or set(held[key]) != set(_allowed(r)))
+        r for key, r in wanted.items() if key not in held or set(held[key]) != set(_allowed(r))
     )
-    gone = [key for key in held if key not in wanted and key not in in_flight]
+    gone = [key for key in held if key not in wanted]
     addresses = tuple(
         net.network_address
         for key in gone
@@ -128,7 +123,7 @@ class PeerReconciler:
         instance: str,
         endpoint_of: Callable[[MachineRecord], str | None],
         forget_address: Callable[[ipaddress.IPv6Address], None],
-        in_flight: Callable[[], Collection[str]] = lambda: (),
+        lock: threading.Lock | None = None,
         booked: Callable[[], Mapping[str, tuple[IPNetwork, ...]] | None] = lambda: None,
     ) -> None:
         self.registry = registry
@@ -137,10 +132,10 @@ class PeerReconciler:
         self.instance = instance
         self.endpoint_of = endpoint_of
         self.forget_address = forget_address
-        self.in_flight = in_flight
-        # Two reconciles at once (the feed's and a DeviceWatch repair) would read the same
-        # device state and both add the same peers; one at a time is enough.
-        self._lock = threading.Lock()
+        # Provisioner.device_lock: a pass never runs while a Provision batch applies its peers
+        # and claims (why: there). It also keeps two passes (the feed's and a DeviceWatch
+        # repair) from reading the same device state and both adding the same peers.
+        self._lock = lock or threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._feed: ChangeFeed | None = None
@@ -152,14 +147,11 @@ class PeerReconciler:
         and every FULL_EVERY); otherwise compare with the book of peers this process set
         (SwappableDevice.booked) when there is one."""
         with self._lock:
-            # The in-flight set is read before the store: a claim that commits in between is
-            # then either still in flight (skipped) or already visible in the records.
-            busy = frozenset(self.in_flight())
             records = self.registry.machines()
             held = None if full else self.booked()
             if held is None:
                 held = held_by(self.device.peers())
-            change = diff(records, held, instance=self.instance, in_flight=busy)
+            change = diff(records, held, instance=self.instance)
             if change.add:
                 self.device.set_peers([desired_peer(r, self.endpoint_of(r)) for r in change.add])
             for key in change.remove:

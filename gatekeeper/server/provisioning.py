@@ -142,11 +142,10 @@ class Provisioner:
         # keeps store and device calls off the loop that carries tunnelled traffic), and the
         # hub's sockets and readers may only be touched from their loop.
         self.loop: asyncio.AbstractEventLoop | None = None
-        # Keys whose Provision is between its set_peer and its claim's outcome: the peer
-        # reconciler (peer_reconciler.py) leaves them alone, or it would take away a peer whose
-        # record is about to commit ("no peer without a record" holds once the claim settled).
-        self._in_flight: set[str] = set()
-        self._in_flight_lock = threading.Lock()
+        # Held while a batch's peers and claims are applied. The peer reconciler
+        # (peer_reconciler.py) takes it for each pass: it then never sees a peer whose claim is
+        # about to commit (and would take it away), nor a claim whose peer is not set yet.
+        self.device_lock = threading.Lock()
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         """`fn()` on the hub's loop, waited for; directly when already there (or no loop)."""
@@ -242,20 +241,9 @@ class Provisioner:
         addresses.add(plan.record.address)
         return plan
 
-    def in_flight(self) -> frozenset[str]:
-        """Base64 keys being provisioned right now (see _in_flight)."""
-        with self._in_flight_lock:
-            return frozenset(self._in_flight)
-
     def _apply_batch(self, plans: Sequence[Plan]) -> list[ProvisionOutput | BaseException]:
-        keys = [p.key.base64() for p in plans]
-        with self._in_flight_lock:
-            self._in_flight.update(keys)
-        try:
+        with self.device_lock:
             return self._apply(plans)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight.difference_update(keys)
 
     def _apply(self, plans: Sequence[Plan]) -> list[ProvisionOutput | BaseException]:
         # Keepalive (25 s, as the reference) is set once the peer's endpoint is known: on a
