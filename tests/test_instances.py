@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gatekeeper.server.instances import (
@@ -25,6 +26,7 @@ from gatekeeper.server.registry import (
     InstanceRecord,
     MachineRecord,
     Registry,
+    parse_endpoints,
 )
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 
@@ -32,11 +34,28 @@ NOW = 1_800_000_000.0
 
 
 def instance(
-    name: str, seen: float = NOW, *, run: str = "", started: float = 0.0
+    name: str, seen: float | None = None, *, run: str = "", started: float = 0.0
 ) -> InstanceRecord:
+    """`seen`: the caller's clock (now, unless given); the store decides staleness on its
+    own clock, so tests make a row old with `age`."""
     return InstanceRecord(
-        name, (f"[2001:db8::{len(name)}]:51820",), run or f"run-{name}", started, seen
+        name,
+        (f"[2001:db8::{len(name)}]:51820",),
+        run or f"run-{name}",
+        started,
+        time.time() if seen is None else seen,
     )
+
+
+def age(registry: Registry, name: str, seconds: float = INSTANCE_STALE_AFTER + 1) -> None:
+    """Make an instance's last heartbeat `seconds` older, in the store itself."""
+    if isinstance(registry, SqliteRegistry):
+        with registry._locked() as db:
+            db.execute("UPDATE instances SET seen = seen - ? WHERE name = ?", (seconds, name))
+        return
+    url = registry._conninfo  # type: ignore[attr-defined]
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("UPDATE instances SET seen = seen - %s WHERE name = %s", (seconds, name))
 
 
 def machine(n: int, owner: str | None) -> MachineRecord:
@@ -72,16 +91,16 @@ def owners(reg: Registry) -> dict[str, str | None]:
 def test_a_live_name_is_refused_to_another_process_and_free_once_stale(registry: Registry) -> None:
     registry.heartbeat(instance("srv1", run="first"), take_over=False)
     with pytest.raises(InstanceInUse) as refused:
-        registry.heartbeat(instance("srv1", NOW + 1, run="second"), take_over=False)
+        registry.heartbeat(instance("srv1", run="second"), take_over=False)
     assert str(refused.value) == (
         "another server runs as instance 'srv1' on this registry (its heartbeat is less than "
         "15 s old): give each server its own --instance"
     )
     # The same process beats again as often as it likes.
-    registry.heartbeat(instance("srv1", NOW + 2, run="first"), take_over=False)
+    registry.heartbeat(instance("srv1", run="first"), take_over=False)
     # Its writer died: once the row is stale the name is free.
-    later = NOW + 2 + INSTANCE_STALE_AFTER + 0.1
-    rows = registry.heartbeat(instance("srv1", later, run="second"), take_over=False)
+    age(registry, "srv1")
+    rows = registry.heartbeat(instance("srv1", run="second"), take_over=False)
     assert [(r.name, r.run_id) for r in rows] == [("srv1", "second")]
 
 
@@ -91,12 +110,11 @@ def test_take_over_moves_exactly_the_machines_no_live_instance_owns(registry: Re
     registry.heartbeat(instance("srv3"), take_over=False)
     for n, owner in enumerate(("srv1", "srv2", "srv3", None, "renamed"), start=1):
         registry.claim(machine(n, owner))
-    later = NOW + INSTANCE_STALE_AFTER + 1
-    registry.heartbeat(instance("srv2", later), take_over=False)  # srv2 lives on
+    age(registry, "srv1")  # srv1 stopped writing; srv2 and srv3 live on
     # Without take_over (not healthy long enough yet) nothing moves.
-    registry.heartbeat(instance("srv3", later), take_over=False)
+    registry.heartbeat(instance("srv3"), take_over=False)
     assert owners(registry)["key-1"] == "srv1"
-    registry.heartbeat(instance("srv3", later), take_over=True)
+    registry.heartbeat(instance("srv3"), take_over=True)
     assert owners(registry) == {
         "key-1": "srv3",  # srv1 went stale
         "key-2": "srv2",  # live: kept
@@ -111,9 +129,9 @@ def test_leaving_frees_the_name_and_hands_the_machines_over(registry: Registry) 
     registry.heartbeat(instance("srv2"), take_over=False)
     registry.claim(machine(1, "srv1"))
     registry.leave(instance("srv1", run="a"))
-    registry.heartbeat(instance("srv1", NOW + 1, run="b"), take_over=False)  # no wait
+    registry.heartbeat(instance("srv1", run="b"), take_over=False)  # no wait
     registry.leave(instance("srv1", run="b"))
-    registry.heartbeat(instance("srv2", NOW + 2), take_over=True)
+    registry.heartbeat(instance("srv2"), take_over=True)
     assert owners(registry) == {"key-1": "srv2"}
 
 
@@ -169,9 +187,9 @@ def _remove_elsewhere(registry: Registry, key: str) -> None:
 
 def test_survivors_are_listed_oldest_first_without_the_dead_or_ourselves() -> None:
     fleet = [
-        instance("me", started=1.0),
-        instance("young", started=30.0),
-        instance("old", started=10.0),
+        instance("me", NOW, started=1.0),
+        instance("young", NOW, started=30.0),
+        instance("old", NOW, started=10.0),
         instance("dead", NOW - INSTANCE_STALE_AFTER - 1, started=0.0),
     ]
     assert survivor_endpoints(fleet, "me", NOW) == ("[2001:db8::3]:51820", "[2001:db8::5]:51820")
@@ -193,10 +211,10 @@ def test_instance_names_are_checked(bad: str) -> None:
 def test_a_dead_predecessor_on_this_host_is_replaced_at_once(registry: Registry) -> None:
     registry.heartbeat(instance("srv1", run="host:1:a"), take_over=False)
     with pytest.raises(InstanceInUse) as refused:
-        registry.heartbeat(instance("srv1", NOW + 1, run="host:2:b"), take_over=False)
+        registry.heartbeat(instance("srv1", run="host:2:b"), take_over=False)
     assert refused.value.holder == "host:1:a"
     rows = registry.heartbeat(
-        instance("srv1", NOW + 1, run="host:2:b"), take_over=False, replaces="host:1:a"
+        instance("srv1", run="host:2:b"), take_over=False, replaces="host:1:a"
     )
     assert [r.run_id for r in rows] == ["host:2:b"]
 
@@ -207,11 +225,14 @@ def test_which_predecessors_count_as_dead_here() -> None:
     other = subprocess.Popen(["sleep", "30"])  # a live process that is not gatekeeper
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "gatekeeper"])
     try:
-        assert dead_here(f"h:{gone.pid}:x", host="h")
-        assert dead_here(f"h:{other.pid}:x", host="h")  # its PID was reused
-        assert not dead_here(f"h:{server.pid}:x", host="h")  # alive: wait for it
-        assert not dead_here(f"elsewhere:{gone.pid}:x", host="h")  # another host's
-        assert not dead_here("garbage", host="h")
+        here = {"host": "h", "pidns": "7"}
+        assert dead_here(f"h:7:{gone.pid}:x", **here)
+        assert dead_here(f"h:7:{other.pid}:x", **here)  # its PID was reused
+        assert not dead_here(f"h:7:{server.pid}:x", **here)  # alive: wait for it
+        assert not dead_here(f"elsewhere:7:{gone.pid}:x", **here)  # another host's
+        assert not dead_here(f"h:8:{gone.pid}:x", **here)  # another PID namespace's
+        for garbage in ("garbage", "h:7:²:x", "h:7:-1:x", "h:7:99999999999999999999:x"):
+            assert not dead_here(garbage, **here)
     finally:
         for proc in (other, server):
             proc.kill()
@@ -234,3 +255,40 @@ def test_heartbeats_and_endpoint_updates_do_not_wake_the_sqlite_feed(tmp_path: P
             assert feed.wait(1.0) is True
         finally:
             feed.close()
+
+
+@pytest.mark.parametrize(
+    ("stored", "endpoints"),
+    [
+        (
+            '["[2001:db8::1]:51820", "203.0.113.9:51820"]',
+            ("[2001:db8::1]:51820", "203.0.113.9:51820"),
+        ),
+        ('"[2001:db8::1]:51820"', ()),  # a string, not a list: not split into characters
+        ("", ()),
+        ("null", ()),
+        ("{not json", ()),
+        ('[1, null, "", "no-port", "[2001:db8::2]:1"]', ("[2001:db8::2]:1",)),
+        (None, ()),
+    ],
+)
+def test_another_instances_endpoints_are_read_defensively(
+    stored: object, endpoints: tuple[str, ...]
+) -> None:
+    assert parse_endpoints(stored) == endpoints
+
+
+def test_staleness_is_judged_on_the_stores_clock_not_the_callers(pg_url: str) -> None:
+    # Two hosts whose clocks disagree by a minute (an NTP step on one): neither sees the
+    # other as stale, and each gets the other's row back on its own clock.
+    from gatekeeper.server.pg_registry import PostgresRegistry
+
+    with PostgresRegistry(pg_url, shown=pg_url) as reg:
+        ahead = time.time() + 60
+        reg.heartbeat(instance("srv1"), take_over=False)
+        reg.claim(machine(1, "srv1"))
+        rows = reg.heartbeat(instance("srv2", ahead), take_over=True)
+        assert owners(reg) == {"key-1": "srv1"}  # srv1 is not stale: nothing taken
+        (one,) = [r for r in rows if r.name == "srv1"]
+        assert one.live(ahead)
+        assert survivor_endpoints(rows, "srv2", ahead) == one.endpoints

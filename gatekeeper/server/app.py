@@ -232,6 +232,7 @@ class Server:
             forget_address=self.provisioner.forget_tunnel_from_thread,
             lock=self.provisioner.device_lock,
             booked=self.device.booked,
+            rebook=self.device.rebook,
         )
         try:
             restored = self.reconciler.reconcile().added
@@ -316,9 +317,8 @@ class Server:
                 log.warning("endpoint sync failed: %s", exc)
 
     async def close(self) -> None:
-        for worker in (self.reconciler, self.heartbeat):
-            if worker is not None:
-                await asyncio.to_thread(worker.stop)
+        if self.reconciler is not None:
+            await asyncio.to_thread(self.reconciler.stop)
         for task in (self._watch_task, self._sync_task):
             if task:
                 task.cancel()
@@ -337,6 +337,10 @@ class Server:
                 self.provisioner.sync_endpoints()
         if self.device:
             self.device.close()
+        if self.heartbeat is not None:
+            # Only now that the device is gone: survivors take the machines over at their
+            # next heartbeat, and must not while this device still holds them.
+            await asyncio.to_thread(self.heartbeat.stop)
         if self.registry:
             self.registry.close()
         if self._interface_lock is not None:

@@ -69,8 +69,8 @@ class SwappableDevice:
     It also keeps a book of the peers (key and allowed IPs) that this process put on the
     device, so the peer reconciler can compare the store with it after each change without
     reading every peer back from the device (about 80 us a peer across the server and
-    wireguard-go: 0.8 s at 10,000). The book is None (unknown) until a full read, after a
-    swap, and after a write that failed half-way; a full read (`peers()`) renews it.
+    wireguard-go: 0.8 s at 10,000). The book is None (unknown) after a swap and after a write
+    that failed half-way, until the reconciler's next full read renews it (`rebook`).
     """
 
     def __init__(self, device: Device) -> None:
@@ -142,10 +142,14 @@ class SwappableDevice:
                 self._book.pop(public_key.base64(), None)
 
     def peers(self) -> list[PeerStats]:
-        stats = self.current.peers()
+        return self.current.peers()
+
+    def rebook(self, stats: Sequence[PeerStats]) -> None:
+        """Renew the book from a full read. Only the peer reconciler does this, under the lock
+        Provision batches hold: a read by anyone else (the endpoint sync, `gatekeeper
+        machines`) may race a write, and would put a stale view in the book."""
         with self._lock:
             self._book = {s.public_key.base64(): tuple(s.allowed_ips) for s in stats}
-        return stats
 
     def booked(self) -> dict[str, tuple[IPNetwork, ...]] | None:
         """The peers this process put on the device (base64 key -> allowed IPs), or None when

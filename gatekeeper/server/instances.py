@@ -53,14 +53,33 @@ def survivor_endpoints(instances: Sequence[InstanceRecord], me: str, now: float)
     return tuple(seen)
 
 
-def dead_here(run_id: str, host: str | None = None) -> bool:
-    """Whether a run_id names a process of this host that no longer runs gatekeeper (gone,
-    or its PID reused by something else)."""
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "?"
+
+
+def run_id_here() -> str:
+    """This process: host name, PID namespace and PID (so that a successor on this host can
+    tell whether it is gone), and a random part."""
+    return f"{default_instance()}:{_pid_namespace()}:{os.getpid()}:{secrets.token_hex(8)}"
+
+
+def dead_here(run_id: str, host: str | None = None, pidns: str | None = None) -> bool:
+    """Whether a run_id names a process of this host and PID namespace that no longer runs
+    gatekeeper (gone, or its PID reused by something else). Anything else (another host, a
+    container sharing the host name but not the PIDs, a malformed id): not known to be dead."""
     parts = run_id.split(":")
-    if len(parts) != 3 or parts[0] != (host or default_instance()) or not parts[1].isdigit():
+    if len(parts) != 4:
+        return False
+    name, ns, pid, _ = parts
+    if name != (host or default_instance()) or ns != (pidns or _pid_namespace()):
+        return False
+    if not (pid.isascii() and pid.isdigit() and len(pid) <= 10):
         return False
     try:
-        cmdline = Path(f"/proc/{int(parts[1])}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return True
     except OSError:
@@ -90,7 +109,7 @@ class InstanceHeartbeat:
         self.endpoints = tuple(endpoints)
         self.on_fleet = on_fleet
         self.clock = clock
-        self.run_id = f"{default_instance()}:{os.getpid()}:{secrets.token_hex(8)}"
+        self.run_id = run_id_here()
         self.started = clock()
         self.healthy_since: float | None = None
         self.instances: list[InstanceRecord] = []
@@ -179,5 +198,6 @@ __all__ = [
     "dead_here",
     "default_instance",
     "may_take_over",
+    "run_id_here",
     "survivor_endpoints",
 ]

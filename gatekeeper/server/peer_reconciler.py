@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gatekeeper.server.provisioning import SERVER_KEEPALIVE
@@ -125,9 +125,11 @@ class PeerReconciler:
         forget_address: Callable[[ipaddress.IPv6Address], None],
         lock: threading.Lock | None = None,
         booked: Callable[[], Mapping[str, tuple[IPNetwork, ...]] | None] = lambda: None,
+        rebook: Callable[[Sequence[PeerStats]], None] = lambda _stats: None,
     ) -> None:
         self.registry = registry
         self.booked = booked
+        self.rebook = rebook
         self.device = device
         self.instance = instance
         self.endpoint_of = endpoint_of
@@ -150,7 +152,9 @@ class PeerReconciler:
             records = self.registry.machines()
             held = None if full else self.booked()
             if held is None:
-                held = held_by(self.device.peers())
+                stats = self.device.peers()
+                self.rebook(stats)
+                held = held_by(stats)
             change = diff(records, held, instance=self.instance)
             if change.add:
                 self.device.set_peers([desired_peer(r, self.endpoint_of(r)) for r in change.add])

@@ -17,6 +17,7 @@ reached is `RegistryUnavailable` (the server answers UNAVAILABLE); everything el
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -43,6 +44,7 @@ from gatekeeper.server.registry import (
     RegistryUnavailable,
     ServerIdentity,
     TokenRefused,
+    parse_endpoints,
 )
 from gatekeeper.server.tokens import TokenRecord, TokenState
 from gatekeeper.wireguard.keys import PrivateKey
@@ -105,9 +107,9 @@ def _first_line(exc: BaseException) -> str:
 def _instance(row: tuple[Any, ...]) -> InstanceRecord:
     name, endpoints, run_id, started, seen = row
     return InstanceRecord(
-        name=name,
-        endpoints=tuple(str(e) for e in json.loads(endpoints)),
-        run_id=run_id,
+        name=str(name),
+        endpoints=parse_endpoints(endpoints),
+        run_id=str(run_id),
         started=float(started),
         seen=float(seen),
     )
@@ -131,6 +133,14 @@ class PostgresChangeFeed:
             "connect_timeout": 3,
             "autocommit": True,
             "application_name": "gatekeeper-reconciler",
+            # This connection only listens: a PostgreSQL host that vanished without a reset
+            # (a failover, a lost host) would leave it waiting forever with nothing to say so.
+            # TCP keepalives and a user timeout make such a connection break within ~15 s.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 15000,
         }
         if self._password is not None:
             kwargs["password"] = self._password
@@ -557,10 +567,15 @@ class PostgresRegistry:
     def heartbeat(
         self, me: InstanceRecord, *, take_over: bool, replaces: str | None = None
     ) -> list[InstanceRecord]:
-        stale = me.seen - INSTANCE_STALE_AFTER
-
         def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[InstanceRecord]:
             with self._transaction(db) as cur:
+                # The database server's clock decides who is stale: the instances' hosts may
+                # disagree by seconds (an NTP step), and one clock for all cannot.
+                cur.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+                clock = cur.fetchone()
+                assert clock is not None  # a SELECT without FROM answers one row
+                now = float(clock[0])
+                stale = now - INSTANCE_STALE_AFTER
                 cur.execute(
                     "INSERT INTO instances (name, endpoints, run_id, started, seen) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
@@ -572,7 +587,7 @@ class PostgresRegistry:
                         json.dumps(me.endpoints),
                         me.run_id,
                         me.started,
-                        me.seen,
+                        now,
                         replaces or me.run_id,
                         stale,
                     ),
@@ -593,7 +608,10 @@ class PostgresRegistry:
                     "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
                 )
                 rows = cur.fetchall()
-            return [_instance(row) for row in rows]
+            # `seen` back on the caller's clock, so that InstanceRecord.live(its now) holds.
+            return [
+                dataclasses.replace(i, seen=i.seen - now + me.seen) for i in map(_instance, rows)
+            ]
 
         return self._run(op)
 

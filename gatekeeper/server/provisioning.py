@@ -79,6 +79,14 @@ class ProvisionOutput:
     grpc_peer_addr_port: str = ""
 
 
+def _outcome(fn: Callable[..., T], *args: object) -> T | BaseException:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        log.exception("provision: a step after the claim failed")
+        return exc
+
+
 def _refusal(why: RegistryError) -> Rejected | RegistryError:
     """What a caller is told when the store refused its claim."""
     if isinstance(why, AddressTaken):
@@ -270,8 +278,11 @@ class Provisioner:
             refused: Sequence[RegistryError | None] = self.registry.claim_many(claims)
         except BaseException as exc:
             for plan in plans:
-                self._give_back_plan(plan)
+                with contextlib.suppress(Exception):
+                    self._give_back_plan(plan)
             return [exc] * len(plans)
+        # From here on each plan's steps fail for that plan alone: a failure (no relay socket
+        # left, a device call) must not turn the answers of the others, committed, into errors.
         answers: list[ProvisionOutput | BaseException | None] = []
         accepted: list[Plan] = []
         for plan, why in zip(plans, refused, strict=True):
@@ -279,15 +290,26 @@ class Provisioner:
                 accepted.append(plan)
                 answers.append(None)
             else:
-                self._give_back_plan(plan)
+                with contextlib.suppress(Exception):
+                    self._give_back_plan(plan)
                 answers.append(_refusal(why))
-        virtuals = iter(
-            self._on_loop(lambda: [self._settle_tunnel(p) for p in accepted]) if accepted else ()
+        settled = iter(
+            self._on_loop(lambda: [_outcome(self._settle_tunnel, p) for p in accepted])
+            if accepted
+            else ()
         )
-        return [
-            self._settled(p, next(virtuals)) if a is None else a
-            for p, a in zip(plans, answers, strict=True)
-        ]
+        out: list[ProvisionOutput | BaseException] = []
+        for plan, answer in zip(plans, answers, strict=True):
+            if answer is not None:
+                out.append(answer)
+                continue
+            virtual = next(settled)
+            out.append(
+                virtual
+                if isinstance(virtual, BaseException)
+                else _outcome(self._settled, plan, virtual)
+            )
+        return out
 
     def _give_back_plan(self, plan: Plan) -> None:
         existing, key = plan.previous, plan.key

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,6 +100,18 @@ class InstanceRecord:
 
     def live(self, now: float) -> bool:
         return now - self.seen < INSTANCE_STALE_AFTER
+
+
+def parse_endpoints(stored: object) -> tuple[str, ...]:
+    """An instance row's endpoints (JSON, written by another instance, maybe another version):
+    whatever is not a list of short host:port strings is left out, never a crash."""
+    try:
+        value = json.loads(stored) if isinstance(stored, str | bytes) else None
+    except ValueError:
+        return ()
+    if not isinstance(value, list):
+        return ()
+    return tuple(e for e in value[:16] if isinstance(e, str) and 0 < len(e) <= 262 and ":" in e)
 
 
 class InstanceInUse(RegistryError):
@@ -216,8 +229,10 @@ class Registry(Protocol):
     ) -> list[InstanceRecord]:
         """Write this instance's row and read every instance's, in one transaction.
 
-        Raises InstanceInUse when a live row of the same name has another run_id, unless that
-        run_id is `replaces` (a writer the caller knows is dead). With
+        Who is stale is decided on the store's clock (PostgreSQL: the database server's;
+        SQLite: the one host's, `me.seen`); the rows come back with `seen` on the caller's
+        clock, `me.seen`. Raises InstanceInUse when a live row of the same name has another
+        run_id, unless that run_id is `replaces` (a writer the caller knows is dead). With
         `take_over`, every machine whose owner is not a live instance (stale, gone, renamed,
         or none: written before owners existed) becomes `me`'s; the store picks the one
         survivor that gets each.

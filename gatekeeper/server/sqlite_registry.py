@@ -31,6 +31,7 @@ from gatekeeper.server.registry import (
     RegistryError,
     ServerIdentity,
     TokenRefused,
+    parse_endpoints,
 )
 from gatekeeper.server.tokens import TokenRecord, TokenState
 from gatekeeper.wireguard.keys import PrivateKey
@@ -206,7 +207,7 @@ def _instance(row: tuple[object, ...]) -> InstanceRecord:
     name, endpoints, run_id, started, seen = row
     return InstanceRecord(
         name=str(name),
-        endpoints=tuple(str(e) for e in json.loads(str(endpoints))),
+        endpoints=parse_endpoints(endpoints),
         run_id=str(run_id),
         started=float(started),  # type: ignore[arg-type]
         seen=float(seen),  # type: ignore[arg-type]
