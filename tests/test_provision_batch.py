@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from fleetlab import gk
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
+from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
 
@@ -59,3 +61,44 @@ def test_a_storm_on_a_limited_token_admits_exactly_its_uses(sl: SideroLinkLab) -
 
 def log(sl: SideroLinkLab) -> str:
     return sl.server_log.read_text()
+
+
+_SAME = """
+import asyncio, json, sys
+import grpc
+from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
+
+async def main():
+    target, token, uuid, key, n = sys.argv[1:6]
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = provision_pb2_grpc.ProvisionServiceStub(ch)
+        req = provision_pb2.ProvisionRequest(node_uuid=uuid, node_public_key=key, join_token=token)
+        calls = [stub.Provision(req, timeout=60) for _ in range(int(n))]
+        out = []
+        for r in await asyncio.gather(*calls, return_exceptions=True):
+            out.append(r.node_address_prefix if hasattr(r, "node_address_prefix") else repr(r))
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_one_machine_provisioning_a_hundred_times_at_once(sl: SideroLinkLab) -> None:
+    # A machine retrying in a tight loop (or someone replaying its request): every call is
+    # decided after the one before it has settled, and the answers agree.
+    sl.start_server()
+    m = sl.add_machine(start=False)
+    key = PrivateKey.generate().public_key().base64()
+    node = str(uuid.uuid4())
+    done = subprocess.run(
+        m.ns.exec_argv([sys.executable, "-c", _SAME, f"[{sl.server_underlay}]:8090",
+                        sl.join_token, node, key, "100"]),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout)
+    assert len(answers) == 100 and len(set(answers)) == 1, set(answers)
+    assert answers[0].endswith("/64")
+    assert sl.server_peers() == [key]
+    (row,) = json.loads(gk(sl, "machines", "--json").stdout)
+    assert row["provisions"] == 100 and row["address"] == answers[0].split("/")[0]

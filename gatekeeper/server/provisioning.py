@@ -191,39 +191,41 @@ class Provisioner:
         after that one has settled (in a batch of its own).
         """
         results: list[ProvisionOutput | BaseException | None] = [None] * len(reqs)
-        plans: list[tuple[int, Plan]] = []
-        later: list[int] = []
-        names: set[str] = set()  # machine keys and public keys this batch writes
-        addresses: set[ipaddress.IPv6Address] = set()
+        checked: dict[int, Checked] = {}
         for i, req in enumerate(reqs):
+            # Order matters: nothing is touched (device or registry) before every check passed.
             try:
-                plan = self._plan(req, names, addresses)
+                checked[i] = self._check(req)
             except BaseException as exc:
                 results[i] = exc
-                continue
-            if plan is None:
-                later.append(i)
-                continue
-            plans.append((i, plan))
-        if plans:
-            for i, out in zip(
-                (i for i, _ in plans), self._apply_batch([p for _, p in plans]), strict=True
-            ):
-                results[i] = out
-        if later:
-            for i, out in zip(later, self.provision_batch([reqs[i] for i in later]), strict=True):
-                results[i] = out
+        # Rounds: each request is checked once and decided once, in its round; one that
+        # touches what an earlier one of its round touches waits for the next round (many
+        # requests for one machine cost one round each, not a new check of all the others).
+        pending = list(checked)
+        while pending:
+            plans: list[tuple[int, Plan]] = []
+            later: list[int] = []
+            names: set[str] = set()  # machine keys and public keys this round writes
+            addresses: set[ipaddress.IPv6Address] = set()
+            for i in pending:
+                try:
+                    plan = self._plan(reqs[i], checked[i], names, addresses)
+                except BaseException as exc:
+                    results[i] = exc
+                    continue
+                if plan is None:
+                    later.append(i)
+                else:
+                    plans.append((i, plan))
+            if plans:
+                outcomes = self._apply_batch([p for _, p in plans])
+                for (i, _), out in zip(plans, outcomes, strict=True):
+                    results[i] = out
+            pending = later
         return [r if r is not None else Rejected(Code.INTERNAL, "not decided") for r in results]
 
-    def _plan(
-        self,
-        req: ProvisionInput,
-        names: set[str],
-        addresses: set[ipaddress.IPv6Address],
-    ) -> Plan | None:
-        """The decision for one request (Rejected is raised); None when it must wait for
-        another request of the batch that touches the same machine or key."""
-        # Order matters: nothing is touched (device or registry) before every check passed.
+    def _check(self, req: ProvisionInput) -> Checked:
+        """The checks that need only the request and its token (Rejected is raised)."""
         try:
             admission: Admission | TokenDenied = self.tokens.admit(req.join_token)
         except TokenDenied as exc:
@@ -231,6 +233,17 @@ class Provisioner:
         checked = check_request(req, admission)
         if isinstance(checked, Rejected):
             raise checked
+        return checked
+
+    def _plan(
+        self,
+        req: ProvisionInput,
+        checked: Checked,
+        names: set[str],
+        addresses: set[ipaddress.IPv6Address],
+    ) -> Plan | None:
+        """The decision for one request (Rejected is raised); None when it must wait for
+        another request of the round that touches the same machine or key."""
         if checked.machine_key in names or checked.key.base64() in names:
             return None
         plan = decide(req, checked, self._facts(checked, addresses), self.rules, time.time())
