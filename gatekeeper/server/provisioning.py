@@ -188,7 +188,7 @@ class Provisioner:
         their peers go to the device in ONE UAPI set and their claims to the store in ONE
         transaction (one commit). What each caller gets is what it would have got alone: a
         request that touches a machine or key another one in the batch touches is decided
-        after that one has settled (in a batch of its own).
+        after that one has settled (in the next round).
         """
         results: list[ProvisionOutput | BaseException | None] = [None] * len(reqs)
         checked: dict[int, Checked] = {}
