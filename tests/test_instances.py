@@ -225,6 +225,12 @@ def test_which_predecessors_count_as_dead_here() -> None:
     other = subprocess.Popen(["sleep", "30"])  # a live process that is not gatekeeper
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "gatekeeper"])
     try:
+        # Until the children have called exec, /proc shows our own command line for them.
+        for proc, word in ((other, b"sleep"), (server, b"gatekeeper")):
+            deadline = time.monotonic() + 10
+            while word not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the child never started"
+                time.sleep(0.01)
         here = {"host": "h", "pidns": "7"}
         assert dead_here(f"h:7:{gone.pid}:x", **here)
         assert dead_here(f"h:7:{other.pid}:x", **here)  # its PID was reused
