@@ -77,11 +77,11 @@ def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registr
     url = request.getfixturevalue("pg_url")
     from gatekeeper.server.pg_registry import PostgresRegistry
 
-    reg = PostgresRegistry(url, shown=url)
+    shared = PostgresRegistry(url, shown=url)
     try:
-        yield reg
+        yield shared
     finally:
-        reg.close()
+        shared.close()
 
 
 def owners(reg: Registry) -> dict[str, str | None]:
