@@ -57,12 +57,6 @@ class ProvisionGuard:
         # Sources already told about being limited: one audit line per episode, not per call.
         self._limited_noted: set[str] = set()
 
-    def provision(self, req: ProvisionInput) -> ProvisionOutput:
-        (result,) = self.provision_batch([req])
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
     def provision_batch(
         self, reqs: Sequence[ProvisionInput]
     ) -> list[ProvisionOutput | BaseException]:

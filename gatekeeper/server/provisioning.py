@@ -175,12 +175,6 @@ class Provisioner:
         loop.call_soon_threadsafe(run)
         return done.result()
 
-    def provision(self, req: ProvisionInput) -> ProvisionOutput:
-        (result,) = self.provision_batch([req])
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
     def provision_batch(
         self, reqs: Sequence[ProvisionInput]
     ) -> list[ProvisionOutput | BaseException]:
