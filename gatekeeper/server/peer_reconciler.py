@@ -121,8 +121,8 @@ class PeerReconciler:
         device: Device,
         *,
         instance: str,
-        endpoint_of: Callable[[MachineRecord], str | None],
-        forget_address: Callable[[ipaddress.IPv6Address], None],
+        endpoints_of: Callable[[Sequence[MachineRecord]], list[str | None]],
+        forget_addresses: Callable[[Sequence[ipaddress.IPv6Address]], None],
         lock: threading.Lock | None = None,
         booked: Callable[[], Mapping[str, tuple[IPNetwork, ...]] | None] = lambda: None,
         rebook: Callable[[Sequence[PeerStats]], None] = lambda _stats: None,
@@ -132,8 +132,8 @@ class PeerReconciler:
         self.rebook = rebook
         self.device = device
         self.instance = instance
-        self.endpoint_of = endpoint_of
-        self.forget_address = forget_address
+        self.endpoints_of = endpoints_of
+        self.forget_addresses = forget_addresses
         # Provisioner.device_lock: a pass never runs while a Provision batch applies its peers
         # and claims (why: there). It also keeps two passes (the feed's and a DeviceWatch
         # repair) from reading the same device state and both adding the same peers.
@@ -157,11 +157,14 @@ class PeerReconciler:
                 held = held_by(stats)
             change = diff(records, held, instance=self.instance)
             if change.add:
-                self.device.set_peers([desired_peer(r, self.endpoint_of(r)) for r in change.add])
+                endpoints = self.endpoints_of(change.add)
+                self.device.set_peers(
+                    [desired_peer(r, e) for r, e in zip(change.add, endpoints, strict=True)]
+                )
             for key in change.remove:
                 self.device.remove_peer(key)
-            for address in change.removed_addresses:
-                self.forget_address(address)
+            if change.removed_addresses:
+                self.forget_addresses(change.removed_addresses)
             self.passes += 1
             if change:
                 log.info(

@@ -472,12 +472,19 @@ class Provisioner:
         self._virtuals[record.address] = virtual
         return self.tunnels.allow(virtual)
 
-    def reconcile_endpoint(self, record: MachineRecord) -> str | None:
-        """The endpoint a reconciled (restored) peer gets; callable from any thread."""
-        return self._on_loop(lambda: self._restore_endpoint(record))
+    def reconcile_endpoints(self, records: Sequence[MachineRecord]) -> list[str | None]:
+        """The endpoints reconciled (restored) peers get; callable from any thread, one trip
+        to the loop for all (a take-over may add thousands)."""
+        return self._on_loop(lambda: [self._restore_endpoint(r) for r in records])
 
-    def forget_tunnel_from_thread(self, address: ipaddress.IPv6Address) -> None:
-        self._on_loop(lambda: self.forget_tunnel(address))
+    def forget_tunnels(self, addresses: Sequence[ipaddress.IPv6Address]) -> None:
+        """forget_tunnel for each, from any thread, in one trip to the loop."""
+
+        def forget() -> None:
+            for address in addresses:
+                self.forget_tunnel(address)
+
+        self._on_loop(forget)
 
     def forget_tunnel(self, address: ipaddress.IPv6Address) -> None:
         """A removed machine's tunnel stream ends now rather than when the machine gives up."""
