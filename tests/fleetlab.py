@@ -12,6 +12,8 @@ from typing import Any
 from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
 
 TESTS = Path(__file__).parent
+# The boot-storm client (many machines' Provisions from one process), shared with bench/.
+STORM = TESTS.parent / "bench" / "storm_client.py"
 
 _BATCH = """
 import json, sys, grpc

@@ -11,16 +11,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from fleetlab import STORM
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 
 pytestmark = pytest.mark.netns
-
-STORM = Path(__file__).parent.parent / "bench" / "storm_client.py"
 
 
 @pytest.fixture

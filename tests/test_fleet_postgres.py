@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fleetlab import TESTS, provisions
+from fleetlab import STORM, provisions
 from pgcluster import PgCluster
 
 from gatekeeper.lab.netns import Namespace, move_veth_pair
@@ -28,7 +28,6 @@ from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
 
-STORM = TESTS.parent / "bench" / "storm_client.py"
 UNREACHABLE = "the server's registry is unreachable: try again"
 SERVER_OVERLAY = str(server_address(overlay_prefix("")))
 

@@ -10,17 +10,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from fleetlab import gk
+from fleetlab import STORM, gk
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
 from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
-
-STORM = Path(__file__).parent.parent / "bench" / "storm_client.py"
 
 
 @pytest.fixture
