@@ -410,6 +410,7 @@ class UserspaceBackend:
         device = UserspaceDevice(ifname, process, output, timeout=self.request_timeout)
         try:
             self._wait_ready(ifname, process, output)
+            self._wait_bound(device, output)
             info = iplink.link_info(ifname)
             if info is None:
                 raise WireGuardError(
@@ -449,6 +450,22 @@ class UserspaceBackend:
                     f"{_one_line(output.tail())}"
                 )
             time.sleep(0.005)
+
+    def _wait_bound(self, device: UserspaceDevice, output: _OutputTail) -> None:
+        """Wait until wireguard-go has its device up and a (random) UDP port bound.
+
+        Until its TUN event reader has brought the device up, wireguard-go accepts a
+        listen_port and only binds it later; a busy port then fails in its log, not in the
+        reply. Waiting here makes every later configure bind at once and report failure.
+        """
+        deadline = time.monotonic() + self.start_timeout
+        while device.listen_port() == 0:
+            if time.monotonic() > deadline:
+                raise WireGuardError(
+                    f"wireguard-go for {device.name} bound no UDP port within "
+                    f"{self.start_timeout:g} s: {_one_line(output.tail())}"
+                )
+            time.sleep(0.002)
 
 
 def _in_use_hint(ifname: str) -> str:
