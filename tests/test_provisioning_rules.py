@@ -95,6 +95,41 @@ def test_low_order_key() -> None:
     refused(check_request(request(node_public_key=zero), OPEN), Code.INVALID_ARGUMENT, "low-order")
 
 
+def _all_zero_secret(raw: bytes) -> bool:
+    """The ground truth is_low_order stands for: X25519 (OpenSSL, through cryptography)
+    refuses an exchange whose shared secret is all zero."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    probe = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    try:
+        probe.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return True
+    return False
+
+
+def test_low_order_table_matches_a_real_exchange() -> None:
+    import secrets
+
+    from gatekeeper.server.identity import _LOW_ORDER, is_low_order
+    from gatekeeper.wireguard.keys import PublicKey
+
+    p = 2**255 - 19
+    near = [*range(0, 300), *range(p - 300, 2**255)]
+    candidates = {(u | top).to_bytes(32, "little") for u in near for top in (0, 1 << 255)} | set(
+        _LOW_ORDER
+    )
+    candidates |= {secrets.token_bytes(32) for _ in range(300)}
+    wrong = [
+        raw.hex() for raw in candidates if is_low_order(PublicKey(raw)) != _all_zero_secret(raw)
+    ]
+    assert not wrong, wrong
+    assert sum(_all_zero_secret(raw) for raw in candidates) == len(_LOW_ORDER) == 14
+
+
 @pytest.mark.parametrize(
     ("uuid", "text"),
     [("", "node_uuid is required"), ("machine-1", "is not a UUID"), (UUID + "0", "not a UUID")],

@@ -13,8 +13,6 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
 from gatekeeper.server.ratelimit import clean_peer
 from gatekeeper.wireguard.backend import Device, PeerStats
 from gatekeeper.wireguard.keys import PublicKey
@@ -28,19 +26,29 @@ DUMP_MAX_AGE = 1.0
 
 Host = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Any fixed scalar works: X25519 clamps scalars to multiples of 8, so a point of order 1, 2, 4
-# or 8 (the all-zero key, and the few others, in any of their encodings) always yields the
-# all-zero shared secret, which `exchange` refuses.
-_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+# The u-coordinates whose every X25519 shared secret is all zero (the points of order 1, 2, 4
+# and 8, on the curve and its twist, as libsodium lists them): 0, 1, the two points of order
+# 8, p-1, and the non-canonical p and p+1. X25519 ignores the top bit, so each also counts
+# with bit 255 set. A set lookup, not a trial exchange: a storm checks thousands of keys on
+# the thread that competes for the GIL with the tunnel's loop (tests check it against one).
+_P = 2**255 - 19
+_LOW_ORDER_U = (
+    0,
+    1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    _P - 1,
+    _P,
+    _P + 1,
+)
+_LOW_ORDER = frozenset(
+    (u | top).to_bytes(32, "little") for u in _LOW_ORDER_U for top in (0, 1 << 255)
+)
 
 
 def is_low_order(key: PublicKey) -> bool:
     """True for public keys whose every shared secret is zero (RFC 7748 section 6.1)."""
-    try:
-        _PROBE.exchange(X25519PublicKey.from_public_bytes(key.raw))
-    except ValueError:
-        return True
-    return False
+    return key.raw in _LOW_ORDER
 
 
 def host_of(text: str) -> Host | None:
