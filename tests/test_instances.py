@@ -3,6 +3,7 @@ failover"): the rules in the store, on a real SQLite file and a real PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from gatekeeper.server.instances import (
     survivor_endpoints,
 )
 from gatekeeper.server.registry import (
+    ANYTHING,
     INSTANCE_STALE_AFTER,
+    Changes,
     InstanceInUse,
     InstanceRecord,
     MachineRecord,
@@ -143,29 +146,74 @@ def test_set_owner_says_whether_anything_changed(registry: Registry) -> None:
     assert owners(registry) == {"key-1": "srv2"}
 
 
-def test_the_change_feed_wakes_on_a_commit_from_another_process(registry: Registry) -> None:
+def test_the_change_feed_names_what_changed_even_from_another_process(
+    registry: Registry,
+) -> None:
     feed = registry.change_feed()
+    key1 = machine(1, "srv1").public_key
     try:
-        assert feed.wait(1.0) is True  # the first wait: read everything once
-        assert feed.wait(0.5) is False  # quiet
+        assert feed.wait(1.0) == ANYTHING  # the first wait: read everything once
+        assert feed.wait(0.5) is None  # quiet
         registry.claim(machine(1, "srv1"))
-        assert feed.wait(2.0) is True
-        assert feed.wait(0.3) is False
-        if not isinstance(registry, SqliteRegistry):
-            # An endpoint update moves no peer: no wake-up (SQLite cannot tell commits apart).
-            registry.update_endpoints({"key-1": "[2001:db8::7]:51820"})
-            assert feed.wait(0.5) is False
-        woke: list[float] = []
+        assert feed.wait(2.0) == Changes(frozenset({key1}))
+        assert feed.wait(0.3) is None
+        registry.update_endpoints({"key-1": "[2001:db8::7]:51820"})
+        assert feed.wait(0.5) is None  # an endpoint update moves no peer
+        # A re-key names both keys: the old peer goes, the new one comes.
+        rekeyed = dataclasses.replace(machine(1, "srv1"), public_key=f"{7:043d}=")
+        registry.claim(rekeyed)
+        assert feed.wait(2.0) == Changes(frozenset({key1, rekeyed.public_key}))
+        woke: list[tuple[float, Changes | None]] = []
         started = time.monotonic()
-        waiter = threading.Thread(target=lambda: woke.append(feed.wait(5.0) and time.monotonic()))
+        waiter = threading.Thread(target=lambda: woke.append((time.monotonic(), feed.wait(5.0))))
         waiter.start()
         time.sleep(0.3)
         _remove_elsewhere(registry, "key-1")
         waiter.join(10)
-        assert woke and woke[0], "the feed slept through a removal"
-        print(f"woke {woke[0] - started - 0.3:.3f} s after another process's removal")
+        assert woke and woke[0][1] == Changes(frozenset({rekeyed.public_key})), woke
+        print(f"woke {woke[0][0] - started - 0.3:.3f} s after another process's removal")
     finally:
         feed.close()
+
+
+def test_a_sqlite_feed_that_fell_behind_the_pruned_log_reads_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SqliteRegistry(tmp_path) as reg:
+        feed = reg.change_feed()
+        try:
+            assert feed.wait(1.0) == ANYTHING
+            reg.claim(machine(1, "srv1"))
+            assert feed.wait(1.0) == Changes(frozenset({machine(1, "srv1").public_key}))
+            # Another process pruned entries this reader had not seen yet.
+            for n in range(2, 6):
+                reg.claim(machine(n, "srv1"))
+            reg._db.execute(
+                "DELETE FROM machine_change_log WHERE seq < (SELECT MAX(seq) FROM "
+                "machine_change_log)"
+            )
+            assert feed.wait(1.0) == ANYTHING
+            reg.claim(machine(9, "srv1"))
+            assert feed.wait(1.0) == Changes(frozenset({machine(9, "srv1").public_key}))
+            # More changes at once than are worth naming: read everything.
+            monkeypatch.setattr(feed, "MAX_KEYS", 3)
+            for n in range(10, 15):
+                reg.claim(machine(n, "srv1"))
+            assert feed.wait(1.0) == ANYTHING
+            assert feed.wait(0.3) is None
+        finally:
+            feed.close()
+
+
+def test_the_sqlite_change_log_keeps_its_size_bounded(tmp_path: Path) -> None:
+    from gatekeeper.server.sqlite_registry import LOG_KEEP
+
+    with SqliteRegistry(tmp_path) as reg:
+        reg.claim(machine(1, "srv1"))
+        for n in range(LOG_KEEP + 2500):
+            reg.set_owner("key-1", f"srv{n % 2}")
+        (count,) = reg._db.execute("SELECT COUNT(*) FROM machine_change_log").fetchone()
+        assert LOG_KEEP <= count <= LOG_KEEP + 1000
 
 
 def _remove_elsewhere(registry: Registry, key: str) -> None:
@@ -252,13 +300,13 @@ def test_heartbeats_and_endpoint_updates_do_not_wake_the_sqlite_feed(tmp_path: P
         reg.claim(machine(1, "srv1"))
         feed = reg.change_feed()
         try:
-            assert feed.wait(1.0) is True
+            assert feed.wait(1.0) == ANYTHING
             reg.heartbeat(instance("srv1"), take_over=False)
             reg.update_endpoints({"key-1": "[2001:db8::7]:51820"})
             reg.record_conflict("key-1", NOW, "[2001:db8::8]:1")
-            assert feed.wait(0.6) is False
+            assert feed.wait(0.6) is None
             reg.set_owner("key-1", "srv2")
-            assert feed.wait(1.0) is True
+            assert feed.wait(1.0) == Changes(frozenset({machine(1, "srv1").public_key}))
         finally:
             feed.close()
 
@@ -298,3 +346,16 @@ def test_staleness_is_judged_on_the_stores_clock_not_the_callers(pg_url: str) ->
         (one,) = [r for r in rows if r.name == "srv1"]
         assert one.live(ahead)
         assert survivor_endpoints(rows, "srv2", ahead) == one.endpoints
+
+
+def test_machines_matching_reads_by_either_key_in_one_call(registry: Registry) -> None:
+    for n in range(1, 6):
+        registry.claim(machine(n, "srv1"))
+    found = registry.machines_matching(
+        machine_keys={"key-1", "key-2", "key-nobody"},
+        public_keys={machine(2, None).public_key, machine(4, None).public_key, "x" * 44},
+    )
+    assert sorted(r.machine_key for r in found) == ["key-1", "key-2", "key-4"]
+    assert registry.machines_matching() == []
+    many = registry.machines_matching(machine_keys={f"key-{n}" for n in range(-2000, 3)})
+    assert sorted(r.machine_key for r in many) == ["key-1", "key-2"]

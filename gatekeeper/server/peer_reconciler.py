@@ -144,17 +144,23 @@ class PeerReconciler:
         self.passes = 0
         self.last_error: str | None = None
 
-    def reconcile(self, *, full: bool = True) -> Applied:
+    def reconcile(self, *, full: bool = True, keys: frozenset[str] | None = None) -> Applied:
         """One pass. `full`: read every peer from the device (at start, after a re-creation,
         and every FULL_EVERY); otherwise compare with the book of peers this process set
-        (SwappableDevice.booked) when there is one."""
+        (SwappableDevice.booked) when there is one. `keys`: only these machines' peers may
+        have changed (the change feed said so): read only their records."""
         with self._lock:
-            records = self.registry.machines()
             held = None if full else self.booked()
             if held is None:
                 stats = self.device.peers()
                 self.rebook(stats)
                 held = held_by(stats)
+                keys = None  # the whole device was read: compare it with the whole store
+            if keys is None:
+                records = self.registry.machines()
+            else:
+                records = self.registry.machines_matching(public_keys=keys)
+                held = {k: v for k, v in held.items() if k in keys}
             change = diff(records, held, instance=self.instance)
             if change.add:
                 endpoints = self.endpoints_of(change.add)
@@ -191,12 +197,17 @@ class PeerReconciler:
                 return
             if not (changed or pending or time.monotonic() - last_full >= full_every):
                 continue
-            full = not changed or pending
-            if changed:
+            full = changed is None or pending
+            if changed is not None:
                 # Several changes close together (a storm) are read once.
                 self._stop.wait(max(0.0, MIN_GAP - (time.monotonic() - last_pass)))
+                more = feed.wait(0.0)
+                if more is not None:
+                    changed = changed | more
             try:
-                self.reconcile(full=full)
+                # After a failed pass the feed's keys of then are gone: read everything.
+                keys = None if pending or changed is None else changed.keys
+                self.reconcile(full=full, keys=keys)
                 last_pass = time.monotonic()
             except Exception as exc:  # a store outage must not end the loop; it retries
                 if not pending:

@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -32,8 +32,10 @@ from psycopg import errors as pgerrors
 
 from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
+    ANYTHING,
     INSTANCE_STALE_AFTER,
     AddressTaken,
+    Changes,
     Claim,
     InstanceInUse,
     InstanceRecord,
@@ -148,7 +150,7 @@ class PostgresChangeFeed:
         db.execute(f"LISTEN {pg_schema.CHANGE_CHANNEL}")
         return db
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> Changes | None:
         if self._db is None or self._db.closed or self._db.broken:
             self.close()
             try:
@@ -156,23 +158,29 @@ class PostgresChangeFeed:
             except psycopg.Error as exc:
                 self.failure = _first_line(exc)
                 time.sleep(timeout)
-                return True
+                return ANYTHING
             self.failure = None
-            return True
+            return ANYTHING  # what was sent while nobody listened is gone: read everything
         try:
             # Every notification that is already there, then back: one reconcile for many.
+            keys: set[str] = set()
             got = False
-            for _ in self._db.notifies(timeout=timeout, stop_after=1):
+            for note in self._db.notifies(timeout=timeout, stop_after=1):
                 got = True
+                keys.add(note.payload)
             while got:
                 more = list(self._db.notifies(timeout=0.0))
                 if not more:
                     break
-            return got
+                keys.update(note.payload for note in more)
         except psycopg.Error as exc:
             self.failure = _first_line(exc)
             self.close()
-            return True
+            return ANYTHING
+        if not got:
+            return None
+        # An empty payload comes from a schema-4 trigger: it names no machine.
+        return ANYTHING if "" in keys else Changes(frozenset(keys))
 
     def close(self) -> None:
         if self._db is not None:
@@ -542,6 +550,21 @@ class PostgresRegistry:
     def machines(self) -> list[MachineRecord]:
         def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[MachineRecord]:
             rows = db.execute(f"SELECT {_COLUMNS} FROM machines ORDER BY seq").fetchall()
+            return [_record(row) for row in rows]
+
+        return self._run(op)
+
+    def machines_matching(
+        self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
+    ) -> list[MachineRecord]:
+        by_machine, by_public = list(machine_keys), list(public_keys)
+
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[MachineRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM machines "
+                "WHERE machine_key = ANY(%s) OR public_key = ANY(%s)",
+                (by_machine, by_public),
+            ).fetchall()
             return [_record(row) for row in rows]
 
         return self._run(op)

@@ -16,12 +16,13 @@ from gatekeeper.server.registry import RegistryError
 
 # The schema this code reads and writes. A registry at a higher version was written by a
 # newer gatekeeper: refused, since this code would not keep its rules.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # From this version on, the registry holds events and machine logs (pg_telemetry.py).
 TELEMETRY_VERSION = 3
 
 # The channel every change to a machine's peer (added, re-keyed, moved, removed, a new owner)
-# is announced on, at commit: each instance's peer reconciler LISTENs to it.
+# is announced on, at commit, with the machine's public key as the payload (both keys of a
+# re-key): each instance's peer reconciler LISTENs to it and reads only those machines.
 CHANGE_CHANNEL = "gatekeeper_machines"
 
 # pg_advisory_xact_lock key (a fixed 64-bit number, "gk" in the top bytes).
@@ -80,6 +81,27 @@ def owners_step() -> str:
     """
 
 
+def change_keys_step() -> str:
+    """Version 5: each notification names the public key it is about (v4 sent none, so every
+    wake-up read every machine: at 10,000 machines a storm's commits each cost a full read).
+    PostgreSQL folds identical notifications of one transaction; distinct keys stay."""
+    return f"""
+    CREATE OR REPLACE FUNCTION gatekeeper_machines_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP <> 'INSERT' THEN
+                PERFORM pg_notify('{CHANGE_CHANNEL}', OLD.public_key);
+            END IF;
+            IF TG_OP = 'INSERT' THEN
+                PERFORM pg_notify('{CHANGE_CHANNEL}', NEW.public_key);
+            ELSIF TG_OP = 'UPDATE' AND NEW.public_key IS DISTINCT FROM OLD.public_key THEN
+                PERFORM pg_notify('{CHANGE_CHANNEL}', NEW.public_key);
+            END IF;
+            RETURN NULL;
+        END $$;
+    """
+
+
 # Step N takes the schema from version N-1 to N. The store decides uniqueness (constraints)
 # and order (`seq`, assigned at commit time, whatever the writing servers' clocks say).
 STEPS: tuple[str, ...] = (
@@ -123,6 +145,7 @@ STEPS: tuple[str, ...] = (
     "SELECT 1",
     telemetry_step(),
     owners_step(),
+    change_keys_step(),
 )
 assert len(STEPS) == SCHEMA_VERSION
 

@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -98,6 +98,14 @@ def _refusal(why: RegistryError) -> Rejected | RegistryError:
     if isinstance(why, RegistrationLimit):
         return Rejected(Code.RESOURCE_EXHAUSTED, "registration limit reached")
     return why
+
+
+@dataclass(frozen=True)
+class Known:
+    """The store's records that one round of a batch names."""
+
+    by_machine: Mapping[str, MachineRecord]
+    by_public: Mapping[str, MachineRecord]
 
 
 class Provisioner:
@@ -201,9 +209,15 @@ class Provisioner:
             later: list[int] = []
             names: set[str] = set()  # machine keys and public keys this round writes
             addresses: set[ipaddress.IPv6Address] = set()
+            try:
+                known = self._known([checked[i] for i in pending])
+            except BaseException as exc:
+                for i in pending:
+                    results[i] = exc
+                break
             for i in pending:
                 try:
-                    plan = self._plan(reqs[i], checked[i], names, addresses)
+                    plan = self._plan(reqs[i], checked[i], names, addresses, known)
                 except BaseException as exc:
                     results[i] = exc
                     continue
@@ -235,12 +249,13 @@ class Provisioner:
         checked: Checked,
         names: set[str],
         addresses: set[ipaddress.IPv6Address],
+        known: Known,
     ) -> Plan | None:
         """The decision for one request (Rejected is raised); None when it must wait for
         another request of the round that touches the same machine or key."""
         if checked.machine_key in names or checked.key.base64() in names:
             return None
-        plan = decide(req, checked, self._facts(checked, addresses), self.rules, time.time())
+        plan = decide(req, checked, self._facts(checked, known, addresses), self.rules, time.time())
         if isinstance(plan, Rejected):
             if plan.conflict is not None:
                 self._note_conflict(plan.conflict)
@@ -371,11 +386,25 @@ class Provisioner:
             return (source is not None), host_of(source or "")
         return True, host_of(endpoint or "")
 
-    def _facts(self, checked: Checked, batch: Collection[ipaddress.IPv6Address] = ()) -> Facts:
-        """What the rules need from the store and the device, read now; `batch`: addresses
-        earlier requests of this batch are about to claim."""
-        existing = self.registry.get(checked.machine_key)
-        holder = self.registry.by_public_key(checked.key.base64())
+    def _known(self, round_: Sequence[Checked]) -> Known:
+        """The records a round's requests name (by machine key or by public key), in one read:
+        nothing of the round is written before all of it is decided, so one read serves it."""
+        records = self.registry.machines_matching(
+            machine_keys={c.machine_key for c in round_},
+            public_keys={c.key.base64() for c in round_},
+        )
+        return Known(
+            by_machine={r.machine_key: r for r in records},
+            by_public={r.public_key: r for r in records},
+        )
+
+    def _facts(
+        self, checked: Checked, known: Known, batch: Collection[ipaddress.IPv6Address] = ()
+    ) -> Facts:
+        """What the rules need from the store and the device; `batch`: addresses earlier
+        requests of this batch are about to claim."""
+        existing = known.by_machine.get(checked.machine_key)
+        holder = known.by_public.get(checked.key.base64())
         if holder is not None and holder.machine_key == checked.machine_key:
             holder = None
         free = None

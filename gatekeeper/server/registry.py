@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,14 +126,30 @@ class InstanceInUse(RegistryError):
         self.holder = holder
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What a change feed saw: the public keys (base64) of the machines whose peer may have
+    changed (added, re-keyed, moved, removed, a new owner), or `keys` None: anything may
+    have (the first wait, a lost connection, a gap in the log), so read every record."""
+
+    keys: frozenset[str] | None
+
+    def __or__(self, other: Changes) -> Changes:
+        if self.keys is None or other.keys is None:
+            return ANYTHING
+        return Changes(self.keys | other.keys)
+
+
+ANYTHING = Changes(None)
+
+
 class ChangeFeed(Protocol):
     """Wakes a peer reconciler when machine records may have changed (any instance, any
-    process). It may wake without a change; it never sleeps through one for longer than the
-    timeout a caller gives."""
+    process), and says which. It may name a key that did not change; it never leaves out one
+    that did, and never sleeps through a change for longer than the timeout a caller gives."""
 
-    def wait(self, timeout: float) -> bool:
-        """True when machines may have changed (or the feed lost track and the caller should
-        read everything again), False after `timeout` seconds of quiet."""
+    def wait(self, timeout: float) -> Changes | None:
+        """What changed since the last wait, or None after `timeout` seconds of quiet."""
         ...
 
     def close(self) -> None: ...
@@ -216,6 +232,13 @@ class Registry(Protocol):
         ...
 
     def machines(self) -> list[MachineRecord]: ...
+
+    def machines_matching(
+        self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
+    ) -> list[MachineRecord]:
+        """The records with one of these machine keys or public keys (base64), in one read,
+        in no particular order."""
+        ...
 
     def remove(self, machine_key: str) -> bool: ...
 

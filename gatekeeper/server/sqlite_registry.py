@@ -16,12 +16,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gatekeeper.server.registry import (
+    ANYTHING,
     INSTANCE_STALE_AFTER,
     AddressTaken,
+    Changes,
     Claim,
     InstanceInUse,
     InstanceRecord,
@@ -53,11 +55,10 @@ CREATE TABLE IF NOT EXISTS machines (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS machine_changes (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS machine_change_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    public_key TEXT NOT NULL
 );
-INSERT OR IGNORE INTO machine_changes (id, seq) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS instances (
     name TEXT PRIMARY KEY,
     endpoints TEXT NOT NULL,
@@ -80,17 +81,36 @@ CREATE TABLE IF NOT EXISTS tokens (
 # between two of them) can leave two records pointing at one WireGuard peer.
 _KEY_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS machines_public_key_unique ON machines (public_key)"
 
-# Every change to a machine's peer counts once in machine_changes (SqliteChangeFeed), in the
-# writer's transaction. After the migrations: they name the owner column.
-_TRIGGERS = """
-CREATE TRIGGER IF NOT EXISTS machines_added AFTER INSERT ON machines
-    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
-CREATE TRIGGER IF NOT EXISTS machines_removed AFTER DELETE ON machines
-    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
-CREATE TRIGGER IF NOT EXISTS machines_changed
+# Every change to a machine's peer is logged with the public key(s) it touches (OLD and NEW
+# of a re-key), in the writer's transaction: SqliteChangeFeed reads the log from where it
+# left off, and a pass then reads only those machines. SQLite has one writer at a time, so
+# seq follows commit order. The log keeps its last LOG_KEEP entries or more; a reader that
+# fell further behind sees the gap and reads everything. One transaction, so no writer in
+# another process runs between dropping the counter's triggers (before the log) and these.
+LOG_KEEP = 10000
+_TRIGGERS = f"""
+BEGIN IMMEDIATE;
+DROP TRIGGER IF EXISTS machines_added;
+DROP TRIGGER IF EXISTS machines_removed;
+DROP TRIGGER IF EXISTS machines_changed;
+DROP TABLE IF EXISTS machine_changes;
+CREATE TRIGGER IF NOT EXISTS machines_logged_insert AFTER INSERT ON machines
+    BEGIN INSERT INTO machine_change_log (public_key) VALUES (NEW.public_key); END;
+CREATE TRIGGER IF NOT EXISTS machines_logged_delete AFTER DELETE ON machines
+    BEGIN INSERT INTO machine_change_log (public_key) VALUES (OLD.public_key); END;
+CREATE TRIGGER IF NOT EXISTS machines_logged_update
     AFTER UPDATE OF public_key, address, tunnel, owner ON machines
-    BEGIN UPDATE machine_changes SET seq = seq + 1 WHERE id = 1; END;
+    BEGIN
+        INSERT INTO machine_change_log (public_key) VALUES (OLD.public_key);
+        INSERT INTO machine_change_log (public_key)
+            SELECT NEW.public_key WHERE NEW.public_key IS NOT OLD.public_key;
+    END;
+CREATE TRIGGER IF NOT EXISTS machine_change_log_pruned
+    AFTER INSERT ON machine_change_log WHEN NEW.seq % 1000 = 0
+    BEGIN DELETE FROM machine_change_log WHERE seq <= NEW.seq - {LOG_KEEP}; END;
+COMMIT;
 """
+
 
 # Columns added after the first release, applied to registries that lack them.
 _MIGRATIONS = (
@@ -215,50 +235,68 @@ def _instance(row: tuple[object, ...]) -> InstanceRecord:
 
 
 class SqliteChangeFeed:
-    """Wakes when a machine's peer may have changed, written by any connection or process.
-
-    Triggers on `machines` count each such change in `machine_changes` (an added, re-keyed,
-    moved or removed machine, a new owner; not endpoint updates, heartbeats or tokens), in the
-    writer's own transaction. This feed has a connection of its own and reads that counter
-    every POLL seconds: SQLite has no notification across processes, and `PRAGMA
-    data_version` (which moves with every commit) first tells whether reading it is needed.
+    """What changed in `machines`, written by any connection or process: the triggers' log
+    (machine_change_log), read from the last seq seen on a connection of its own every POLL
+    seconds. SQLite has no notification across processes; `PRAGMA data_version` (which moves
+    with every commit) first tells whether reading the log is needed. Endpoint updates,
+    heartbeats and tokens are not logged, so they wake nobody.
     """
 
     POLL = 0.2
+    # More changes than this since the last wait: reading every record is as cheap.
+    MAX_KEYS = 5000
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
-        self._version: int | None = None
         self._data_version = -1
-        self._seq = 0
+        self._seq: int | None = None  # None: nothing read yet, so everything is news
 
-    def _read(self) -> int:
+    def _read(self) -> Changes | None:
         if self._db is None:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._data_version = -1
         version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
-        if version != self._data_version:
-            self._data_version = version
-            row = self._db.execute("SELECT seq FROM machine_changes WHERE id = 1").fetchone()
-            self._seq = int(row[0]) if row else 0
-        return self._seq
+        if version == self._data_version and self._seq is not None:
+            return None
+        self._data_version = version
+        if self._seq is None:
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM machine_change_log")
+            self._seq = int(row.fetchone()[0])
+            return ANYTHING
+        rows = self._db.execute(
+            "SELECT seq, public_key FROM machine_change_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._seq, self.MAX_KEYS + 1),
+        ).fetchall()
+        if not rows:
+            newest = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM machine_change_log")
+            if int(newest.fetchone()[0]) < self._seq:  # another registry file took its place
+                self._seq = None
+                return self._read()
+            return None
+        gap = int(rows[0][0]) != self._seq + 1  # pruned before this reader saw it
+        if gap or len(rows) > self.MAX_KEYS:
+            self._seq = None
+            self._read()  # on from the newest entry
+            return ANYTHING
+        self._seq = int(rows[-1][0])
+        return Changes(frozenset(str(row[1]) for row in rows))
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> Changes | None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                now = self._read()
+                changes = self._read()
             except sqlite3.Error:
                 self.close()  # reopened next time; the caller reads everything meanwhile
+                self._seq = None
                 time.sleep(min(self.POLL, timeout))
-                return True
-            if self._version is None or now != self._version:
-                self._version = now
-                return True
+                return ANYTHING
+            if changes is not None:
+                return changes
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                return None
             time.sleep(min(self.POLL, left))
 
     def close(self) -> None:
@@ -532,6 +570,25 @@ class SqliteRegistry:
                 f"SELECT {self._select} FROM machines ORDER BY created"
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def machines_matching(
+        self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
+    ) -> list[MachineRecord]:
+        found: dict[str, MachineRecord] = {}
+        # Below SQLite's limit on bound parameters (32766; 999 before 3.32).
+        with self._locked():
+            for column, values in (("machine_key", machine_keys), ("public_key", public_keys)):
+                wanted = list(values)
+                for i in range(0, len(wanted), 900):
+                    chunk = wanted[i : i + 900]
+                    for row in self._db.execute(
+                        f"SELECT {self._select} FROM machines WHERE {column} IN "
+                        f"({', '.join('?' * len(chunk))})",
+                        chunk,
+                    ):
+                        record = _record(row)
+                        found[record.machine_key] = record
+        return list(found.values())
 
     def remove(self, machine_key: str) -> bool:
         with self._locked():
