@@ -93,3 +93,38 @@ def test_a_big_batch_is_answered_a_few_at_a_time_with_the_loop_free_between() ->
         assert result == (Code.PERMISSION_DENIED if n % 7 == 0 else f"[::1]:{n}")
     # The other thread's callback ran while most of the batch was still unanswered.
     assert seen_by_io and seen_by_io[0] < 200 - 4 * SETTLE_CHUNK, seen_by_io
+
+
+def test_a_flood_beyond_the_waiting_bound_is_refused_at_once_and_served_again_after() -> None:
+    from gatekeeper.server.batcher import BUSY
+
+    async def main() -> tuple[list[object], list[object], int]:
+        gate = Gate()
+        batcher = ProvisionBatcher(gate, max_waiting=10)
+
+        async def call(n: int) -> object:
+            try:
+                return (await batcher.provision(_input(n))).server_endpoints[0]
+            except Rejected as exc:
+                return (exc.code, exc.message)
+
+        flood = [asyncio.create_task(call(n)) for n in range(1, 16)]
+        await asyncio.sleep(0.05)
+        refused_while_held = [t.result() for t in flood if t.done()]
+        gate.open.set()
+        first = await asyncio.gather(*flood)
+        after = await call(50)  # room again: served
+        waiting = batcher.waiting
+        batcher.close()
+        return refused_while_held, [*first, after], waiting
+
+    refused_while_held, results, waiting = asyncio.run(main())
+    busy = (Code.RESOURCE_EXHAUSTED, BUSY)
+    # The five beyond the bound were answered at once, without waiting for the held batch.
+    assert refused_while_held == [busy] * 5
+    assert results[10:15] == [busy] * 5
+    assert results[:10] == [
+        (Code.PERMISSION_DENIED, "no") if n % 7 == 0 else f"[::1]:{n}" for n in range(1, 11)
+    ]
+    assert results[15] == "[::1]:50"
+    assert waiting == 0

@@ -18,13 +18,18 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from gatekeeper.server.provisioning import ProvisionInput, ProvisionOutput
+from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
 
 log = logging.getLogger(__name__)
 
 # Bounds one batch's work (and so the wait of the requests queued behind it): at a few
 # hundred microseconds each, 256 Provisions are well under a tenth of a second.
 MAX_BATCH = 256
+# Provisions waiting (queued or being decided) beyond which a new one is refused at once with
+# RESOURCE_EXHAUSTED (a Talos machine retries): a flood of calls must not grow the queue, and
+# each one's wait, without end. About five seconds of work at this 2-core machine's rate.
+MAX_WAITING = 5000
+BUSY = "the server is busy: too many Provisions are waiting; retry later"
 
 Outcome = ProvisionOutput | BaseException
 
@@ -44,9 +49,16 @@ _Answer = tuple["asyncio.Future[ProvisionOutput]", Outcome]
 SETTLE_CHUNK = 8
 
 
-def _settle_some(loop: asyncio.AbstractEventLoop, pending: list[_Answer], start: int) -> None:
+def _settle_some(
+    batcher: ProvisionBatcher,
+    loop: asyncio.AbstractEventLoop,
+    pending: list[_Answer],
+    start: int,
+) -> None:
     end = start + SETTLE_CHUNK
-    for fut, outcome in pending[start:end]:
+    chunk = pending[start:end]
+    batcher._answered(len(chunk))
+    for fut, outcome in chunk:
         if fut.done():  # the caller went away (deadline, cancelled)
             continue
         if isinstance(outcome, BaseException):
@@ -55,13 +67,23 @@ def _settle_some(loop: asyncio.AbstractEventLoop, pending: list[_Answer], start:
             fut.set_result(outcome)
     if end < len(pending):
         # Scheduled behind the handlers just resumed and whatever I/O arrived meanwhile.
-        loop.call_soon(_settle_some, loop, pending, end)
+        loop.call_soon(_settle_some, batcher, loop, pending, end)
 
 
 class ProvisionBatcher:
-    def __init__(self, provisions: BatchProvisions, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        provisions: BatchProvisions,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_waiting: int = MAX_WAITING,
+    ) -> None:
         self.provisions = provisions
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        # Counted on the event loop only (taken in `provision`, given back in _settle_some).
+        self.waiting = 0
+        self.refused = 0  # refused as busy since the queue last had room
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="provision", daemon=True)
         self._thread.start()
@@ -70,10 +92,24 @@ class ProvisionBatcher:
         self.largest = 0
 
     async def provision(self, req: ProvisionInput) -> ProvisionOutput:
+        if self.waiting >= self.max_waiting:
+            if not self.refused:
+                log.warning(
+                    "%d Provisions waiting: refusing new ones until there is room", self.waiting
+                )
+            self.refused += 1
+            raise Rejected(Code.RESOURCE_EXHAUSTED, BUSY)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[ProvisionOutput] = loop.create_future()
+        self.waiting += 1
         self._queue.put((req, fut, loop))
         return await fut
+
+    def _answered(self, count: int) -> None:
+        self.waiting -= count
+        if self.refused and self.waiting < self.max_waiting:
+            log.warning("Provisions accepted again (%d refused as busy)", self.refused)
+            self.refused = 0
 
     def _take(self) -> list[_Item] | None:
         first = self._queue.get()
@@ -108,7 +144,7 @@ class ProvisionBatcher:
             for loop, pending in answers.items():
                 # RuntimeError: that loop is closed, nobody waits any more.
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle_some, loop, pending, 0)
+                    loop.call_soon_threadsafe(_settle_some, self, loop, pending, 0)
 
     def close(self) -> None:
         """Answer what is queued, then stop."""
@@ -116,4 +152,4 @@ class ProvisionBatcher:
         self._thread.join(timeout=30)
 
 
-__all__ = ["MAX_BATCH", "BatchProvisions", "ProvisionBatcher"]
+__all__ = ["BUSY", "MAX_BATCH", "MAX_WAITING", "BatchProvisions", "ProvisionBatcher"]

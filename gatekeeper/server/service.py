@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 
 from gatekeeper.overlay import swap_endpoints
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
-from gatekeeper.server.batcher import BatchProvisions, ProvisionBatcher
+from gatekeeper.server.batcher import BUSY, BatchProvisions, ProvisionBatcher
 from gatekeeper.server.escape import shown
 from gatekeeper.server.guard import RATE_LIMITED
 from gatekeeper.server.provisioning import Code, ProvisionInput, Rejected
@@ -57,7 +57,7 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
         try:
             out = await self.batcher.provision(req)
         except Rejected as exc:
-            if exc.message != RATE_LIMITED:  # the guard logs a flood once, not per request
+            if exc.message not in (RATE_LIMITED, BUSY):  # a flood is logged once, not per call
                 log.warning(
                     "provision from %s (node %s) rejected: %s",
                     shown(req.peer),
