@@ -11,7 +11,8 @@ In the same run, with the same client processes:
   the server's host) stormed the same way, and the ratio storm rate / floor rate;
 - a machine with a tunnel link (WireGuard over gRPC) pings the server's overlay address every
   20 ms, idle first, then while the storm runs: the RTT p99 the storm adds (a lost ping counts
-  as an infinite RTT).
+  as an infinite RTT); beside it, a machine on the direct UDP path does the same (what the
+  storm's load on the machine adds to a path that does not cross the server's event loop).
 
 Targets (issues 12 and 14): total <= 2 s and p99 <= 1 s (every machine's wait, from the
 storm's start to its answer, connection included), rate / floor >= 0.3, RTT p99 added
@@ -251,6 +252,11 @@ def main() -> int:
         )
         status = sl.wait_connected(tunnel, timeout=30)
         assert status["link_name"] == "siderolinktun", status
+        # The baseline in the same run: a machine on the direct UDP path (no gRPC, no server
+        # event loop in its way) pinging too, so what the storm's load on these 2 cores
+        # adds to any path is seen beside what it adds to the tunnel.
+        direct = sl.add_machine(api_url=f"grpc://{first.grpc}?jointoken={sl.join_token}")
+        assert sl.wait_connected(direct, timeout=30)["link_name"] == "siderolink"
         peers_before = sum(wg_peers(t.ns, t.interface) for t in targets)
 
         machine = sl.add_machine(start=False)
@@ -261,9 +267,12 @@ def main() -> int:
             stack.callback(c.close)
         pinger = Pinger(tunnel, overlay)
         stack.callback(pinger.close)
+        direct_pinger = Pinger(direct, overlay)
+        stack.callback(direct_pinger.close)
         idle_start = time.time()
         time.sleep(args.idle_rtt)
         idle_rtts, idle_lost = pinger.window(idle_start, time.time())
+        direct_idle, _ = direct_pinger.window(idle_start, time.time())
 
         # The floor first: the real servers' after-storm work cannot then slow it down.
         floor_run = run_phase(clients, [f"[{sl.server_underlay}]:{FLOOR_PORT}"])
@@ -272,12 +281,14 @@ def main() -> int:
         storm_end = time.time()
         time.sleep(0.3)  # the last pings sent inside the storm come back
         storm_rtts, storm_lost = pinger.window(storm_start, storm_end)
+        direct_storm, _ = direct_pinger.window(storm_start, storm_end)
         peers_added = sum(wg_peers(t.ns, t.interface) for t in targets) - peers_before
         alive = all(t.proc.poll() is None for t in targets)
 
     idle_p99 = percentile(idle_rtts, 99)
     storm_p99 = percentile(storm_rtts, 99)
     added = storm_p99 - idle_p99
+    direct_added = percentile(direct_storm, 99) - percentile(direct_idle, 99)
     ratio = storm["per_s"] / floor_run["per_s"]
     setup = f"{args.registry}, {args.instances} instance(s), {args.clients} client processes"
     complete = storm["ok"] == count and peers_added == count and alive
@@ -285,9 +296,9 @@ def main() -> int:
         json.dumps(
             {"setup": setup, "count": count, "storm": storm, "floor": floor_run,
              "peers_added": peers_added, "servers_alive": alive,
-             "rtt_ms": {"idle_p99": idle_p99, "storm_p99": storm_p99, "idle_pings":
-                        len(idle_rtts), "storm_pings": len(storm_rtts), "idle_lost": idle_lost,
-                        "storm_lost": storm_lost}},
+             "rtt_ms": {"idle_p99": idle_p99, "storm_p99": storm_p99, "direct_added":
+                        direct_added, "idle_pings": len(idle_rtts), "storm_pings":
+                        len(storm_rtts), "idle_lost": idle_lost, "storm_lost": storm_lost}},
             indent=2, default=str,
         )
     )  # fmt: skip
@@ -332,6 +343,13 @@ def main() -> int:
                 added,
                 "ms",
                 ok=added <= 20.0 and bool(storm_rtts),
+            ),
+            Verdict(
+                "baseline: direct UDP path's RTT p99 added by the same storm (no gRPC)",
+                "",
+                direct_added,
+                "ms",
+                note=f"{len(direct_storm)} pings",
             ),
         ],
     )
