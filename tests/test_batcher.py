@@ -4,10 +4,14 @@ stand-in; what is tested is how its answers reach the loop's callers)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Sequence
 
-from gatekeeper.server.batcher import SETTLE_CHUNK, Outcome, ProvisionBatcher
+import pytest
+
+from gatekeeper.server.batcher import BUSY, SETTLE_CHUNK, Outcome, ProvisionBatcher
 from gatekeeper.server.provision_rules import Code
 from gatekeeper.server.provisioning import ProvisionInput, ProvisionOutput, Rejected
 
@@ -96,7 +100,6 @@ def test_a_big_batch_is_answered_a_few_at_a_time_with_the_loop_free_between() ->
 
 
 def test_a_flood_beyond_the_waiting_bound_is_refused_at_once_and_served_again_after() -> None:
-    from gatekeeper.server.batcher import BUSY
 
     async def main() -> tuple[list[object], list[object], int]:
         gate = Gate()
@@ -128,3 +131,105 @@ def test_a_flood_beyond_the_waiting_bound_is_refused_at_once_and_served_again_af
     ]
     assert results[15] == "[::1]:50"
     assert waiting == 0
+
+
+class Slow(Gate):
+    """Decides 8 at a time, 2 ms a batch: slower than the flood arrives."""
+
+    def provision_batch(self, reqs: Sequence[ProvisionInput]) -> list[Outcome]:
+        time.sleep(0.002)
+        return super().provision_batch(reqs)
+
+
+def test_a_sustained_flood_is_logged_once_when_it_starts_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> tuple[int, int]:
+        gate = Slow()
+        gate.open.set()
+        batcher = ProvisionBatcher(gate, max_waiting=40, max_batch=8)
+        refused = 0
+
+        async def call(n: int) -> None:
+            nonlocal refused
+            try:
+                await batcher.provision(_input(n))
+            except Rejected as exc:
+                refused += exc.message == BUSY
+
+        tasks: list[asyncio.Task[None]] = []
+        # For a second, 20 new calls every millisecond: the queue stays at its bound, and
+        # room for a few opens with every batch answered.
+        for turn in range(1000):
+            tasks += [asyncio.create_task(call(10 * turn + k)) for k in range(20)]
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*tasks)
+        batcher.close()
+        return batcher.waiting, refused
+
+    with caplog.at_level(logging.WARNING, logger="gatekeeper.server.batcher"):
+        waiting, refused = asyncio.run(main())
+    assert waiting == 0 and refused > 1000
+    lines = [r.getMessage() for r in caplog.records]
+    starts = [line for line in lines if "refusing new ones" in line]
+    ends = [line for line in lines if "accepted again" in line]
+    assert len(starts) == len(ends) and 1 <= len(starts) <= 2, lines[:6]
+
+
+def test_a_caller_that_went_away_is_not_decided_and_frees_its_place() -> None:
+    async def main() -> tuple[list[str], int, object]:
+        gate = Gate()
+        seen: list[str] = []
+        real = gate.provision_batch
+
+        def recording(reqs: Sequence[ProvisionInput]) -> list[Outcome]:
+            out = real(reqs)
+            seen.extend(r.node_uuid for r in reqs)
+            return out
+
+        gate.provision_batch = recording  # type: ignore[method-assign]
+        batcher = ProvisionBatcher(gate, max_waiting=3)
+        first = asyncio.create_task(batcher.provision(_input(1)))  # held in the gate
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(batcher.provision(_input(2)))
+        stays = asyncio.create_task(batcher.provision(_input(3)))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its deadline passed
+        gate.open.set()
+        await first
+        answer = (await stays).server_endpoints[0]
+        batcher.close()
+        return seen, batcher.waiting, answer
+
+    seen, waiting, answer = asyncio.run(main())
+    assert seen == ["uuid-1", "uuid-3"] and waiting == 0 and answer == "[::1]:3"
+
+
+def test_an_outcome_a_future_refuses_still_answers_its_caller_and_the_rest() -> None:
+    class Odd(Gate):
+        def provision_batch(self, reqs: Sequence[ProvisionInput]) -> list[Outcome]:
+            out = super().provision_batch(reqs)
+            out[0] = StopIteration()  # a future refuses this exception (TypeError)
+            return out
+
+    async def main() -> tuple[list[object], int]:
+        gate = Odd()
+        batcher = ProvisionBatcher(gate)
+
+        async def call(n: int) -> object:
+            try:
+                return (await batcher.provision(_input(n))).server_endpoints[0]
+            except Rejected as exc:
+                return exc.code
+
+        tasks = [asyncio.create_task(call(n)) for n in range(1, 21)]
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        batcher.close()
+        return results, batcher.waiting
+
+    results, waiting = asyncio.run(main())
+    assert waiting == 0
+    assert Code.INTERNAL in results
+    assert sum(isinstance(r, str) for r in results) >= 20 - 1 - 20 // 7

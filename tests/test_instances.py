@@ -359,3 +359,34 @@ def test_machines_matching_reads_by_either_key_in_one_call(registry: Registry) -
     assert registry.machines_matching() == []
     many = registry.machines_matching(machine_keys={f"key-{n}" for n in range(-2000, 3)})
     assert sorted(r.machine_key for r in many) == ["key-1", "key-2"]
+
+
+def test_a_start_on_a_registry_with_the_first_release_trigger_makes_it_name_keys(
+    pg_url: str,
+) -> None:
+    """A version-4 registry written before notifications named keys (empty payloads) gets the
+    keyed trigger function from the next server start, with no version change."""
+    from gatekeeper.server.pg_registry import PostgresRegistry
+
+    with PostgresRegistry(pg_url, shown=pg_url) as reg:
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute(
+                "CREATE OR REPLACE FUNCTION gatekeeper_machines_changed() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('gatekeeper_machines', ''); "
+                "RETURN NULL; END $$"
+            )
+        feed = reg.change_feed()
+        try:
+            assert feed.wait(1.0) == ANYTHING
+            reg.claim(machine(1, "srv1"))
+            assert feed.wait(2.0) == ANYTHING  # an empty payload names nothing
+        finally:
+            feed.close()
+    with PostgresRegistry(pg_url, shown=pg_url) as again:
+        feed = again.change_feed()
+        try:
+            assert feed.wait(1.0) == ANYTHING
+            again.claim(machine(2, "srv1"))
+            assert feed.wait(2.0) == Changes(frozenset({machine(2, None).public_key}))
+        finally:
+            feed.close()

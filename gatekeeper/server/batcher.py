@@ -30,6 +30,8 @@ MAX_BATCH = 256
 # each one's wait, without end. About five seconds of work at this 2-core machine's rate.
 MAX_WAITING = 5000
 BUSY = "the server is busy: too many Provisions are waiting; retry later"
+# The outcome of a request whose caller had gone before it was decided (nobody receives it).
+GONE = Rejected(Code.INTERNAL, "the caller went away")
 
 Outcome = ProvisionOutput | BaseException
 
@@ -56,18 +58,23 @@ def _settle_some(
     start: int,
 ) -> None:
     end = start + SETTLE_CHUNK
+    if end < len(pending):
+        # Scheduled first, behind the handlers resumed here and whatever I/O arrives
+        # meanwhile: nothing in this chunk can keep the rest of the batch from its callers.
+        loop.call_soon(_settle_some, batcher, loop, pending, end)
     chunk = pending[start:end]
     batcher._answered(len(chunk))
     for fut, outcome in chunk:
         if fut.done():  # the caller went away (deadline, cancelled)
             continue
-        if isinstance(outcome, BaseException):
-            fut.set_exception(outcome)
-        else:
-            fut.set_result(outcome)
-    if end < len(pending):
-        # Scheduled behind the handlers just resumed and whatever I/O arrived meanwhile.
-        loop.call_soon(_settle_some, batcher, loop, pending, end)
+        try:
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
+        except Exception:  # an outcome a future refuses (StopIteration): still an answer
+            log.exception("a Provision's outcome could not be handed back")
+            fut.set_exception(Rejected(Code.INTERNAL, "internal error"))
 
 
 class ProvisionBatcher:
@@ -107,7 +114,9 @@ class ProvisionBatcher:
 
     def _answered(self, count: int) -> None:
         self.waiting -= count
-        if self.refused and self.waiting < self.max_waiting:
+        # The flood is over once the queue has drained to half: near the bound, room for a
+        # few comes and goes with every chunk of answers, and each would be logged.
+        if self.refused and self.waiting <= self.max_waiting // 2:
             log.warning("Provisions accepted again (%d refused as busy)", self.refused)
             self.refused = 0
 
@@ -129,11 +138,18 @@ class ProvisionBatcher:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
+            # A caller that gave up (its deadline passed while the store stalled) is not
+            # decided: its machine would be claimed for nobody, and after a stall the live
+            # ones would wait behind the dead. (done() is a plain read of the future's state.)
+            live = [i for i, (_, fut, _) in enumerate(batch) if not fut.done()]
+            outcomes: list[Outcome] = [GONE] * len(batch)
             try:
-                outcomes = self.provisions.provision_batch([req for req, _, _ in batch])
+                decided = self.provisions.provision_batch([batch[i][0] for i in live])
             except BaseException as exc:  # the thread must outlive one bad batch
                 log.exception("provision batch failed")
-                outcomes = [exc] * len(batch)
+                decided = [exc] * len(live)
+            for i, outcome in zip(live, decided, strict=True):
+                outcomes[i] = outcome
             self.batches += 1
             self.largest = max(self.largest, len(batch))
             if len(batch) > 1:

@@ -16,13 +16,13 @@ from gatekeeper.server.registry import RegistryError
 
 # The schema this code reads and writes. A registry at a higher version was written by a
 # newer gatekeeper: refused, since this code would not keep its rules.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 4
 # From this version on, the registry holds events and machine logs (pg_telemetry.py).
 TELEMETRY_VERSION = 3
 
 # The channel every change to a machine's peer (added, re-keyed, moved, removed, a new owner)
 # is announced on, at commit, with the machine's public key as the payload (both keys of a
-# re-key): each instance's peer reconciler LISTENs to it and reads only those machines.
+# re-key; change_keys_function): each instance's peer reconciler LISTENs to it.
 CHANGE_CHANNEL = "gatekeeper_machines"
 
 # pg_advisory_xact_lock key (a fixed 64-bit number, "gk" in the top bytes).
@@ -81,10 +81,15 @@ def owners_step() -> str:
     """
 
 
-def change_keys_step() -> str:
-    """Version 5: each notification names the public key it is about (v4 sent none, so every
-    wake-up read every machine: at 10,000 machines a storm's commits each cost a full read).
-    PostgreSQL folds identical notifications of one transaction; distinct keys stay."""
+def change_keys_function() -> str:
+    """The trigger function as this gatekeeper writes it: each notification names the public
+    key it is about (both keys of a re-key). Version 4 made it with an empty payload, so
+    every wake-up read every machine.
+
+    Not a schema version of its own: a version-4 gatekeeper ignores the payload, so through
+    a rolling upgrade old and new instances keep sharing the registry (a version bump would
+    refuse an old instance that restarts). Every start puts it in place, under the migration
+    lock. PostgreSQL folds identical notifications of one transaction; distinct keys stay."""
     return f"""
     CREATE OR REPLACE FUNCTION gatekeeper_machines_changed() RETURNS trigger
         LANGUAGE plpgsql AS $$
@@ -145,7 +150,6 @@ STEPS: tuple[str, ...] = (
     "SELECT 1",
     telemetry_step(),
     owners_step(),
-    change_keys_step(),
 )
 assert len(STEPS) == SCHEMA_VERSION
 
@@ -176,19 +180,19 @@ def migrate(cur: psycopg.Cursor[Any], shown: str) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
     found = version(cur)
     refuse_newer(found, shown)
-    if found == SCHEMA_VERSION:
-        return
-    cur.execute(
-        "CREATE TABLE IF NOT EXISTS gatekeeper_schema ("
-        "id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
-    )
-    for step in STEPS[found:]:
-        cur.execute(step.encode())
-    cur.execute(
-        "INSERT INTO gatekeeper_schema (id, version) VALUES (1, %s) "
-        "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-        (SCHEMA_VERSION,),
-    )
+    if found != SCHEMA_VERSION:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS gatekeeper_schema ("
+            "id integer PRIMARY KEY CHECK (id = 1), version integer NOT NULL)"
+        )
+        for step in STEPS[found:]:
+            cur.execute(step.encode())
+        cur.execute(
+            "INSERT INTO gatekeeper_schema (id, version) VALUES (1, %s) "
+            "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+            (SCHEMA_VERSION,),
+        )
+    cur.execute(change_keys_function().encode())
 
 
 def check_version(cur: psycopg.Cursor[Any], shown: str) -> None:

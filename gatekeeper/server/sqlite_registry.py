@@ -304,7 +304,6 @@ class SqliteChangeFeed:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-            self._version = None
 
 
 class SqliteRegistry:
@@ -383,6 +382,15 @@ class SqliteRegistry:
                 yield self._db
             except sqlite3.Error as exc:
                 raise RegistryError(explain(self.path, exc)) from None
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """A read transaction (under WAL: one snapshot for its statements). Hold _locked."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         for table, column, decl in _MIGRATIONS:
@@ -575,8 +583,10 @@ class SqliteRegistry:
         self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
     ) -> list[MachineRecord]:
         found: dict[str, MachineRecord] = {}
-        # Below SQLite's limit on bound parameters (32766; 999 before 3.32).
-        with self._locked():
+        # One read transaction: every statement sees the same snapshot, even when another
+        # process commits in between. Chunks stay below SQLite's limit on bound parameters
+        # (32766; 999 before 3.32).
+        with self._locked(), self._snapshot():
             for column, values in (("machine_key", machine_keys), ("public_key", public_keys)):
                 wanted = list(values)
                 for i in range(0, len(wanted), 900):
