@@ -21,7 +21,13 @@ from fleetlab import STORM, provisions
 from pgcluster import PgCluster
 
 from gatekeeper.lab.netns import Namespace, move_veth_pair
-from gatekeeper.lab.siderolink_lab import API_PORT, UNDERLAY, SideroLinkLab, gatekeeper_argv
+from gatekeeper.lab.siderolink_lab import (
+    API_PORT,
+    UNDERLAY,
+    Machine,
+    SideroLinkLab,
+    gatekeeper_argv,
+)
 from gatekeeper.overlay import overlay_prefix, server_address
 from gatekeeper.server.registry import machine_key
 from gatekeeper.wireguard.keys import PrivateKey
@@ -54,6 +60,24 @@ class TwoServers:
     password_file: Path
     a: Instance
     b: Instance
+
+    def explain(self, machine: Machine | None = None) -> str:
+        """What a failed overlay check needs next to it: each server's peers and log tail, the
+        machine's log tail (a flake seen in full-suite runs only left nothing else to read)."""
+        parts = []
+        for n, server in ((1, self.a), (2, self.b)):
+            # (Never `dump`: its first line is the private key.)
+            peers = "".join(
+                server.ns.run(["wg", "show", server.interface, what], check=False)
+                for what in ("endpoints", "latest-handshakes")
+            )
+            parts.append(f"--- server {n} peers ---\n{peers}")
+            parts.append(
+                f"--- server {n} log ---\n{self.sl.tail(self.sl.workdir / f'server{n}.log')}"
+            )
+        if machine is not None:
+            parts.append(f"--- {machine.name} log ---\n{self.sl.tail(machine.log)}")
+        return "\n".join(parts)
 
     def gk(self, *args: str, via: Instance | None = None) -> subprocess.CompletedProcess[str]:
         """A fleet command against the shared registry (with one server's --state-dir)."""
@@ -205,7 +229,7 @@ def test_postgresql_stopped_and_started_again(own_cluster: PgCluster) -> None:
         assert first == ["OK", "OK"]
         own_cluster.stop()
         # Its link does not need the store: the overlay still carries traffic.
-        assert fleet.sl.ping(agent, SERVER_OVERLAY, count=3)
+        assert fleet.sl.ping(agent, SERVER_OVERLAY, count=3), fleet.explain(agent)
         for server in (fleet.a, fleet.b):
             started = time.monotonic()
             (result,) = provisions(m, server.target, [request(token)])
@@ -227,7 +251,7 @@ def test_postgresql_stopped_and_started_again(own_cluster: PgCluster) -> None:
         assert fleet.a.proc.poll() is None and fleet.b.proc.poll() is None
         listed = json.loads(fleet.gk("machines", "--json").stdout)
         assert len(listed) == 5 and len({r["address"] for r in listed}) == 5
-        assert fleet.sl.ping(agent, SERVER_OVERLAY)
+        assert fleet.sl.ping(agent, SERVER_OVERLAY), fleet.explain(agent)
         # The outage was a log line per refused Provision, never a traceback.
         for n in (1, 2):
             log = (fleet.sl.workdir / f"server{n}.log").read_text()

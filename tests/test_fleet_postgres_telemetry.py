@@ -94,7 +94,10 @@ def test_postgresql_stopped_the_server_holds_its_logs_and_writes_them_when_back(
             before = f"gatekeeper-pg-before-{secrets.token_hex(4)}"
             with open("/dev/kmsg", "w") as kmsg:
                 kmsg.write(f"<4>{before}\n")
-            eventually("the line sent before the outage", lambda: logged(before))
+            try:
+                eventually("the line sent before the outage", lambda: logged(before))
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{fleet.explain(m)}") from None
 
             cluster.stop()
             during = f"gatekeeper-pg-during-{secrets.token_hex(4)}"
