@@ -459,14 +459,8 @@ class UserspaceBackend:
         reply. Waiting here makes every later configure bind at once and report failure.
         """
         deadline = time.monotonic() + self.start_timeout
+        # (A wireguard-go that died meanwhile: listen_port() says so, with its exit status.)
         while device.listen_port() == 0:
-            status = device._process.poll()
-            if status is not None:
-                output.join(1.0)
-                raise WireGuardError(
-                    f"wireguard-go exited early (status {status}) while creating "
-                    f"{device.name}: {_one_line(output.tail())}"
-                )
             if time.monotonic() > deadline:
                 raise WireGuardError(
                     f"wireguard-go for {device.name} bound no UDP port within "
