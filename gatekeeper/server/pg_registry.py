@@ -34,6 +34,7 @@ from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
     ANYTHING,
     INSTANCE_STALE_AFTER,
+    MAX_CHANGED_KEYS,
     AddressTaken,
     Changes,
     Claim,
@@ -123,6 +124,8 @@ class PostgresChangeFeed:
     meanwhile are gone: the first wait on the new connection answers True, so the reconciler
     reads everything once, which catches up whatever happened."""
 
+    MAX_KEYS = MAX_CHANGED_KEYS
+
     def __init__(self, conninfo: str, password: str | None, *, shown: str) -> None:
         self._conninfo = conninfo
         self._password = password
@@ -168,7 +171,9 @@ class PostgresChangeFeed:
             for note in self._db.notifies(timeout=timeout, stop_after=1):
                 got = True
                 keys.add(note.payload)
-            while got:
+            # Bounded: a flood that never pauses still ends this wait (the rest is read by
+            # the next one, after the pass).
+            while got and len(keys) <= self.MAX_KEYS:
                 more = list(self._db.notifies(timeout=0.0))
                 if not more:
                     break
@@ -179,8 +184,11 @@ class PostgresChangeFeed:
             return ANYTHING
         if not got:
             return None
-        # An empty payload comes from a schema-4 trigger: it names no machine.
-        return ANYTHING if "" in keys else Changes(frozenset(keys))
+        # An empty payload comes from a trigger of the first version-4 release: it names no
+        # machine.
+        if "" in keys or len(keys) > self.MAX_KEYS:
+            return ANYTHING
+        return Changes(frozenset(keys))
 
     def close(self) -> None:
         if self._db is not None:

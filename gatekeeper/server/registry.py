@@ -141,6 +141,9 @@ class Changes:
 
 
 ANYTHING = Changes(None)
+# More changed machines than this since the last wait: a feed answers ANYTHING, since reading
+# every record is as cheap as naming them (and a flood of notifications stays bounded).
+MAX_CHANGED_KEYS = 5000
 
 
 class ChangeFeed(Protocol):

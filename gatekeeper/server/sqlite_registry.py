@@ -22,6 +22,7 @@ from pathlib import Path
 from gatekeeper.server.registry import (
     ANYTHING,
     INSTANCE_STALE_AFTER,
+    MAX_CHANGED_KEYS,
     AddressTaken,
     Changes,
     Claim,
@@ -243,8 +244,7 @@ class SqliteChangeFeed:
     """
 
     POLL = 0.2
-    # More changes than this since the last wait: reading every record is as cheap.
-    MAX_KEYS = 5000
+    MAX_KEYS = MAX_CHANGED_KEYS
 
     def __init__(self, path: Path) -> None:
         self.path = path
