@@ -75,6 +75,32 @@ def test_link_comes_up_and_ping_crosses_the_overlay(sl: SideroLinkLab) -> None:
         assert sl.join_token not in text
 
 
+def test_a_joined_machine_keeps_its_overlay_while_more_machines_join_the_underlay(
+    sl: SideroLinkLab,
+) -> None:
+    # More machines on the same underlay segment must not cut off one already joined (seen
+    # when the segment's bridge changed its address as ports joined: the machine's neighbour
+    # entry for the server went stale, and its link showed handshakes but carried nothing).
+    sl.start_server()
+    sl.add_machine(start=False)  # a port that may hold the lowest address
+    machine = sl.add_machine()
+    status = sl.wait_connected(machine, timeout=20)
+    assert sl.ping(machine, status["server_address"])
+
+    def server_mac_seen_by_machine() -> str:
+        out = machine.ns.run(["ip", "-j", "-6", "neigh", "show", sl.server_underlay])
+        return str(json.loads(out)[0]["lladdr"])
+
+    def server_mac() -> str:
+        return str(json.loads(sl.server_ns.run(["ip", "-j", "link", "show", "br0"]))[0]["address"])
+
+    assert server_mac_seen_by_machine() == server_mac()
+    for _ in range(6):
+        sl.add_machine(start=False)
+        assert server_mac_seen_by_machine() == server_mac()
+    assert sl.ping(machine, status["server_address"], count=3, wait=1), "overlay lost"
+
+
 def test_status_command_prints_the_link(sl: SideroLinkLab) -> None:
     sl.start_server()
     machine = sl.add_machine()

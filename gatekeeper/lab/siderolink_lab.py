@@ -23,6 +23,7 @@ from gatekeeper.lab.netns import Lab, LabError, Namespace, move_veth_pair, requi
 UNDERLAY = "fd00:6b:{n}::{host}/64"
 API_PORT = 8090
 WG_PORT = 51820
+BRIDGE_MAC = "02:67:6b:00:00:01"  # locally administered, fixed for the lab's life
 
 
 def gatekeeper_argv(*args: str) -> list[str]:
@@ -67,7 +68,14 @@ class SideroLinkLab:
         try:
             self.server_ns = self.lab.namespace("srv")
             # A bridge in the server namespace lets any number of machines share one underlay.
-            self.server_ns.run(["ip", "link", "add", "br0", "type", "bridge"])
+            # Its MAC is set, not inherited: a bridge without one takes its lowest port's MAC
+            # and changes it whenever a lower one joins, so machines added later could leave
+            # an earlier machine's neighbour entry for the server pointing at a MAC the bridge
+            # no longer answers to (frames dropped as meant for another host, for as long as
+            # the entry stays REACHABLE: a link that looks up and carries nothing).
+            self.server_ns.run(
+                ["ip", "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge"]
+            )
             self.server_ns.run(
                 ["ip", "addr", "add", UNDERLAY.format(n=1, host=1), "dev", "br0", "nodad"]
             )
