@@ -53,6 +53,12 @@ class Instance:
         return f"[{self.underlay}]:{API_PORT}"
 
 
+def sockets(ns: Namespace) -> str:
+    """TCP sockets in a namespace, with their queues and timers (a line that never arrived:
+    was it sent, queued, never connected?)."""
+    return ns.run(["ss", "-tnaio"], check=False)
+
+
 @dataclass
 class TwoServers:
     sl: SideroLinkLab
@@ -75,8 +81,10 @@ class TwoServers:
             parts.append(
                 f"--- server {n} log ---\n{self.sl.tail(self.sl.workdir / f'server{n}.log')}"
             )
+            parts.append(f"--- server {n} TCP ---\n{sockets(server.ns)}")
         if machine is not None:
             parts.append(f"--- {machine.name} log ---\n{self.sl.tail(machine.log)}")
+            parts.append(f"--- {machine.name} TCP ---\n{sockets(machine.ns)}")
         return "\n".join(parts)
 
     def gk(self, *args: str, via: Instance | None = None) -> subprocess.CompletedProcess[str]:

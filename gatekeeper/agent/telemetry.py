@@ -7,7 +7,9 @@ Honours two kernel command line parameters, as Talos does:
   `priority`).
 
 Both usually point at the server's overlay address, reachable only once the link is up, so
-senders retry (backoff 1 s to 10 s) and queues are bounded (the oldest entries go first).
+senders retry (the agent's one backoff, cut short when the link comes up) and queues are
+bounded (the oldest entries go first). The log connection stays open while idle; when the sink
+closes it (its idle timeout), the next line opens a new one.
 Status events are `google.protobuf.Struct` payloads built from the status document, sent when
 the state, the connection or the address changes. Secrets never reach the status document.
 
@@ -240,6 +242,11 @@ class Telemetry:
             if channel is not None:
                 await channel.close(None)
 
+    def queue_line(self, line: bytes) -> None:
+        """One newline-terminated log line for the kernel log sink (the oldest go first)."""
+        self._lines.append(line)
+        self._wake_lines.set()
+
     async def _read_kmsg(self) -> None:
         try:
             fd = os.open(self.kmsg, os.O_RDONLY | os.O_NONBLOCK)
@@ -253,8 +260,7 @@ class Telemetry:
         try:
             while True:
                 for line in self._drain(fd, boot_time):
-                    self._lines.append(line)
-                    self._wake_lines.set()
+                    self.queue_line(line)
                 readable.clear()
                 await readable.wait()
         finally:
@@ -285,9 +291,9 @@ class Telemetry:
                 self._wake_lines.clear()
                 await self._wake_lines.wait()
                 continue
-            host, port = self.sinks.kernel_logs
+            sink = self.sinks.kernel_logs
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(*sink), 5)
             except (OSError, TimeoutError) as exc:
                 log.debug("telemetry: log sink not reachable: %s", exc)
                 failures += 1
@@ -295,16 +301,43 @@ class Telemetry:
                 continue
             failures = 0
             try:
-                while self.sinks.kernel_logs == (host, port):
-                    while self._lines:
-                        writer.write(self._lines[0])
-                        self._lines.popleft()
-                    await writer.drain()
-                    self._wake_lines.clear()
-                    await self._wake_lines.wait()
+                await self._pump_lines(sink, reader, writer)
             except (OSError, ConnectionError) as exc:
                 log.debug("telemetry: log sink connection lost: %s", exc)
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
+
+    async def _pump_lines(
+        self, sink: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Send queued lines on one connection until the sink changes or closes it."""
+        # The sink never writes: anything it does (EOF, above all: its idle timeout) ends the
+        # connection. Watched while idle, so the next line goes on a new connection instead of
+        # into a socket the far end has closed, where it would be lost without an error.
+        ended = asyncio.ensure_future(reader.read(1))
+        try:
+            while self.sinks.kernel_logs == sink:
+                # Cleared before the queue is emptied, not after drain(): a line queued while
+                # drain() waits (a backlog larger than the socket takes) sets it again. Cleared
+                # after, that line would wait for the next one (for ever, on a quiet kernel).
+                self._wake_lines.clear()
+                while self._lines:
+                    writer.write(self._lines[0])
+                    self._lines.popleft()
+                await writer.drain()
+                if self._lines:
+                    continue
+                woken = asyncio.ensure_future(self._wake_lines.wait())
+                try:
+                    await asyncio.wait({woken, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if ended.done():
+                    log.debug("telemetry: the log sink closed the connection")
+                    return
+        finally:
+            ended.cancel()
+            if ended.done() and not ended.cancelled():
+                ended.exception()  # a reset is an end like EOF: retrieved, so not reported

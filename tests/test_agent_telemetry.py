@@ -1,0 +1,123 @@
+"""The agent's kernel-log sender on real TCP sockets (loopback): a line queued while a backlog
+is still being written goes out, and a connection the sink closed is not written into.
+
+The kernel log itself is not read here (the path given does not exist, so the reader stops at
+once): lines are queued the way the reader queues them, so each test knows exactly what was
+sent. The kmsg parsing has its own tests (test_fleet_units.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from gatekeeper.agent.telemetry import Telemetry
+from gatekeeper.server.attribution import Attributor
+from gatekeeper.server.journal import Journal, read_journal
+from gatekeeper.server.logreceiver import LogReceiver
+from gatekeeper.server.registry import MachineRecord, machine_key
+from gatekeeper.server.sqlite_registry import SqliteRegistry
+
+UUID = "6e0a5c7a-0000-4000-8000-000000000002"
+
+
+def line(msg: str, pad: int = 0) -> bytes:
+    return json.dumps({"msg": msg, "pad": "x" * pad}).encode() + b"\n"
+
+
+@contextlib.asynccontextmanager
+async def sending_to(port: int, tmp_path: Path) -> AsyncIterator[Telemetry]:
+    telemetry = Telemetry(kmsg=tmp_path / "no-kmsg")
+    telemetry.set_cmdline(f"talos.logging.kernel=tcp://[::1]:{port}")
+    task = asyncio.create_task(telemetry.run())
+    try:
+        yield telemetry
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes, seconds: float) -> bytes:
+    got = b""
+    deadline = time.monotonic() + seconds
+    while marker not in got:
+        try:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_line_queued_while_the_backlog_is_written_is_sent(tmp_path: Path) -> None:
+    # A sink that takes nothing for a while, with a small receive buffer: the sender's drain()
+    # waits, and the marker is queued during that wait (as a kernel line written right after
+    # the link came up lands while the boot backlog is still going out).
+    async def scenario() -> None:
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("::1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        async with sending_to(port, tmp_path) as telemetry:
+            for n in range(1000):
+                telemetry.queue_line(line(f"backlog {n}", pad=8000))
+            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+            await asyncio.sleep(0.5)  # the sender is now blocked in drain()
+            telemetry.queue_line(line("the marker"))
+            reader, writer = await asyncio.open_connection(sock=conn)
+            got = await read_until(reader, b"the marker", 10)
+            writer.close()
+        listener.close()
+        assert b"backlog 999" in got
+        assert b"the marker" in got, "a line queued during drain() was not sent"
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_the_sink_closed_is_not_written_into(tmp_path: Path) -> None:
+    # The real receiver with a short idle timeout: it closes the connection; the next line
+    # must go on a new connection (written into the closed one, it would vanish unreported).
+    registry = SqliteRegistry(tmp_path / "state")
+    registry.claim(MachineRecord(machine_key(UUID, None), UUID, ipaddress.IPv6Address("::1"), "pk"))
+    journal = Journal(tmp_path / "logs", max_bytes=1 << 20)
+    attributor = Attributor(registry, ipaddress.IPv6Network("::1/128"))
+    receiver = LogReceiver(attributor, journal, idle_timeout=0.3)  # type: ignore[arg-type]
+
+    def stored() -> list[str]:
+        return [e["msg"] for e in read_journal(journal.path(machine_key(UUID, None)))]
+
+    async def eventually_stored(msg: str) -> None:
+        deadline = time.monotonic() + 5
+        while msg not in stored() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        port = await receiver.start("::1", 0)
+        try:
+            async with sending_to(port, tmp_path) as telemetry:
+                telemetry.queue_line(line("first"))
+                await eventually_stored("first")
+                await asyncio.sleep(1.0)  # idle: the receiver has closed the connection
+                assert receiver.connections == 0
+                telemetry.queue_line(line("after the idle close"))
+                await eventually_stored("after the idle close")
+        finally:
+            await receiver.close()
+
+    try:
+        asyncio.run(scenario())
+        assert stored() == ["first", "after the idle close"]
+    finally:
+        journal.close()
+        registry.close()
