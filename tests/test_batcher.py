@@ -10,8 +10,10 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from prometheus_client import generate_latest
 
 from gatekeeper.server.batcher import BUSY, SETTLE_CHUNK, Outcome, ProvisionBatcher
+from gatekeeper.server.metrics import ServerMetrics
 from gatekeeper.server.provision_rules import Code
 from gatekeeper.server.provisioning import ProvisionInput, ProvisionOutput, Rejected
 
@@ -103,7 +105,9 @@ def test_a_flood_beyond_the_waiting_bound_is_refused_at_once_and_served_again_af
 
     async def main() -> tuple[list[object], list[object], int]:
         gate = Gate()
-        batcher = ProvisionBatcher(gate, max_waiting=10)
+        batcher = ProvisionBatcher(
+            gate, max_waiting=10, on_busy=metrics.provisions.labels("busy").inc
+        )
 
         async def call(n: int) -> object:
             try:
@@ -121,8 +125,12 @@ def test_a_flood_beyond_the_waiting_bound_is_refused_at_once_and_served_again_af
         batcher.close()
         return refused_while_held, [*first, after], waiting
 
+    metrics = ServerMetrics()
     refused_while_held, results, waiting = asyncio.run(main())
     busy = (Code.RESOURCE_EXHAUSTED, BUSY)
+    # What an operator's dashboard sees: each refusal counted.
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'gatekeeper_provisions_total{outcome="busy"} 5.0' in scraped
     # The five beyond the bound were answered at once, without waiting for the held batch.
     assert refused_while_held == [busy] * 5
     assert results[10:15] == [busy] * 5

@@ -256,7 +256,7 @@ class Server:
             options = tunnel_server_options(options)
         self.grpc = grpc.aio.server(options=options)
         self.provisioner.loop = asyncio.get_running_loop()
-        self.service = ProvisionService(self.fleet.guard(self.provisioner))
+        self.service = ProvisionService(self.fleet.guard(self.provisioner), self.fleet.metrics)
         add_provision_service(self.grpc, self.service)
         if self.tunnels is not None:
             add_to_server(self.tunnels, self.grpc)  # same port, same TLS as Provision

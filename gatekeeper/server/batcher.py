@@ -15,7 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gatekeeper.server.provisioning import Code, ProvisionInput, ProvisionOutput, Rejected
@@ -84,8 +84,11 @@ class ProvisionBatcher:
         *,
         max_batch: int = MAX_BATCH,
         max_waiting: int = MAX_WAITING,
+        on_busy: Callable[[], None] | None = None,
     ) -> None:
+        """`on_busy`: called (on the event loop, so it must be cheap) for each refusal."""
         self.provisions = provisions
+        self.on_busy = on_busy
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         # Counted on the event loop only (taken in `provision`, given back in _settle_some).
@@ -105,6 +108,8 @@ class ProvisionBatcher:
                     "%d Provisions waiting: refusing new ones until there is room", self.waiting
                 )
             self.refused += 1
+            if self.on_busy is not None:
+                self.on_busy()
             raise Rejected(Code.RESOURCE_EXHAUSTED, BUSY)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[ProvisionOutput] = loop.create_future()

@@ -27,6 +27,7 @@ OUTCOMES = (
     "invalid",
     "exhausted",
     "rate_limited",
+    "busy",
     "error",
 )
 

@@ -13,6 +13,7 @@ from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
 from gatekeeper.server.batcher import BUSY, BatchProvisions, ProvisionBatcher
 from gatekeeper.server.escape import shown
 from gatekeeper.server.guard import RATE_LIMITED
+from gatekeeper.server.metrics import ServerMetrics
 from gatekeeper.server.provisioning import Code, ProvisionInput, Rejected
 from gatekeeper.server.registry import RegistryError, RegistryUnavailable
 
@@ -40,12 +41,14 @@ def request_input(request: provision_pb2.ProvisionRequest, peer: str) -> Provisi
 
 
 class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
-    def __init__(self, provisioner: BatchProvisions) -> None:
-        """`provisioner`: the Provisioner, or the guard that audits and rate-limits it."""
+    def __init__(self, provisioner: BatchProvisions, metrics: ServerMetrics | None = None) -> None:
+        """`provisioner`: the Provisioner, or the guard that audits and rate-limits it.
+        `metrics`: where Provisions refused as busy are counted (they never reach the guard)."""
         # Store calls (an fsync per SQLite commit, a PostgreSQL round trip), UAPI writes and
         # the audit line block: never on the loop that also relays every tunnelled datagram.
         # They run in the batcher's one thread, many Provisions per commit in a storm.
-        self.batcher = ProvisionBatcher(provisioner)
+        busy = metrics.provisions.labels("busy").inc if metrics is not None else None
+        self.batcher = ProvisionBatcher(provisioner, on_busy=busy)
 
     def close(self) -> None:
         self.batcher.close()
