@@ -121,3 +121,28 @@ def test_a_connection_the_sink_closed_is_not_written_into(tmp_path: Path) -> Non
     finally:
         journal.close()
         registry.close()
+
+
+def test_a_sink_that_closes_every_connection_is_retried_with_backoff(tmp_path: Path) -> None:
+    # Not a log sink (or one refusing us): it accepts and closes at once. Lines keep coming;
+    # the agent must not open a connection per line.
+    accepted = 0
+
+    async def close_at_once(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(close_at_once, "::1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with sending_to(port, tmp_path) as telemetry:
+            for n in range(60):  # a line every 50 ms for 3 s
+                telemetry.queue_line(line(f"line {n}"))
+                await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+    # Backoff 0.5 s, x1.5: about 6 attempts in 3 s; one per line would be 60.
+    assert 1 <= accepted <= 10, accepted

@@ -49,6 +49,8 @@ KERNEL_LOGS = "talos.logging.kernel"
 KMSG = Path("/dev/kmsg")
 EVENT_QUEUE = 100
 LOG_QUEUE = 1000
+# A log connection that ends sooner than this after it opened counts as a failed attempt.
+SHORT_CONNECTION = 1.0
 PUBLISH_DEADLINE = 5.0
 # The status fields that make an event when they change, and the ones an event carries.
 _TRIGGERS = ("state", "connected", "node_address", "link_name")
@@ -299,7 +301,7 @@ class Telemetry:
                 failures += 1
                 await self._backoff(failures)
                 continue
-            failures = 0
+            opened = time.monotonic()
             try:
                 await self._pump_lines(sink, reader, writer)
             except (OSError, ConnectionError) as exc:
@@ -308,6 +310,13 @@ class Telemetry:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
+            # A sink that closes every connection at once (one refusing us, or not a log
+            # sink) costs a retry like one that cannot be reached, not a connection per line.
+            if time.monotonic() - opened < SHORT_CONNECTION and self.sinks.kernel_logs == sink:
+                failures += 1
+                await self._backoff(failures)
+            else:
+                failures = 0
 
     async def _pump_lines(
         self, sink: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
