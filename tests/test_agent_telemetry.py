@@ -16,6 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
+from gatekeeper.agent import telemetry as telemetry_module
 from gatekeeper.agent.telemetry import Telemetry
 from gatekeeper.server.attribution import Attributor
 from gatekeeper.server.journal import Journal, read_journal
@@ -44,17 +47,20 @@ async def sending_to(port: int, tmp_path: Path) -> AsyncIterator[Telemetry]:
 
 
 async def read_until(reader: asyncio.StreamReader, marker: bytes, seconds: float) -> bytes:
-    got = b""
+    got = bytearray()
     deadline = time.monotonic() + seconds
-    while marker not in got:
+    while True:
         try:
             chunk = await asyncio.wait_for(reader.read(1 << 16), deadline - time.monotonic())
         except TimeoutError:
             break
         if not chunk:
             break
+        start = max(len(got) - len(marker), 0)  # only the new bytes can complete the marker
         got += chunk
-    return got
+        if got.find(marker, start) >= 0:
+            break
+    return bytes(got)
 
 
 def test_a_line_queued_while_the_backlog_is_written_is_sent(tmp_path: Path) -> None:
@@ -146,3 +152,40 @@ def test_a_sink_that_closes_every_connection_is_retried_with_backoff(tmp_path: P
     asyncio.run(scenario())
     # Backoff 0.5 s, x1.5: about 6 attempts in 3 s; one per line would be 60.
     assert 1 <= accepted <= 10, accepted
+
+
+def test_a_sink_that_stops_reading_is_dropped_and_shutdown_does_not_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Accepts, never reads, small buffers: the backlog cannot leave. The sender must give the
+    # connection up (and try a new one), and stopping the agent must not wait for the sink.
+    monkeypatch.setattr(telemetry_module, "DRAIN_TIMEOUT", 0.5)
+    held: list[socket.socket] = []
+
+    async def scenario() -> float:
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("::1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            async with sending_to(listener.getsockname()[1], tmp_path) as telemetry:
+                for n in range(1000):
+                    telemetry.queue_line(line(f"backlog {n}", pad=8000))
+                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+                held.append(conn)
+                await asyncio.sleep(1.5)  # stalled past the (shortened) timeout: dropped
+                telemetry.queue_line(line("after the stall"))  # so a new connection
+                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+                held.append(conn)
+                stopping = time.monotonic()
+            return time.monotonic() - stopping
+        finally:
+            listener.close()
+            for conn in held:
+                conn.close()
+
+    stopped_in = asyncio.run(scenario())
+    assert len(held) == 2, "the stalled connection was never given up"
+    assert stopped_in < 3, f"stopping took {stopped_in:.1f} s"

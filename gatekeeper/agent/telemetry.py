@@ -9,7 +9,8 @@ Honours two kernel command line parameters, as Talos does:
 Both usually point at the server's overlay address, reachable only once the link is up, so
 senders retry (the agent's one backoff, cut short when the link comes up) and queues are
 bounded (the oldest entries go first). The log connection stays open while idle; when the sink
-closes it (its idle timeout), the next line opens a new one.
+closes it (its idle timeout), the next line opens a new one; a sink that takes nothing for
+30 s loses the connection (and what was buffered for it) and is tried again.
 Status events are `google.protobuf.Struct` payloads built from the status document, sent when
 the state, the connection or the address changes. Secrets never reach the status document.
 
@@ -51,6 +52,9 @@ EVENT_QUEUE = 100
 LOG_QUEUE = 1000
 # A log connection that ends sooner than this after it opened counts as a failed attempt.
 SHORT_CONNECTION = 1.0
+# A log sink that takes none of what is sent for this long has its connection dropped (then
+# retried): a stalled or hostile sink must not hold the sender, or the agent's shutdown.
+DRAIN_TIMEOUT = 30.0
 PUBLISH_DEADLINE = 5.0
 # The status fields that make an event when they change, and the ones an event carries.
 _TRIGGERS = ("state", "connected", "node_address", "link_name")
@@ -184,6 +188,7 @@ class Telemetry:
             self.sinks = sinks
             self._wake_events.set()
             self._wake_lines.set()
+            self._nudge.set()  # a sender backing off from the old sink tries the new one now
 
     async def run(self) -> None:
         tasks = [
@@ -296,7 +301,8 @@ class Telemetry:
             sink = self.sinks.kernel_logs
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(*sink), 5)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
+                # ValueError: a host name the resolver refuses (a label over 63 characters).
                 log.debug("telemetry: log sink not reachable: %s", exc)
                 failures += 1
                 await self._backoff(failures)
@@ -307,9 +313,14 @@ class Telemetry:
             except (OSError, ConnectionError) as exc:
                 log.debug("telemetry: log sink connection lost: %s", exc)
             finally:
-                writer.close()
+                # Lines still buffered for a sink that stopped reading would hold close() (and
+                # the agent's shutdown) until it reads: such a connection is dropped instead.
+                if writer.transport.get_write_buffer_size():
+                    writer.transport.abort()
+                else:
+                    writer.close()
                 with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                    await asyncio.wait_for(writer.wait_closed(), 1)
             # A sink that closes every connection at once (one refusing us, or not a log
             # sink) costs a retry like one that cannot be reached, not a connection per line.
             if time.monotonic() - opened < SHORT_CONNECTION and self.sinks.kernel_logs == sink:
@@ -327,7 +338,8 @@ class Telemetry:
         # into a socket the far end has closed, where it would be lost without an error.
         ended = asyncio.ensure_future(reader.read(1))
         try:
-            while self.sinks.kernel_logs == sink:
+            # at_eof(): the EOF has arrived but the read waiting for it has not run yet.
+            while self.sinks.kernel_logs == sink and not ended.done() and not reader.at_eof():
                 # Cleared before the queue is emptied, not after drain(): a line queued while
                 # drain() waits (a backlog larger than the socket takes) sets it again. Cleared
                 # after, that line would wait for the next one (for ever, on a quiet kernel).
@@ -335,7 +347,20 @@ class Telemetry:
                 while self._lines:
                     writer.write(self._lines[0])
                     self._lines.popleft()
-                await writer.drain()
+                drained = asyncio.ensure_future(writer.drain())
+                try:
+                    await asyncio.wait(
+                        {drained, ended}, timeout=DRAIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    drained.cancel()
+                if not drained.done() or drained.cancelled():
+                    if ended.done():
+                        break
+                    raise ConnectionError(
+                        f"the log sink did not take the lines within {DRAIN_TIMEOUT:.0f} s"
+                    )
+                drained.result()  # a write error ends the connection (OSError)
                 if self._lines:
                     continue
                 woken = asyncio.ensure_future(self._wake_lines.wait())
@@ -343,9 +368,8 @@ class Telemetry:
                     await asyncio.wait({woken, ended}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     woken.cancel()
-                if ended.done():
-                    log.debug("telemetry: the log sink closed the connection")
-                    return
+            if ended.done():
+                log.debug("telemetry: the log sink ended the connection")
         finally:
             ended.cancel()
             if ended.done() and not ended.cancelled():
