@@ -354,7 +354,7 @@ class Telemetry:
                     )
                 finally:
                     drained.cancel()
-                if not drained.done() or drained.cancelled():
+                if not drained.done():
                     if ended.done():
                         break
                     raise ConnectionError(
