@@ -63,16 +63,23 @@ async def read_until(reader: asyncio.StreamReader, marker: bytes, seconds: float
     return bytes(got)
 
 
+def slow_listener() -> socket.socket:
+    """A loopback listener whose connections have a small receive buffer (inherited), so a
+    sender's backlog stays in the sender until the test reads."""
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("::1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    return listener
+
+
 def test_a_line_queued_while_the_backlog_is_written_is_sent(tmp_path: Path) -> None:
     # A sink that takes nothing for a while, with a small receive buffer: the sender's drain()
     # waits, and the marker is queued during that wait (as a kernel line written right after
     # the link came up lands while the boot backlog is still going out).
     async def scenario() -> None:
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        listener.bind(("::1", 0))
-        listener.listen()
-        listener.setblocking(False)
+        listener = slow_listener()
         port = listener.getsockname()[1]
         loop = asyncio.get_running_loop()
         async with sending_to(port, tmp_path) as telemetry:
@@ -163,11 +170,7 @@ def test_a_sink_that_stops_reading_is_dropped_and_shutdown_does_not_wait_for_it(
     held: list[socket.socket] = []
 
     async def scenario() -> float:
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        listener.bind(("::1", 0))
-        listener.listen()
-        listener.setblocking(False)
+        listener = slow_listener()
         loop = asyncio.get_running_loop()
         try:
             async with sending_to(listener.getsockname()[1], tmp_path) as telemetry:
@@ -189,3 +192,21 @@ def test_a_sink_that_stops_reading_is_dropped_and_shutdown_does_not_wait_for_it(
     stopped_in = asyncio.run(scenario())
     assert len(held) == 2, "the stalled connection was never given up"
     assert stopped_in < 3, f"stopping took {stopped_in:.1f} s"
+
+
+def test_a_sink_host_the_resolver_refuses_does_not_end_telemetry(tmp_path: Path) -> None:
+    # `a..b` passes the command line parser; the resolver refuses it (ValueError, not OSError).
+    async def scenario() -> bool:
+        telemetry = Telemetry(kmsg=tmp_path / "no-kmsg")
+        telemetry.set_cmdline("talos.logging.kernel=tcp://a..b:4000")
+        assert telemetry.sinks.kernel_logs == ("a..b", 4000)
+        task = asyncio.create_task(telemetry.run())
+        telemetry.queue_line(line("to nowhere"))
+        await asyncio.sleep(1.5)  # a few attempts, with backoff
+        alive = not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return alive
+
+    assert asyncio.run(scenario()), "the telemetry task ended on a bad sink host"
