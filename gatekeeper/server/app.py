@@ -24,6 +24,7 @@ from gatekeeper.server.devicewatch import (
     InterfaceLock,
     SwappableDevice,
 )
+from gatekeeper.server.endpoint_sync import EndpointSyncSchedule
 from gatekeeper.server.fleet import Fleet, FleetError, FleetOptions, provision_server_options
 from gatekeeper.server.instances import InstanceHeartbeat, default_instance
 from gatekeeper.server.joininfo import JoinInfo, api_url, write_join_info
@@ -62,10 +63,8 @@ class ServerOptions:
     wireguard_port: int = 51820
     endpoints: list[str] = field(default_factory=list)
     backend: str = "auto"
-    endpoint_sync_every: float = 5.0
-    # With no machine joining, endpoints only change when machines roam: reading every peer
-    # (about 80 us each across the server and wireguard-go) is then done this rarely.
-    endpoint_sync_idle_every: float = 300.0
+    # When the device is read for the endpoints machines were seen at (endpoint_sync.py).
+    endpoint_sync: EndpointSyncSchedule = field(default_factory=EndpointSyncSchedule)
     fleet: FleetOptions = field(default_factory=FleetOptions)
     # WireGuard over gRPC: off, allow (machines that ask), always (every machine).
     tunnel_mode: TunnelMode = TunnelMode.ALLOW
@@ -303,11 +302,11 @@ class Server:
 
     async def _sync_endpoints(self) -> None:
         assert self.provisioner is not None
+        schedule = self.options.endpoint_sync
         last = time.monotonic()
         while True:
-            await asyncio.sleep(self.options.endpoint_sync_every)
-            idle_for = time.monotonic() - last
-            if not self.fleet.joining() and idle_for < self.options.endpoint_sync_idle_every:
+            await asyncio.sleep(schedule.tick)
+            if not schedule.due(time.monotonic(), last, self.fleet.last_provision()):
                 continue
             last = time.monotonic()
             try:

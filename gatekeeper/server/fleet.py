@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 # A machine counts as connected while its last handshake is younger than the machine's own
 # link-down threshold (docs/compatibility.md: 180 + 5 + 90 s).
 CONNECTED_WITHIN = 275.0
-# A machine handshakes within seconds of its Provision answer; this covers slow ones.
-JOIN_WINDOW = 30.0
 EVENTS_PORT = 8090
 LOGS_PORT = 8092
 # Provision requests are a few hundred bytes; anything far larger is refused by gRPC before
@@ -134,10 +132,11 @@ class Fleet:
         self.provision_guard = ProvisionGuard(provisioner, audit=self.audit, metrics=self.metrics)
         return self.provision_guard
 
-    def joining(self, within: float = JOIN_WINDOW) -> bool:
-        """Did a machine provision recently (so its endpoint may just have appeared)?"""
+    def last_provision(self) -> float | None:
+        """time.monotonic() of the last Provision answered OK (the start counts as one: the
+        machines restored then handshake soon after), None before the service exists."""
         guard = self.provision_guard
-        return guard is not None and time.monotonic() - guard.last_ok < within
+        return None if guard is None else guard.last_ok
 
     async def start(
         self,
