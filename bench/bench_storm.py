@@ -12,7 +12,11 @@ In the same run, with the same client processes:
 - a machine with a tunnel link (WireGuard over gRPC) pings the server's overlay address every
   20 ms, idle first, then while the storm runs: the RTT p99 the storm adds (a lost ping counts
   as an infinite RTT); beside it, a machine on the direct UDP path does the same (what the
-  storm's load on the machine adds to a path that does not cross the server's event loop).
+  storm's load on the machine adds to a path that does not cross the server's event loop);
+- the floor of that: the same clients send the same 1000 requests to a method the server does
+  not serve, so grpc.aio answers UNIMPLEMENTED on the server's own event loop with none of
+  Gatekeeper's code run, and the tunnel RTT p99 that adds (what any grpc.aio server that
+  carries the tunnel on its loop pays for 1000 calls at once, on this machine).
 
 Targets (issues 12 and 14): total <= 2 s and p99 <= 1 s (every machine's wait, from the
 storm's start to its answer, connection included), rate / floor >= 0.3, RTT p99 added
@@ -50,6 +54,8 @@ BENCH = Path(__file__).parent
 STORM = BENCH / "storm_client.py"
 FLOOR = BENCH / "floor_server.py"
 FLOOR_PORT = 8099
+# A method in the real service's name space that no server serves (the RTT floor phase).
+UNSERVED = "/sidero.link.ProvisionService/NotServed"
 # bench/ reuses the tests' PostgreSQL and second-instance set-up rather than a copy of them.
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
@@ -103,9 +109,9 @@ class Client:
             raise RuntimeError(f"a storm client exited ({self.proc.poll()})")
         return line
 
-    def go(self, target: str, t0: float) -> None:
+    def go(self, target: str, t0: float, method: str = "") -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"GO {target} {t0}\n")
+        self.proc.stdin.write(f"GO {target} {t0} {method}".rstrip() + "\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
@@ -119,13 +125,13 @@ class Client:
             self.proc.wait(5)
 
 
-def run_phase(clients: list[Client], targets: list[str]) -> dict[str, Any]:
+def run_phase(clients: list[Client], targets: list[str], method: str = "") -> dict[str, Any]:
     """Every client storms its target from one shared start; the combined figures."""
     for c in clients:
         assert c.expect(120) == "READY"
     t0 = time.monotonic()
     for i, c in enumerate(clients):
-        c.go(targets[i % len(targets)], t0)
+        c.go(targets[i % len(targets)], t0, method)
     results = [json.loads(c.expect(600)) for c in clients]
     waits = [w for r in results for w in r["from_start_s"]]
     outcomes: dict[str, int] = {}
@@ -232,6 +238,9 @@ def main() -> int:
     parser.add_argument("--registry", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--instances", type=int, choices=[1, 2], default=1)
     parser.add_argument("--idle-rtt", type=float, default=3.0, help="seconds of idle pings")
+    parser.add_argument(
+        "--floor-rounds", type=int, default=5, help="rounds of the UNIMPLEMENTED floor (>= 1)"
+    )
     args = parser.parse_args()
     if args.instances == 2 and args.registry != "postgresql":
         parser.error("--instances 2 needs --registry postgresql (one fleet, one shared store)")
@@ -276,6 +285,18 @@ def main() -> int:
 
         # The floor first: the real servers' after-storm work cannot then slow it down.
         floor_run = run_phase(clients, [f"[{sl.server_underlay}]:{FLOOR_PORT}"])
+        # A round lasts under half a second (about 20 pings), so the rounds' pings are pooled
+        # for a p99 that one unlucky ping does not make.
+        unserved_rtts: list[float] = []
+        direct_unserved: list[float] = []
+        unserved_runs = []
+        for _ in range(args.floor_rounds):
+            unserved_start = time.time()
+            unserved_runs.append(run_phase(clients, [t.grpc for t in targets], UNSERVED))
+            unserved_end = time.time()
+            time.sleep(2.0)  # its pings come back; the servers close its 1000 connections
+            unserved_rtts += pinger.window(unserved_start, unserved_end)[0]
+            direct_unserved += direct_pinger.window(unserved_start, unserved_end)[0]
         storm_start = time.time()
         storm = run_phase(clients, [t.grpc for t in targets])
         storm_end = time.time()
@@ -289,16 +310,22 @@ def main() -> int:
     storm_p99 = percentile(storm_rtts, 99)
     added = storm_p99 - idle_p99
     direct_added = percentile(direct_storm, 99) - percentile(direct_idle, 99)
+    unserved_added = percentile(unserved_rtts, 99) - idle_p99
+    unserved_direct = percentile(direct_unserved, 99) - percentile(direct_idle, 99)
+    unimplemented = sum(r["outcomes"].get("UNIMPLEMENTED", 0) for r in unserved_runs)
+    unserved_s = ", ".join(f"{r['total_s']:.2f}" for r in unserved_runs)
     ratio = storm["per_s"] / floor_run["per_s"]
     setup = f"{args.registry}, {args.instances} instance(s), {args.clients} client processes"
     complete = storm["ok"] == count and peers_added == count and alive
     print(
         json.dumps(
             {"setup": setup, "count": count, "storm": storm, "floor": floor_run,
-             "peers_added": peers_added, "servers_alive": alive,
+             "unserved": unserved_runs, "peers_added": peers_added, "servers_alive": alive,
              "rtt_ms": {"idle_p99": idle_p99, "storm_p99": storm_p99, "direct_added":
                         direct_added, "idle_pings": len(idle_rtts), "storm_pings":
-                        len(storm_rtts), "idle_lost": idle_lost, "storm_lost": storm_lost}},
+                        len(storm_rtts), "idle_lost": idle_lost, "storm_lost": storm_lost,
+                        "unserved_added": unserved_added, "unserved_direct_added":
+                        unserved_direct, "unserved_pings": len(unserved_rtts)}},
             indent=2, default=str,
         )
     )  # fmt: skip
@@ -350,6 +377,17 @@ def main() -> int:
                 direct_added,
                 "ms",
                 note=f"{len(direct_storm)} pings",
+            ),
+            Verdict(
+                f"floor: tunnel RTT p99 added by {count} calls at once that grpc.aio answers "
+                f"itself on the server's loop (UNIMPLEMENTED, no Gatekeeper code), "
+                f"{args.floor_rounds} rounds, same run",
+                "",
+                unserved_added,
+                "ms",
+                note=f"{unimplemented} of {count * args.floor_rounds} UNIMPLEMENTED, rounds of "
+                f"{unserved_s} s; {len(unserved_rtts)} pings; the direct path's added "
+                f"{unserved_direct:.1f} ms",
             ),
         ],
     )

@@ -12,10 +12,12 @@ knows exactly which provisions the server answered. Prints a JSON summary on std
 seconds, latency percentiles, outcomes.
 
 `--coordinated` (bench_storm.py, several client processes starting at one moment): the
-process makes its keys, prints `READY`, then for every line `GO TARGET T0` on stdin (T0: the
-shared start, time.monotonic(), which is system-wide on Linux) runs one storm against TARGET
-and prints one JSON line with every machine's latency from T0 and per call; then `READY`
-again for the next line, until stdin closes.
+process makes its keys, prints `READY`, then for every line `GO TARGET T0 [METHOD]` on stdin
+(T0: the shared start, time.monotonic(), which is system-wide on Linux) runs one storm against
+TARGET and prints one JSON line with every machine's latency from T0 and per call; then
+`READY` again for the next line, until stdin closes. METHOD (a full gRPC method path) sends
+the same requests to that method instead of Provision: a path the server does not serve is
+answered UNIMPLEMENTED inside grpc.aio, with none of the server's own code run.
 """
 
 from __future__ import annotations
@@ -53,12 +55,24 @@ async def storm(
     keys: list[str] | None = None,
     started: float | None = None,
     raw: bool = False,
+    method: str | None = None,
 ) -> dict[str, Any]:
     keys = keys or make_keys(count)
     # From the clock's start: connections are part of what is measured.
     started = time.monotonic() if started is None else started
     pool = [grpc.aio.insecure_channel(target) for _ in range(max(1, min(channels, count)))]
-    stubs = [provision_pb2_grpc.ProvisionServiceStub(c) for c in pool]  # type: ignore[no-untyped-call]
+    if method is None:
+        stubs = [provision_pb2_grpc.ProvisionServiceStub(c) for c in pool]  # type: ignore[no-untyped-call]
+        calls_of = [stub.Provision for stub in stubs]
+    else:
+        calls_of = [
+            c.unary_unary(
+                method,
+                request_serializer=provision_pb2.ProvisionRequest.SerializeToString,
+                response_deserializer=provision_pb2.ProvisionResponse.FromString,
+            )
+            for c in pool
+        ]
     gate = asyncio.Semaphore(concurrency)
     from_start: list[float] = []
     calls: list[float] = []
@@ -76,7 +90,7 @@ async def storm(
         async with gate:
             start = time.monotonic()
             try:
-                reply = await stubs[i % len(stubs)].Provision(request, timeout=60)
+                reply = await calls_of[i % len(calls_of)](request, timeout=60)
             except grpc.aio.AioRpcError as exc:
                 outcomes[exc.code().name] = outcomes.get(exc.code().name, 0) + 1
                 return
@@ -128,11 +142,11 @@ def coordinated(args: argparse.Namespace) -> int:
         line = sys.stdin.readline()
         if not line:
             return 0
-        _, target, t0 = line.split()
+        _, target, t0, *method = line.split()
         summary = asyncio.run(
             storm(
                 target, args.count, args.concurrency, args.token, None, args.channels,
-                keys=keys, started=float(t0), raw=True,
+                keys=keys, started=float(t0), raw=True, method=method[0] if method else None,
             )
         )  # fmt: skip
         print(json.dumps(summary), flush=True)
