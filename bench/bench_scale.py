@@ -108,7 +108,7 @@ def main() -> int:
         outcomes = fill(sl, targets, args.count)
         fill_s = time.monotonic() - started
         # Right after machines join, a server reads its device every 5 s for their new
-        # endpoints (fleet.JOIN_WINDOW); idle is what follows.
+        # endpoints (endpoint_sync.JOIN_WINDOW); idle is what follows.
         time.sleep(args.settle)
         before = [(cpu_seconds(s), cpu_seconds(w)) for s, w in pids]
         time.sleep(args.idle)

@@ -8,6 +8,9 @@ Kernel command line parameters (besides siderolink.api=, which is the agent's bu
   gk.ip=ADDR/PREFIX      the underlay address of eth0
   gk.node_uuid=UUID      the node UUID when the machine has no SMBIOS (QEMU microvm has none)
   gk.checks=a,b          extra checks once the link is up: contract, firewall
+  gk.role=server         run `gatekeeper server` on kernel WireGuard instead of the agent
+                         (bench/bench_scale_vm.py), with gk.token=TOKEN as its join token,
+                         and answer resource figures on TCP port 7070 (see serve_stats)
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ if TYPE_CHECKING:
 
 PREFIX = "@@GK "
 RUN_DIR = "/run/gatekeeper"
+SERVER_STATE = "/run/gatekeeper-server"
+SERVER_LOG = "/run/gatekeeper-server.log"
+SERVER_INTERFACE = "gks0"
+SERVER_API_PORT = 8090
+SERVER_WG_PORT = 51820
+STATS_PORT = 7070
 PRODUCT_UUID = "/sys/class/dmi/id/product_uuid"
 _lock = threading.Lock()
 
@@ -158,6 +167,121 @@ def run_checks(names: list[str]) -> None:
             say("check-error", check=name, error=f"{type(exc).__name__}: {exc}")
 
 
+def start_server(address: str, token: str) -> subprocess.Popen[bytes]:
+    """`gatekeeper server` on kernel WireGuard, its log in a file: relaying ten thousand
+    provision lines through an emulated serial port would cost the guest more than serving
+    them."""
+    os.makedirs(SERVER_STATE, exist_ok=True)
+    token_file = os.path.join(SERVER_STATE, "join-token")
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    argv = [
+        sys.executable, "-m", "gatekeeper", "server",
+        "--state-dir", SERVER_STATE,
+        "--listen", f"[{address}]:{SERVER_API_PORT}",
+        "--join-token-file", token_file,
+        "--wireguard-backend", "kernel",
+        "--wireguard-interface", SERVER_INTERFACE,
+        "--wireguard-port", str(SERVER_WG_PORT),
+        "--endpoint", f"[{address}]:{SERVER_WG_PORT}",
+    ]  # fmt: skip
+    log = open(SERVER_LOG, "ab")  # noqa: SIM115 (the server's for its whole life)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    say("server-started", pid=proc.pid)
+    return proc
+
+
+def meminfo() -> dict[str, int]:
+    found = {}
+    for line in read_text("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        found[key] = int(rest.split()[0])
+    return found
+
+
+def process_figures(pid: int) -> dict[str, Any]:
+    status = {}
+    for line in read_text(f"/proc/{pid}/status").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            status[key] = int(rest.split()[0])
+    fields = read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {
+        "rss_kb": status.get("VmRSS", 0),
+        "hwm_kb": status.get("VmHWM", 0),
+        "cpu_s": (int(fields[11]) + int(fields[12])) / ticks,
+    }
+
+
+def device_peers() -> int:
+    from gatekeeper.wireguard import rtnl
+    from gatekeeper.wireguard.kernel import KernelDevice
+
+    link = rtnl.get_link(SERVER_INTERFACE)
+    if link is None:
+        return -1
+    # Read only: never close() this handle, that deletes the server's link.
+    return len(KernelDevice(SERVER_INTERFACE, link.index).peers())
+
+
+def calibrate() -> float:
+    """CPU seconds of a fixed pure-Python loop: bench_scale_vm.py runs the same on the host, and
+    the ratio is how much slower the guest's emulated CPU is (TCG) in that run."""
+    started = time.process_time()
+    total = 0
+    for i in range(3_000_000):
+        total += i * i
+    return time.process_time() - started
+
+
+def serve_stats(server: subprocess.Popen[bytes], address: str) -> None:
+    """One JSON line per connection: the server process's memory and CPU, the kernel's slab
+    and free memory, and (when the request line says `peers`) the device's peer count. Only
+    the bench on the lab bridge reaches it; it is in the bench image role, not the product."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, STATS_PORT))
+    listener.listen(4)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            try:
+                request = conn.recv(64).decode(errors="replace")
+                figures: dict[str, Any] = {"uptime": uptime(), "exited": server.poll()}
+                if server.poll() is None:
+                    figures.update(process_figures(server.pid))
+                mem = meminfo()
+                figures.update(
+                    slab_kb=mem.get("Slab", 0),
+                    sunreclaim_kb=mem.get("SUnreclaim", 0),
+                    mem_available_kb=mem.get("MemAvailable", 0),
+                )
+                if "peers" in request:
+                    figures["peers"] = device_peers()
+                if "calibrate" in request:
+                    figures["calibrate_s"] = calibrate()
+                if "log" in request:
+                    with open(SERVER_LOG, "rb") as f:
+                        figures["log_tail"] = f.read()[-4000:].decode(errors="replace")
+            except Exception as exc:  # report it to the bench, keep serving
+                figures = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                conn.sendall((json.dumps(figures) + "\n").encode())
+
+
+def server_role(options: dict[str, str]) -> None:
+    address = options.get("ip", "").split("/")[0]
+    server = start_server(address, options.get("token", ""))
+    threading.Thread(target=serve_stats, args=(server, address), daemon=True).start()
+    server.wait()
+    say("server-exited", returncode=server.returncode)
+
+
 def main() -> None:
     say("runner", python=sys.version.split()[0])
     options = params()
@@ -165,6 +289,9 @@ def main() -> None:
         modules = read_text("/proc/modules")
         say("modules", wireguard=any(m.startswith("wireguard ") for m in modules.splitlines()))
     setup_network(options.get("ip"))
+    if options.get("role") == "server":
+        server_role(options)
+        return
     agent = start_agent(options.get("node_uuid"))
     checks = [c for c in options.get("checks", "").split(",") if c]
     last: tuple[Any, ...] = ()
