@@ -303,12 +303,12 @@ class Server:
     async def _sync_endpoints(self) -> None:
         assert self.provisioner is not None
         schedule = self.options.endpoint_sync
-        last = time.monotonic()
+        timer = schedule.start(time.monotonic())
         while True:
             await asyncio.sleep(schedule.tick)
-            if not schedule.due(time.monotonic(), last, self.fleet.last_provision()):
+            if not timer.due(time.monotonic(), self.fleet.last_provision()):
                 continue
-            last = time.monotonic()
+            timer.ran(time.monotonic())
             try:
                 # Reading every peer takes a while with thousands: not on the event loop.
                 await asyncio.to_thread(self.provisioner.sync_endpoints)
