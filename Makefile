@@ -32,7 +32,7 @@ test: setup vm-packages
 vm-test: setup vm-packages
 	PYTHON=$(PY) vm-tests/run || [ $$? = 77 ]  # 77: skipped, the reason is printed
 
-# Every benchmark, quick sizes (about 15 minutes), one verdict table; see bench/README.md.
+# Every benchmark, quick sizes (about 20 minutes), one verdict table; see bench/README.md.
 # BENCH_ARGS passes options through: make bench BENCH_ARGS="--skip vm --markdown bench.md".
 bench: setup vm-packages
 	$(PY) bench/run_all.py $(BENCH_ARGS)

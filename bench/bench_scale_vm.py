@@ -1,7 +1,7 @@
 """Scale on kernel WireGuard: one `gatekeeper server` in the QEMU guest holding N peers.
 
 This host has no kernel WireGuard, so `bench_scale.py` measures the server beside wireguard-go,
-whose per-peer memory alone passes the target at 10,000 peers. Here the server runs where the
+whose per-peer memory puts the two over the target at 10,000 peers. Here the server runs where the
 kernel module is: inside the vm-tests guest (Debian's kernel, `--wireguard-backend kernel`, a
 SQLite registry in the guest's /run), as a real fleet would run it. The host provisions N
 machines with real keys and real Provision calls over the lab bridge, waits for the after-join
@@ -10,8 +10,9 @@ work to settle, then reads the guest's figures from the image's runner (guest/ru
 guest time, the device's peer count, and the kernel's slab growth beside them (the peers'
 memory lives there, outside any process).
 
-Target (issue 12): <= 150 MB for the instance (here the server process: the device is in the
-kernel). The guest runs under TCG, one vCPU: the fill is slow there, and idle CPU is the
+Target (issue 12): <= 150 MB for the instance: here the server process's RSS plus the slab the
+kernel took for the peers (the device's memory, which on the host is wireguard-go's RSS).
+The guest runs under TCG, one vCPU: the fill is slow there, and idle CPU is the
 guest's own accounting of an emulated core, so it is printed without a verdict, beside how
 much slower that core runs a fixed Python loop than the host does (measured in the same run;
 bench_scale.py gives the idle CPU verdict on the host). Run as root:
@@ -24,10 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 VM_TESTS = Path(__file__).resolve().parent.parent / "vm-tests"
@@ -71,6 +74,8 @@ def ask(sl: SideroLinkLab, what: str, timeout: float = 60.0) -> dict[str, Any]:
     answer: dict[str, Any] = json.loads(done.stdout)
     if "error" in answer:
         raise VmFailure(f"guest figures ({what}): {answer['error']}")
+    if answer.get("exited") is not None:
+        raise VmFailure(f"the guest's server exited with status {answer['exited']}")
     return answer
 
 
@@ -115,6 +120,12 @@ def calibrate() -> float:
     return time.process_time() - started
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (run_all's timeout, a service manager) unwinds like Ctrl-C: the VM is stopped
+    # and the namespace removed on the way out.
+    raise KeyboardInterrupt
+
+
 def mb(kb: float) -> float:
     return kb / 1024
 
@@ -151,6 +162,7 @@ def main() -> int:
                 qmp=log_dir / "qmp.sock",
             )
             vm = Vm.start(spec, netns=ns.name, stderr_path=log_dir / "qemu.log")
+            signal.signal(signal.SIGTERM, _interrupt)
             try:
                 vm.console.wait_event("server-started", 90, "the guest's runner started a server")
                 wait_api(sl, vm, 120)
@@ -164,14 +176,22 @@ def main() -> int:
                 before = ask(sl, "stats")
                 time.sleep(args.idle)
                 after = ask(sl, "stats peers")
-                slower = ask(sl, "calibrate")["calibrate_s"] / min(calibrate() for _ in range(3))
+                # Best of three on both sides: the least disturbed run of the same loop.
+                guest_s = min(ask(sl, "calibrate")["calibrate_s"] for _ in range(3))
+                slower = guest_s / min(calibrate() for _ in range(3))
             finally:
-                with contextlib.suppress(Exception):
-                    (log_dir / "server.log").write_text(ask(sl, "log", 10).get("log_tail", ""))
-                vm.stop()
+                try:
+                    with contextlib.suppress(Exception):
+                        tail = ask(sl, "log", 10).get("log_tail", "")
+                        (log_dir / "server.log").write_text(tail)
+                finally:
+                    vm.stop()
     except Skip as exc:
         print(f"bench_scale_vm: skipped: {exc}", file=sys.stderr)
         return 77
+    except KeyboardInterrupt:
+        print("bench_scale_vm: interrupted; the VM is off and the lab removed", file=sys.stderr)
+        return 130
     except (TimeoutError, VmFailure, subprocess.TimeoutExpired) as exc:
         print(f"bench_scale_vm: failed: {exc}", file=sys.stderr)
         return 1
@@ -198,25 +218,31 @@ def main() -> int:
     complete = outcomes["outcomes"].get("OK", 0) == args.count and after.get("peers") == args.count
     name = f"scale (kernel WireGuard in the guest, {accel}), {after.get('peers')} peers"
     rss = mb(after["rss_kb"])
+    # The device's memory is the kernel's here, where wireguard-go's is a process's on the host:
+    # the instance is the server process and the slab its peers took, as bench_scale.py's is
+    # the server and its wireguard-go.
+    instance = rss + slab_mb
     ok = emit(
         "scale_vm",
         [
             Verdict(
-                f"{name}: RSS of the instance (the server process; the device is in the kernel)",
+                f"{name}: the instance: server RSS + the kernel's slab growth for its peers",
                 f"<= {MAX_MB:g} MB",
-                rss,
+                instance,
                 "MB",
-                ok=complete and rss <= MAX_MB,
-                note=f"empty {mb(empty['rss_kb']):.1f} MB"
+                ok=complete and instance <= MAX_MB,
+                note=f"server {rss:.1f} MB (empty {mb(empty['rss_kb']):.1f}), slab {slab_mb:.1f} MB"
                 + ("" if complete else f"; fill incomplete: {outcomes['outcomes']}"),
             ),
-            Verdict(f"{name}: peak RSS (VmHWM), the fill included", "", mb(after["hwm_kb"]), "MB"),
             Verdict(
-                f"{name}: beside it, the kernel's slab growth since the server was empty",
+                f"{name}: server peak RSS (VmHWM), the fill included", "", mb(after["hwm_kb"]), "MB"
+            ),
+            Verdict(
+                f"{name}: beside it, guest memory in use, growth since the server was empty",
                 "",
-                slab_mb,
+                used_mb,
                 "MB",
-                note=f"guest memory in use grew {used_mb:.1f} MB (SQLite's files in tmpfs too)",
+                note="the server's growth, the slab, and SQLite's files in tmpfs",
             ),
             # No verdict: the target's core is a real one, and this is an emulated core that
             # runs Python about `slower` times slower than the host's (measured just now).

@@ -1,7 +1,7 @@
 """Run every benchmark and print one table of their verdicts (`make bench`).
 
 Each bench/bench_*.py runs as its own process (root; each builds and removes its own lab) with
-sizes that keep the whole run near 15 minutes on a 2-core machine; `--full` uses each
+sizes that keep the whole run near 20 minutes on a 2-core machine; `--full` uses each
 benchmark's own defaults instead. A benchmark's verdicts are the `BENCH-VERDICTS` records it
 prints (bench/verdict.py); one that prints none, crashes or times out is a failed row, never a
 silent gap. Exit status 0 only when no verdict missed and every benchmark gave one.

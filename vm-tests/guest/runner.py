@@ -244,8 +244,12 @@ def serve_stats(server: subprocess.Popen[bytes], address: str) -> None:
 
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((address, STATS_PORT))
-    listener.listen(4)
+    try:
+        listener.bind((address, STATS_PORT))
+        listener.listen(4)
+    except OSError as exc:
+        say("error", error=f"figures port [{address}]:{STATS_PORT}: {exc}")
+        return
     while True:
         conn, _ = listener.accept()
         with conn:
@@ -279,7 +283,11 @@ def server_role(options: dict[str, str]) -> None:
     server = start_server(address, options.get("token", ""))
     threading.Thread(target=serve_stats, args=(server, address), daemon=True).start()
     server.wait()
-    say("server-exited", returncode=server.returncode)
+    tail = ""
+    with contextlib.suppress(OSError), open(SERVER_LOG, "rb") as f:
+        tail = f.read()[-2000:].decode(errors="replace")
+    # The guest powers off next: the reason must reach the console (the server logs no token).
+    say("server-exited", returncode=server.returncode, log_tail=tail)
 
 
 def main() -> None:
