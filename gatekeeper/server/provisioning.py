@@ -315,10 +315,13 @@ class Provisioner:
                 with contextlib.suppress(Exception):
                     self._give_back_plan(plan)
                 answers.append(_refusal(why))
+        # Only a batch that changes the tunnel hub or its names goes to the loop: a storm of
+        # machines on UDP then never waits for the loop that carries tunnelled traffic (a turn
+        # of it takes tens of ms while a thousand calls arrive), one batch after another.
         settled = iter(
             self._on_loop(lambda: [_outcome(self._settle_tunnel, p) for p in accepted])
-            if accepted
-            else ()
+            if any(self._touches_tunnel(p) for p in accepted)
+            else [""] * len(accepted)
         )
         out: list[ProvisionOutput | BaseException] = []
         for plan, answer in zip(plans, answers, strict=True):
@@ -337,6 +340,17 @@ class Provisioner:
         existing, key = plan.previous, plan.key
         held = existing if existing and existing.public_key == key.base64() else None
         self._give_back(key, plan.replaces or held)
+
+    def _touches_tunnel(self, plan: Plan) -> bool:
+        """Would `_settle_tunnel` change anything (else it answers "")? It reads the names the
+        loop owns from the batch's thread: a name is only ever given to a tunnel record's
+        address, so a plan with no tunnel record and no name at its address now has nothing
+        for the loop to do (a dict lookup is atomic)."""
+        if self.tunnels is None:
+            return False
+        if any(r is not None and r.tunnel for r in (plan.record, plan.previous, plan.replaces)):
+            return True
+        return plan.record.address in self._virtuals
 
     def _settle_tunnel(self, plan: Plan) -> str:
         """On the loop: end the stream of an identity this one replaced, and admit (or drop)
