@@ -343,9 +343,11 @@ class Provisioner:
 
     def _touches_tunnel(self, plan: Plan) -> bool:
         """Would `_settle_tunnel` change anything (else it answers "")? It reads the names the
-        loop owns from the batch's thread: a name is only ever given to a tunnel record's
-        address, so a plan with no tunnel record and no name at its address now has nothing
-        for the loop to do (a dict lookup is atomic)."""
+        loop owns from the batch's thread. That is safe because names are only ever added
+        under `device_lock`, which the caller holds (`_tunnel_peer`, waited for by this
+        thread; `_restore_endpoint`, through the reconciler, which takes the lock), and only
+        at a tunnel record's address; a name removed meanwhile (admin `forget`) leaves at most
+        a no-op for the loop. Keep any new caller of `reconcile_endpoints` under the lock."""
         if self.tunnels is None:
             return False
         if any(r is not None and r.tunnel for r in (plan.record, plan.previous, plan.replaces)):
