@@ -91,10 +91,12 @@ class PgCluster:
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """`mode` as pg_ctl's -m: fast (clients disconnected, a clean shutdown) or immediate
+        (every backend killed at once, as a crash or a pulled cable looks to a client)."""
         if self.running():
             self._as_postgres(
-                str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"
+                str(BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop"
             )  # fmt: skip
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
