@@ -177,8 +177,8 @@ def main() -> int:
                 time.sleep(args.idle)
                 after = ask(sl, "stats peers")
                 # Best of three on both sides: the least disturbed run of the same loop.
-                guest_s = min(ask(sl, "calibrate")["calibrate_s"] for _ in range(3))
-                slower = guest_s / min(calibrate() for _ in range(3))
+                guest_loop_s = min(ask(sl, "calibrate")["calibrate_s"] for _ in range(3))
+                slower = guest_loop_s / min(calibrate() for _ in range(3))
             finally:
                 try:
                     with contextlib.suppress(Exception):

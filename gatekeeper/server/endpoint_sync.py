@@ -12,7 +12,7 @@ most, counted from when it fell due. A read already running when a storm starts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # A machine handshakes within seconds of its Provision answer; this covers slow ones.
 JOIN_WINDOW = 30.0
@@ -46,7 +46,7 @@ class EndpointSyncTimer:
     schedule: EndpointSyncSchedule
     last_sync: float
     # When the read fell due and found a storm; None while it is not waiting.
-    waiting_since: float | None = field(default=None)
+    waiting_since: float | None = None
 
     def due(self, now: float, last_provision: float | None) -> bool:
         """Times from one monotonic clock; `last_provision`: the last Provision answered OK,
