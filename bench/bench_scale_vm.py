@@ -137,6 +137,12 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=40.0, help="wait before measuring idle")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
+    # 0 machines would pass over nothing, 0 concurrency never fills, 0 s of idle divides by 0.
+    for name in ("count", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.idle <= 0 or args.settle < 0:
+        parser.error("--idle must be above 0 s and --settle not below 0 s")
     try:
         preflight()
         image = build_image(DEFAULT_CACHE, lambda line: print(f"  {line}", file=sys.stderr))
