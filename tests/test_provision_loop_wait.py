@@ -7,12 +7,10 @@ whether its answers came before the loop was free again: no timing threshold."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 
 import pytest
+from hub_rig import run_script
 
 from gatekeeper.lab.netns import Lab
 
@@ -21,79 +19,48 @@ pytestmark = pytest.mark.netns
 HOLD_S = 2.0
 
 SCRIPT = """
-import asyncio, ipaddress, json, sys, tempfile, threading, time, uuid
-from pathlib import Path
-from gatekeeper.server.provisioning import ProvisionInput, Provisioner
-from gatekeeper.server.sqlite_registry import SqliteRegistry
-from gatekeeper.server.tokens import TokenPolicy
-from gatekeeper.tunnel.peers import TunnelMode
-from gatekeeper.tunnel.server import TunnelHub
-from gatekeeper.wireguard.keys import PrivateKey
-from gatekeeper.wireguard.userspace import UserspaceBackend
+import json, tempfile, threading, time
+import hub_rig
 
-hold = float(sys.argv[2])
-backend = UserspaceBackend()
-backend.die_with_parent = True  # a failing script leaves no wireguard-go behind
+hold = float(sys.argv[3])
 with tempfile.TemporaryDirectory() as state:
-    registry = SqliteRegistry(Path(state))
-    device = backend.create(sys.argv[1])
+    registry = hub_rig.sqlite_registry(state)
     try:
-        server_key = PrivateKey.generate()
-        device.configure(server_key, 51820, [], replace_peers=True)
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True).start()
+        with hub_rig.rig(sys.argv[1], registry, instance="a") as a:
+            provisioner, hub, loop = a.provisioner, a.hub, a.loop
 
-        async def make_hub():
-            return TunnelHub(device.listen_port())
+            def hold_loop():
+                held = threading.Event()
+                freed = []
 
-        hub = asyncio.run_coroutine_threadsafe(make_hub(), loop).result()
-        provisioner = Provisioner(
-            registry=registry, device=device,
-            prefix=ipaddress.IPv6Network("fdae:41e4:649b:9303::/64"),
-            server_public_key=server_key.public_key(), endpoints=["[2001:db8::1]:51820"],
-            tokens=TokenPolicy("t", registry.token, registry.tokens, time.time),
-            tunnel_mode=TunnelMode.ALLOW, tunnels=hub, tunnel_secret=b"s" * 32, instance="a",
-        )
-        provisioner.loop = loop
+                def busy():
+                    held.set()
+                    time.sleep(hold)
+                    freed.append(time.monotonic())
 
-        def hold_loop():
-            held = threading.Event()
-            freed = []
+                loop.call_soon_threadsafe(busy)
+                held.wait(10)  # the loop is busy from now on
+                return freed
 
-            def busy():
-                held.set()
-                time.sleep(hold)
-                freed.append(time.monotonic())
+            def timed(reqs):
+                freed = hold_loop()
+                out = provisioner.provision_batch(reqs)
+                ended = time.monotonic()
+                while not freed:
+                    time.sleep(0.01)
+                # Answered while the loop was still busy, or only after it was free.
+                return ended < freed[0], [getattr(o, "grpc_peer_addr_port", repr(o)) for o in out]
 
-            loop.call_soon_threadsafe(busy)
-            held.wait(10)  # the loop is busy from now on
-            return freed
-
-        def timed(reqs):
-            freed = hold_loop()
-            out = provisioner.provision_batch(reqs)
-            ended = time.monotonic()
-            while not freed:
-                time.sleep(0.01)
-            # Answered while the loop was still busy, or only after it was free.
-            return ended < freed[0], [getattr(o, "grpc_peer_addr_port", repr(o)) for o in out]
-
-        def request(node, key, tunnel):
-            return ProvisionInput(node_uuid=node, node_public_key=key, join_token="t",
-                                  wants_tunnel=tunnel, peer="ipv6:[::1]:1")
-
-        def new_key():
-            return PrivateKey.generate().public_key().base64()
-
-        udp_early, udp = timed([request(str(uuid.uuid4()), new_key(), False) for _ in range(20)])
-        node, key = str(uuid.uuid4()), new_key()
-        tunnel_early, tunnel = timed([request(node, key, True)])
-        allowed = len(hub.allowed())
-        # The same machine back on UDP: its name and relay must leave the hub (the loop's).
-        back_early, back = timed([request(node, key, False)])
-        allowed_after = len(hub.allowed())
+            udp_early, udp = timed(
+                [hub_rig.request(*hub_rig.new_machine(), False) for _ in range(20)]
+            )
+            node, key = hub_rig.new_machine()
+            tunnel_early, tunnel = timed([hub_rig.request(node, key, True)])
+            allowed = len(hub.allowed())
+            # The same machine back on UDP: its name and relay must leave the hub (the loop's).
+            back_early, back = timed([hub_rig.request(node, key, False)])
+            allowed_after = len(hub.allowed())
     finally:
-        device.close()
         registry.close()
 print(json.dumps({"udp_early": udp_early, "udp": udp, "tunnel_early": tunnel_early,
                   "tunnel": tunnel, "allowed": allowed, "back_early": back_early, "back": back,
@@ -102,17 +69,7 @@ print(json.dumps({"udp_early": udp_early, "udp": udp, "tunnel_early": tunnel_ear
 
 
 def test_a_udp_batch_does_not_wait_for_a_busy_loop_and_a_tunnel_batch_does(lab: Lab) -> None:
-    ns = lab.namespace("pl")
-    ifname = f"gk{lab.lab_id}pl"
-    done = subprocess.run(
-        ns.exec_argv([sys.executable, "-c", SCRIPT, ifname, str(HOLD_S)]),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.splitlines()[-1])
+    got = run_script(lab, "pl", SCRIPT, str(HOLD_S))
     # Twenty machines on UDP: answered (no tunnel name) while the loop was still busy.
     assert got["udp"] == [""] * 20
     assert got["udp_early"], got

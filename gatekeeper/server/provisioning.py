@@ -489,12 +489,18 @@ class Provisioner:
         virtual = self._virtual(record.public_key)
         if self.tunnels is None:
             return ""
+        # What to let go: the name this hub holds for the address, and the stored record's.
+        # Both are needed: with several instances the stored record may be another's (the
+        # machine went to B on UDP and is back here before our reconciler ran) while this
+        # hub still holds the name it gave out, whose relay socket would stay open.
+        stale = {self._virtuals.pop(record.address, None)}
         if previous is not None and previous.tunnel:
-            old = self._virtual(previous.public_key)
-            if old != virtual or not record.tunnel:
+            stale.add(self._virtual(previous.public_key))
+        keep = virtual if record.tunnel else None
+        for old in stale:
+            if old is not None and old != keep:
                 self.tunnels.revoke(old)
         if not record.tunnel:
-            self._virtuals.pop(record.address, None)
             return ""
         relay = self.tunnels.allow(virtual)
         self._virtuals[record.address] = virtual
