@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,7 @@ def log_connection_budget(limit: int) -> int:
     return max(16, min(LOG_MAX_CONNECTIONS, (limit - 128) // 4))
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
 _ACCEPT_FAILED = "socket.accept() out of system resource"
 
 
@@ -418,6 +420,12 @@ def acquire_state_lock(state_dir: Path) -> IO[bytes]:
 
 
 async def serve(options: ServerOptions) -> None:
+    # Provision batches run in worker threads, and a thread that wants the GIL back waits up
+    # to one switch interval for it: the loop that relays tunnelled packets did so at every
+    # wake-up during a storm. 1 ms instead of 5 cut the storm's added tunnel RTT (median of
+    # 13 runs each) from 26 to 21 ms, at no cost in provisions/s (docs/registry.md,
+    # "Provision storms").
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server = Server(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
