@@ -161,6 +161,59 @@ def test_a_sink_that_closes_every_connection_is_retried_with_backoff(tmp_path: P
     assert 1 <= accepted <= 10, accepted
 
 
+def test_a_sink_that_floods_the_agent_is_dropped_and_the_agent_goes_on(tmp_path: Path) -> None:
+    # A log sink never writes (the stream is one-way). One that floods the agent with data
+    # (hostile, or not a log sink) must not be read on, or held: each of its connections ends
+    # at the first byte, is retried with backoff, and a proper sink named next gets the lines.
+    accepted = 0
+    ended = 0
+
+    async def flood(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted, ended
+        accepted += 1
+        chunk = b"x" * 65536
+        try:
+            while True:  # until the agent ends the connection
+                writer.write(chunk)
+                await writer.drain()
+        except OSError:  # reset or broken pipe: the agent closed it
+            ended += 1
+        finally:
+            writer.transport.abort()
+
+    async def scenario() -> tuple[bytes, int, int]:
+        flooding = await asyncio.start_server(flood, "::1", 0)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await got.put(await read_until(reader, b"after the flood", 5))
+            writer.close()
+
+        proper = await asyncio.start_server(collect, "::1", 0)
+        try:
+            async with sending_to(flooding.sockets[0].getsockname()[1], tmp_path) as telemetry:
+                for n in range(60):  # a line every 50 ms for 3 s
+                    telemetry.queue_line(line(f"line {n}"))
+                    await asyncio.sleep(0.05)
+                flooded = accepted, ended  # before the sink changes (that ends one too)
+                telemetry.set_cmdline(
+                    f"talos.logging.kernel=tcp://[::1]:{proper.sockets[0].getsockname()[1]}"
+                )
+                telemetry.queue_line(line("after the flood"))
+                return await asyncio.wait_for(got.get(), 10), *flooded
+        finally:
+            for server in (flooding, proper):
+                server.close()
+                await server.wait_closed()
+
+    received, accepted, ended = asyncio.run(scenario())
+    assert b"after the flood" in received
+    # About 5 connections in 3 s with the backoff (one per line would be 60), each ended by
+    # the agent; the last may still be in its first moments.
+    assert 2 <= accepted <= 10, accepted
+    assert accepted - ended <= 1 and ended >= 2, (accepted, ended)
+
+
 def test_a_sink_that_stops_reading_is_dropped_and_shutdown_does_not_wait_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
