@@ -71,3 +71,14 @@ def gk(
 
 def api_target(sl: SideroLinkLab) -> str:
     return f"[{sl.server_underlay}]:8090"
+
+
+def scrape(sl: SideroLinkLab, port: int) -> str:
+    """The server's /metrics, fetched from its namespace (`--metrics-listen` on its underlay)."""
+    code = (
+        "import sys, urllib.request\n"
+        "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n"
+    )
+    return sl.server_ns.run(
+        [sys.executable, "-c", code, f"http://[{sl.server_underlay}]:{port}/metrics"]
+    )

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fleetlab import api_target, provisions
+from fleetlab import api_target, provisions, scrape
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
 from gatekeeper.server.audit import read_audit
@@ -50,8 +50,11 @@ def req(token: str) -> dict[str, object]:
     }
 
 
+METRICS_PORT = 9108
+
+
 def test_garbage_oversized_and_floods(sl: SideroLinkLab) -> None:
-    sl.start_server()
+    sl.start_server("--metrics-listen", f"[{sl.server_underlay}]:{METRICS_PORT}")
     good = sl.add_machine()
     status = sl.wait_connected(good)
     peers_before = set(sl.server_peers())
@@ -74,6 +77,9 @@ def test_garbage_oversized_and_floods(sl: SideroLinkLab) -> None:
     assert garbage == "INVALID_ARGUMENT: request is not a valid ProvisionRequest"
     assert truncated.startswith("INVALID_ARGUMENT")
     assert oversized.startswith("RESOURCE_EXHAUSTED")
+    # An operator's dashboard sees them (they never reach the guard that counts the rest;
+    # the oversized one is refused by gRPC before any Gatekeeper code).
+    assert 'gatekeeper_provisions_total{outcome="invalid"} 2.0' in scrape(sl, METRICS_PORT)
 
     results = provisions(attacker, api_target(sl), [req("wrong") for _ in range(120)])
     codes = [r.get("code") for r in results]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fleetlab import gk
+from fleetlab import gk, scrape
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
 
@@ -126,7 +126,7 @@ def test_events_and_kernel_logs_arrive_attributed(sl: SideroLinkLab) -> None:
     assert json.loads(done.stdout) == {"publish": "PERMISSION_DENIED", "log": "closed"}
     assert "from outside" not in gk(sl, "logs", m.node_uuid).stdout
 
-    metrics = _scrape(sl)
+    metrics = scrape(sl, METRICS_PORT)
     assert 'gatekeeper_provisions_total{outcome="ok"} 1.0' in metrics
     assert "gatekeeper_machines_registered 1.0" in metrics
     assert "gatekeeper_machines_connected 1.0" in metrics
@@ -134,13 +134,3 @@ def test_events_and_kernel_logs_arrive_attributed(sl: SideroLinkLab) -> None:
     assert 'gatekeeper_telemetry_refused_total{kind="logs"} 1.0' in metrics
     assert "gatekeeper_log_lines_received_total" in metrics
     assert "gatekeeper_telemetry_dropped_total 0.0" in metrics
-
-
-def _scrape(sl: SideroLinkLab) -> str:
-    code = (
-        "import sys, urllib.request\n"
-        "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n"
-    )
-    return sl.server_ns.run(
-        [sys.executable, "-c", code, f"http://[{sl.server_underlay}]:{METRICS_PORT}/metrics"]
-    )

@@ -43,12 +43,16 @@ def request_input(request: provision_pb2.ProvisionRequest, peer: str) -> Provisi
 class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
     def __init__(self, provisioner: BatchProvisions, metrics: ServerMetrics | None = None) -> None:
         """`provisioner`: the Provisioner, or the guard that audits and rate-limits it.
-        `metrics`: where Provisions refused as busy are counted (they never reach the guard)."""
+        `metrics`: where Provisions refused as busy or undecodable are counted (they never
+        reach the guard)."""
         # Store calls (an fsync per SQLite commit, a PostgreSQL round trip), UAPI writes and
         # the audit line block: never on the loop that also relays every tunnelled datagram.
         # They run in the batcher's one thread, many Provisions per commit in a storm.
         busy = metrics.provisions.labels("busy").inc if metrics is not None else None
         self.batcher = ProvisionBatcher(provisioner, on_busy=busy)
+        # Undecodable requests never reach the guard either: counted here, not logged (a
+        # flood of garbage would be a flood of lines).
+        self._undecodable = metrics.provisions.labels("invalid") if metrics is not None else None
 
     def close(self) -> None:
         self.batcher.close()
@@ -96,6 +100,8 @@ class ProvisionService(provision_pb2_grpc.ProvisionServiceServicer):
         try:
             request = provision_pb2.ProvisionRequest.FromString(raw)
         except DecodeError:
+            if self._undecodable is not None:
+                self._undecodable.inc()
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid ProvisionRequest"
             )
