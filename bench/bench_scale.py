@@ -78,7 +78,7 @@ def fill(sl: SideroLinkLab, targets: list[Target], count: int) -> dict[str, Any]
     for t in targets:
         argv = [
             sys.executable, str(STORM), t.grpc, "--count", str(per),
-            "--concurrency", "500", "--channels", "16", f"--token={sl.join_token}",
+            "--concurrency", "500", "--channels", "16", f"--token-file={sl.token_file()}",
         ]  # fmt: skip
         procs.append(subprocess.Popen(client.ns.exec_argv(argv), stdout=subprocess.PIPE, text=True))
     outcomes: dict[str, int] = {}

@@ -100,7 +100,7 @@ def wait_api(sl: SideroLinkLab, vm: Vm, timeout: float) -> None:
 def fill(sl: SideroLinkLab, count: int, concurrency: int) -> dict[str, Any]:
     argv = [
         sys.executable, str(STORM), f"[{GUEST}]:{API_PORT}", "--count", str(count),
-        "--concurrency", str(concurrency), "--channels", "16", f"--token={sl.join_token}",
+        "--concurrency", str(concurrency), "--channels", "16", f"--token-file={sl.token_file()}",
     ]  # fmt: skip
     done = subprocess.run(
         sl.server_ns.exec_argv(argv), capture_output=True, text=True, timeout=3600, check=False

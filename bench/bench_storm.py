@@ -86,10 +86,10 @@ def percentile(values: list[float], p: float) -> float:
 class Client:
     """One storm_client.py --coordinated process; its stdout lines arrive on a queue."""
 
-    def __init__(self, machine: Machine, count: int, token: str, channels: int) -> None:
+    def __init__(self, machine: Machine, count: int, token_file: Path, channels: int) -> None:
         argv = [
             sys.executable, str(STORM), "--coordinated", "--count", str(count),
-            "--concurrency", str(count), f"--token={token}",
+            "--concurrency", str(count), f"--token-file={token_file}",
             *(["--channels", str(channels)] if channels else []),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -276,7 +276,7 @@ def main() -> int:
 
         machine = sl.add_machine(start=False)
         clients = [
-            Client(machine, per_client, sl.join_token, args.channels) for _ in range(args.clients)
+            Client(machine, per_client, sl.token_file(), args.channels) for _ in range(args.clients)
         ]
         for c in clients:
             stack.callback(c.close)

@@ -2,7 +2,7 @@
 
 Run as a script (usually inside a lab namespace):
 
-    python bench/storm_client.py TARGET --count 1000 --concurrency 1000 --token T [--out F]
+    python bench/storm_client.py TARGET --count 1000 --concurrency 1000 --token-file F [--out F]
 
 Every machine has its own UUID and a fresh X25519 key (made before the clock starts). The
 gRPC connections (`--channels`, default one per machine, as real machines have) are opened
@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import IO, Any
 
 import grpc
@@ -163,11 +164,14 @@ def main() -> int:
         default=0,
         help="HTTP/2 connections to spread on (default: one per machine)",
     )
-    parser.add_argument("--token")
+    parser.add_argument(
+        "--token-file", help="a file holding the join token (not argv: `ps` shows that)"
+    )
     parser.add_argument("--out")
     parser.add_argument("--coordinated", action="store_true", help="see the module's doc")
     args = parser.parse_args()
     args.channels = args.channels or args.count
+    args.token = Path(args.token_file).read_text().strip() if args.token_file else None
     if args.coordinated:
         return coordinated(args)
     if not args.target:

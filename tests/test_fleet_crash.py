@@ -36,7 +36,7 @@ def test_sigkill_mid_storm_loses_no_answered_provision(sl: SideroLinkLab) -> Non
         [
             sys.executable, str(STORM), f"[{sl.server_underlay}]:8090",
             "--count", "3000", "--concurrency", "64", "--channels", "4",
-            f"--token={sl.join_token}", "--out", str(answered),
+            f"--token-file={sl.token_file()}", "--out", str(answered),
         ],
         log=sl.workdir / "storm.log",
     )  # fmt: skip

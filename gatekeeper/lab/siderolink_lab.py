@@ -7,6 +7,7 @@ the `gatekeeper server` and `gatekeeper agent` processes, wireguard-go, gRPC ove
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -106,11 +107,17 @@ class SideroLinkLab:
         qs = "&".join(f"{k}={v}" for k, v in params.items())
         return f"grpc://[{self.server_underlay}]:{API_PORT}?{qs}"
 
+    def token_file(self) -> Path:
+        """The join token in a file only its owner reads (never in argv, which `ps` shows)."""
+        path = self.workdir / "join-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.join_token)
+        return path
+
     def start_server(self, *extra: str, wait: float = 10.0, endpoint: str | None = None) -> None:
         """`endpoint` replaces the advertised WireGuard endpoint (default: the underlay's)."""
-        token_file = self.workdir / "join-token"
-        token_file.write_text(self.join_token)
-        token_file.chmod(0o600)
+        token_file = self.token_file()
         argv = gatekeeper_argv(
             "server",
             "--state-dir",
