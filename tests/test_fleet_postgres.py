@@ -115,9 +115,7 @@ def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> 
         sl.server_ns.run(["ip", "link", "set", f"s{n}", "master", "br0", "up"])
         ns.run(["ip", "addr", "add", f"{underlay}/64", "dev", "eth0", "nodad"])
         ns.run(["ip", "link", "set", "eth0", "up"])
-    token_file = sl.workdir / "join-token"
-    token_file.write_text(sl.join_token)
-    token_file.chmod(0o600)
+    token_file = sl.token_file()
     interface = f"gk{sl.lab.lab_id}s{n}"
     state_dir = sl.workdir / f"state{n}"
     port = 51820 + n
@@ -198,7 +196,7 @@ def storm(fleet: TwoServers, target: Instance, count: int, out: Path) -> subproc
         [
             sys.executable, str(STORM), target.target,
             "--count", str(count), "--concurrency", "25", "--channels", "2",
-            f"--token={fleet.sl.join_token}", "--out", str(out),
+            f"--token-file={fleet.sl.token_file()}", "--out", str(out),
         ],
         log=out.with_suffix(".log"),
     )  # fmt: skip

@@ -35,7 +35,7 @@ def test_a_storm_on_a_limited_token_admits_exactly_its_uses(sl: SideroLinkLab) -
         m.ns.exec_argv([
             sys.executable, str(STORM), f"[{sl.server_underlay}]:8090",
             "--count", "200", "--concurrency", "200", "--channels", "4",
-            f"--token={token}", "--out", str(out),
+            f"--token-file={sl.token_file(token, 'limited-token')}", "--out", str(out),
         ]),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

@@ -107,12 +107,13 @@ class SideroLinkLab:
         qs = "&".join(f"{k}={v}" for k, v in params.items())
         return f"grpc://[{self.server_underlay}]:{API_PORT}?{qs}"
 
-    def token_file(self) -> Path:
-        """The join token in a file only its owner reads (never in argv, which `ps` shows)."""
-        path = self.workdir / "join-token"
+    def token_file(self, token: str | None = None, name: str = "join-token") -> Path:
+        """`token` (default: the join token) in a file only its owner reads, for a program
+        that takes it from a file: never in argv, which `ps` shows."""
+        path = self.workdir / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(self.join_token)
+            f.write(self.join_token if token is None else token)
         return path
 
     def start_server(self, *extra: str, wait: float = 10.0, endpoint: str | None = None) -> None:
