@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from gatekeeper.pb.siderolink import provision_pb2
+from gatekeeper.server.app import GIL_SWITCH_INTERVAL_S
 from gatekeeper.server.fleet import provision_server_options
 
 REPLY = provision_pb2.ProvisionResponse(
@@ -50,4 +51,5 @@ async def serve(listen: str) -> None:
 
 
 if __name__ == "__main__":
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `gatekeeper server` sets it
     asyncio.run(serve(sys.argv[1]))

@@ -347,18 +347,24 @@ class Provisioner:
         under `device_lock`, which the caller holds (`_tunnel_peer`, waited for by this
         thread; `_restore_endpoint`, through the reconciler, which takes the lock), and only
         at a tunnel record's address; a name removed meanwhile (admin `forget`) leaves at most
-        a no-op for the loop. Keep any new caller of `reconcile_endpoints` under the lock."""
+        a no-op for the loop. An address checked here may be the record's or the identity
+        it replaces: this hub may hold a name at either that the stored records no longer
+        show (the machine went through another instance meanwhile). Keep any new caller of
+        `reconcile_endpoints` under the lock."""
         if self.tunnels is None:
             return False
         if any(r is not None and r.tunnel for r in (plan.record, plan.previous, plan.replaces)):
             return True
-        return plan.record.address in self._virtuals
+        held = (plan.record, plan.replaces)
+        return any(r is not None and r.address in self._virtuals for r in held)
 
     def _settle_tunnel(self, plan: Plan) -> str:
         """On the loop: end the stream of an identity this one replaced, and admit (or drop)
         this machine's tunnel stream; its virtual `[addr]:port` or ""."""
         holder = plan.replaces
-        if holder is not None and holder.tunnel:
+        # Also when the stored holder is on UDP: it may be another instance's record while
+        # this hub still holds the name it gave out at that address (see _tunnel_peer).
+        if holder is not None and (holder.tunnel or holder.address in self._virtuals):
             self.forget_tunnel(holder.address)
         return self._tunnel_peer(plan.record, plan.key, previous=plan.previous)
 
