@@ -171,7 +171,14 @@ def main() -> int:
     parser.add_argument("--coordinated", action="store_true", help="see the module's doc")
     args = parser.parse_args()
     args.channels = args.channels or args.count
-    args.token = Path(args.token_file).read_text().strip() if args.token_file else None
+    args.token = None
+    if args.token_file:
+        try:
+            args.token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            parser.error(f"--token-file {args.token_file}: {exc.strerror}")
+        if not args.token:
+            parser.error(f"--token-file {args.token_file}: the file is empty")
     if args.coordinated:
         return coordinated(args)
     if not args.target:

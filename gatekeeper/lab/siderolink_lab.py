@@ -111,9 +111,13 @@ class SideroLinkLab:
         """`token` (default: the join token) in a file only its owner reads, for a program
         that takes it from a file: never in argv, which `ps` shows."""
         path = self.workdir / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Written aside and renamed into place: a reader started by an earlier call (a client,
+        # a server) reads the whole token, never a file truncated by this one.
+        aside = path.with_name(f".{name}.{secrets.token_hex(4)}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.join_token if token is None else token)
+        os.replace(aside, path)
         return path
 
     def start_server(self, *extra: str, wait: float = 10.0, endpoint: str | None = None) -> None:
