@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gatekeeper.nslock import LOCK_DIR, LockHeld, NamespaceLock
@@ -195,6 +196,11 @@ class DeviceWatch:
         self.every = every
         self.index = link_index(device.name)
         self.recreated = 0
+        # Creating a device starts wireguard-go and waits for its socket (up to seconds): not
+        # on the loop that carries every gRPC call. One thread that lives as long as the
+        # process, because a wireguard-go started with a parent-death signal gets it when the
+        # thread that started it ends (PR_SET_PDEATHSIG is per thread).
+        self._creator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-create")
 
     def vanished(self) -> str | None:
         """Why the device is gone, or None while it is there."""
@@ -212,15 +218,21 @@ class DeviceWatch:
         return None
 
     async def repair(self, why: str) -> None:
-        """The swap happens on the event loop (Provision's calls see the old or the new
-        device, never none); putting the peers back is the peer reconciler's job, in a worker
-        thread: it reads the store, and it reaches the tunnel hub through the loop."""
+        """The new device is made off the loop, and the swap happens on it (Provision's calls
+        see the old or the new device, never none); putting the peers back is the peer
+        reconciler's job, in a worker thread: it reads the store, and it reaches the tunnel
+        hub through the loop."""
         log.error("WireGuard %s: recreating it and putting every peer back", why)
         old = self.device.current
-        with contextlib.suppress(Exception):
-            old.close()  # a no-op on a link that is gone; never deletes a successor
-        self.device.current = self.create()
-        self.index = link_index(self.device.name)
+        loop = asyncio.get_running_loop()
+
+        def replace() -> tuple[Device, int | None]:
+            with contextlib.suppress(Exception):
+                old.close()  # a no-op on a link that is gone; never deletes a successor
+            new = self.create()
+            return new, link_index(new.name)
+
+        self.device.current, self.index = await loop.run_in_executor(self._creator, replace)
         restored = await asyncio.to_thread(self.restore)
         self.recreated += 1
         log.warning(
