@@ -8,6 +8,8 @@ import asyncio
 import threading
 import time
 
+from loopbeat import heartbeat
+
 from gatekeeper.server.devicewatch import DeviceWatch, SwappableDevice
 
 SLOW_START_S = 1.0
@@ -37,22 +39,9 @@ async def _run() -> tuple[float, str, StandInDevice, str, str]:
     old = StandInDevice("gk-test-old")
     swappable = SwappableDevice(old)  # type: ignore[arg-type]
     watch = DeviceWatch(swappable, create, lambda: 0)  # type: ignore[arg-type]
-    gaps: list[float] = []
-
-    async def heartbeat() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    beat = asyncio.create_task(heartbeat())
-    try:
+    async with heartbeat() as gaps:
         await watch.repair("interface gk-test-old is gone")
         await asyncio.sleep(0.05)  # a beat after it, so a loop held throughout shows a gap
-    finally:
-        beat.cancel()
     loop_thread = threading.current_thread().name
     return max(gaps), made_in[0], old, swappable.current.name, loop_thread
 

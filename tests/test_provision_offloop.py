@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+from loopbeat import heartbeat
 
 from gatekeeper.pb.siderolink import provision_pb2, provision_pb2_grpc
 from gatekeeper.server.provisioning import ProvisionInput, ProvisionOutput
@@ -44,25 +45,13 @@ async def _run() -> tuple[float, SlowStore, provision_pb2.ProvisionResponse]:
     add_provision_service(server, service)
     port = server.add_insecure_port("[::1]:0")
     await server.start()
-    gaps: list[float] = []
-
-    async def heartbeat() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    beat = asyncio.create_task(heartbeat())
     try:
-        async with grpc.aio.insecure_channel(f"[::1]:{port}") as channel:
+        async with heartbeat() as gaps, grpc.aio.insecure_channel(f"[::1]:{port}") as channel:
             stub = provision_pb2_grpc.ProvisionServiceStub(channel)
             reply = await stub.Provision(
                 provision_pb2.ProvisionRequest(node_uuid="u", node_public_key="k"), timeout=10
             )
     finally:
-        beat.cancel()
         await server.stop(None)
         service.close()
     return max(gaps), store, reply
