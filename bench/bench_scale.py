@@ -74,11 +74,12 @@ def fill(sl: SideroLinkLab, targets: list[Target], count: int) -> dict[str, Any]
     """`count` machines provisioned, split between the targets, one client process each."""
     client = sl.add_machine(start=False)
     per = count // len(targets)
+    token_file = sl.token_file()
     procs = []
     for t in targets:
         argv = [
             sys.executable, str(STORM), t.grpc, "--count", str(per),
-            "--concurrency", "500", "--channels", "16", f"--token-file={sl.token_file()}",
+            "--concurrency", "500", "--channels", "16", f"--token-file={token_file}",
         ]  # fmt: skip
         procs.append(subprocess.Popen(client.ns.exec_argv(argv), stdout=subprocess.PIPE, text=True))
     outcomes: dict[str, int] = {}

@@ -275,8 +275,9 @@ def main() -> int:
         peers_before = sum(wg_peers(t.ns, t.interface) for t in targets)
 
         machine = sl.add_machine(start=False)
+        token_file = sl.token_file()
         clients = [
-            Client(machine, per_client, sl.token_file(), args.channels) for _ in range(args.clients)
+            Client(machine, per_client, token_file, args.channels) for _ in range(args.clients)
         ]
         for c in clients:
             stack.callback(c.close)
