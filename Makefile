@@ -24,6 +24,7 @@ test: setup vm-packages
 	$(VENV)/bin/ruff check gatekeeper tests bench vm-tests
 	$(VENV)/bin/ruff format --check gatekeeper tests bench vm-tests
 	$(VENV)/bin/mypy gatekeeper
+	MYPYPATH=vm-tests:tests $(VENV)/bin/mypy tests bench
 	MYPYPATH=vm-tests $(VENV)/bin/mypy --strict vm-tests/vmtests vm-tests/guest/runner.py
 	$(PY) -m pytest -ra
 

@@ -42,7 +42,12 @@ def main() -> None:
             print(json.dumps({"ready": True}), flush=True)
             done = threading.Event()
             # Run until the test closes our stdin.
-            threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+            def wait_for_eof() -> None:
+                sys.stdin.read()
+                done.set()
+
+            threading.Thread(target=wait_for_eof, daemon=True).start()
             seen = 0
             while not done.is_set():
                 if len(server.requests) == seen:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gatekeeper.lab.netns import Namespace
 from gatekeeper.lab.siderolink_lab import Machine, SideroLinkLab
 
 TESTS = Path(__file__).parent
@@ -29,10 +30,14 @@ print(json.dumps(out))
 """
 
 
-def provisions(machine: Machine, target: str, requests: list[dict[str, Any]]) -> list[Any]:
-    """Several Provision calls from inside a machine's namespace, in order, in one process."""
+def provisions(
+    machine: Machine | Namespace, target: str, requests: list[dict[str, Any]]
+) -> list[Any]:
+    """Several Provision calls from inside a machine's namespace (or the one given), in order,
+    in one process."""
+    ns = machine if isinstance(machine, Namespace) else machine.ns
     done = subprocess.run(
-        machine.ns.exec_argv(
+        ns.exec_argv(
             [
                 sys.executable,
                 "-c",

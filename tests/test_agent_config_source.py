@@ -6,14 +6,13 @@ import asyncio
 from pathlib import Path
 
 from gatekeeper.agent.config_source import (
-    MAX_FILE_BYTES,
-    MSG_TOO_LARGE,
     ConfigSource,
     DesiredConfig,
     SourcePaths,
     interpret,
     take_snapshot,
 )
+from gatekeeper.config.documents import MAX_FILE_BYTES, MSG_TOO_LARGE
 from gatekeeper.firewall.policy import DefaultAction
 
 UUID = "0f2d8a3e-1111-2222-3333-444455556666"

@@ -105,7 +105,7 @@ def test_a_connection_the_sink_closed_is_not_written_into(tmp_path: Path) -> Non
     registry.claim(MachineRecord(machine_key(UUID, None), UUID, ipaddress.IPv6Address("::1"), "pk"))
     journal = Journal(tmp_path / "logs", max_bytes=1 << 20)
     attributor = Attributor(registry, ipaddress.IPv6Network("::1/128"))
-    receiver = LogReceiver(attributor, journal, idle_timeout=0.3)  # type: ignore[arg-type]
+    receiver = LogReceiver(attributor, journal, idle_timeout=0.3)
 
     def stored() -> list[str]:
         return [e["msg"] for e in read_journal(journal.path(machine_key(UUID, None)))]

@@ -122,7 +122,7 @@ def test_watch_sees_the_link_go_down_and_up(sl: SideroLinkLab) -> None:
         sl.wait_status(machine, lambda s: not s.get("connected"), 20, "down")
         sl.server_ns.run(["ip", "link", "set", "v1", "up"])
         sl.wait_connected(machine, timeout=30)
-        seen = []
+        seen: list[bool] = []
         while seen[-2:] != [False, True]:
             doc = next_document(watch.stdout)
             assert doc is not None, f"watch ended after {seen}"

@@ -3,6 +3,8 @@ trace) into packets and the rules they passed, named by position as `explain` na
 
 from __future__ import annotations
 
+from typing import Any
+
 from gatekeeper.agent.status_file import with_path_history
 from gatekeeper.firewall.trace import (
     READY_PREFIX,
@@ -28,7 +30,7 @@ LINES = [
     "trace id 00c0ffee inet gatekeeper prerouting policy accept \n",
     "trace id 00c0ffee inet gatekeeper ingress policy drop \n",
 ]
-TABLE = [
+TABLE: list[dict[str, Any]] = [
     {"table": {"family": "inet", "name": "gatekeeper"}},
     {"chain": {"name": "prerouting", "hook": "prerouting", "prio": -110, "policy": "accept"}},
     {

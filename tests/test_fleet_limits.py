@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from fleetlab import api_target, gk, provisions
@@ -50,7 +49,7 @@ def test_a_flood_in_the_same_64_never_refuses_a_valid_token(sl: SideroLinkLab) -
     ok = provisions(good, api_target(sl), [req(sl.join_token) for _ in range(20)])
     assert all("ok" in r for r in ok), ok
     # The server's own namespace (also that /64) too.
-    (own,) = provisions(SimpleNamespace(ns=sl.server_ns), api_target(sl), [req(sl.join_token)])
+    (own,) = provisions(sl.server_ns, api_target(sl), [req(sl.join_token)])
     assert "ok" in own, own
     # A bad token from the good machine is still refused while the /64 is limited.
     (bad,) = provisions(good, api_target(sl), [req("still-wrong")])

@@ -5,6 +5,7 @@ PostgreSQL that stops for a while costs neither the server nor the link, nor the
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -59,7 +60,7 @@ def test_events_and_logs_sent_to_either_server_are_read_through_the_registry(
             for via in (fleet.a, fleet.b):
                 (first, *_) = eventually(
                     f"{m.node_uuid}'s connected event",
-                    lambda u=m.node_uuid, v=via: connected_events(u, v),
+                    functools.partial(connected_events, m.node_uuid, via),
                 )
                 assert first["machine"] == m.node_uuid
 

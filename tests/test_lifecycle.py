@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
+from typing import TypeVar
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,11 +14,13 @@ from gatekeeper.link.lifecycle import (
     RETRY_TIMER,
     SAMPLE_TIMER,
     UDP_RETRY_TIMER,
+    Action,
     Cancel,
     ConfigChanged,
     ConfigRejected,
     ConfigureLink,
     DeviceLost,
+    Event,
     Identity,
     Link,
     LinkConfigured,
@@ -39,6 +43,8 @@ from gatekeeper.link.lifecycle import (
     WaitForNetwork,
 )
 
+T = TypeVar("T")
+
 TIMING = Timing(sample_every=5, probe_after=10, dead_after=45)
 KEY = "x" * 43 + "="
 REPLY = Provisioned(
@@ -54,8 +60,13 @@ def config(url: str = "grpc://[fd00::1]:8090?jointoken=s3cret") -> SideroLinkCon
     return SideroLinkConfig(api=parse_api_url(url, "test"), unique_token=None, source="test")
 
 
-def of(actions: list[object], kind: type) -> list[object]:
+def of(actions: Sequence[object], kind: type[T]) -> list[T]:
     return [a for a in actions if isinstance(a, kind)]
+
+
+def state(link: Link) -> State:
+    """The state now (a function call, so that mypy keeps no narrowing across handle())."""
+    return link.status.state
 
 
 def provisioned_link() -> tuple[Link, int]:
@@ -87,15 +98,15 @@ def test_waits_for_network_then_provisions_with_the_tunnel_hint() -> None:
     assert link.status.state is State.WAITING_NETWORK
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     assert isinstance(p, Provision) and p.tunnel and p.identity == ID
-    assert link.status.state is State.PROVISIONING
+    assert state(link) is State.PROVISIONING
 
 
 def test_configures_the_link_as_the_spec_says() -> None:
     link = Link(listen_port=51821, timing=TIMING)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
-    spec = c.spec  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
+    spec = c.spec
     assert (spec.name, spec.mtu, spec.keepalive, spec.listen_port) == (
         "siderolink",
         1280,
@@ -111,8 +122,8 @@ def test_tunnel_reply_names_the_tunnel_link() -> None:
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     reply = Provisioned(**{**REPLY.__dict__, "grpc_peer_addr_port": "[fdae::9304:1]:50889"})
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, reply), 2), ConfigureLink)  # type: ignore[attr-defined]
-    assert c.spec.name == "siderolinktun"  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, reply), 2), ConfigureLink)
+    assert c.spec.name == "siderolinktun"
     assert link.status.tunnel
 
 
@@ -122,11 +133,11 @@ def test_backoff_grows_by_half_and_caps_at_a_minute() -> None:
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     delays = []
     for _ in range(15):
-        actions = link.handle(ProvisionFailed(p.attempt, "UNAVAILABLE"), 2)  # type: ignore[attr-defined]
+        actions = link.handle(ProvisionFailed(p.attempt, "UNAVAILABLE"), 2)
         (s,) = of(actions, Schedule)
-        delays.append(s.delay)  # type: ignore[attr-defined]
-        assert link.status.state is State.BACKOFF and link.status.next_retry_in == s.delay  # type: ignore[attr-defined]
-        assert any("retrying in" in a.message for a in of(actions, Log))  # type: ignore[attr-defined]
+        delays.append(s.delay)
+        assert link.status.state is State.BACKOFF and link.status.next_retry_in == s.delay
+        assert any("retrying in" in a.message for a in of(actions, Log))
         (p,) = of(link.handle(TimerFired(RETRY_TIMER), 3), Provision)
     assert delays[:3] == [0.5, 0.75, 1.125]
     assert max(delays) == 60.0 and delays[-1] == 60.0
@@ -137,7 +148,7 @@ def test_stale_outcomes_are_ignored_after_a_config_change() -> None:
     link.handle(ConfigChanged(config(), ID), 0)
     (old,) = of(link.handle(NetworkReady(), 1), Provision)
     link.handle(ConfigChanged(config("grpc://other:1"), ID), 2)
-    assert link.handle(ProvisionSucceeded(old.attempt, REPLY), 3) == []  # type: ignore[attr-defined]
+    assert link.handle(ProvisionSucceeded(old.attempt, REPLY), 3) == []
 
 
 def test_up_only_after_traffic_arrives() -> None:
@@ -146,7 +157,7 @@ def test_up_only_after_traffic_arrives() -> None:
     link.handle(Sample(last_handshake=None, rx_bytes=0), 5)
     assert not link.status.connected
     link.handle(Sample(last_handshake=1000.0, rx_bytes=92), 7)
-    assert link.status.state is State.UP and link.status.connected
+    assert state(link) is State.UP and link.status.connected
 
 
 def test_idle_healthy_link_is_probed_and_never_flaps() -> None:
@@ -172,7 +183,7 @@ def test_dead_path_is_declared_down_within_a_minute_then_next_endpoint() -> None
         actions = link.handle(Sample(1000.0, 92), t)
     assert t - 5 <= 60
     (c,) = of(actions, ConfigureLink)
-    assert c.spec.endpoint == REPLY.endpoints[1]  # type: ignore[attr-defined]
+    assert c.spec.endpoint == REPLY.endpoints[1]
     assert not link.status.connected and "nothing received" in (link.status.last_error or "")
 
 
@@ -180,13 +191,13 @@ def test_endpoints_used_up_reprovisions() -> None:
     link, _ = provisioned_link()
     t = 5
     for _ in range(2):
-        actions: list[object] = []
+        actions: list[Action] = []
         while not of(actions, ConfigureLink) and not of(actions, Provision):
             t += 5
-            actions = link.handle(Sample(None, 0), t)  # type: ignore[assignment]
+            actions = link.handle(Sample(None, 0), t)
         if of(actions, ConfigureLink):
             (c,) = of(actions, ConfigureLink)
-            link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+            link.handle(LinkConfigured(c.attempt), t)
     assert of(actions, Provision) and Cancel(SAMPLE_TIMER) in actions
     assert link.status.state is State.PROVISIONING
 
@@ -203,7 +214,8 @@ def test_bad_new_config_keeps_the_running_link() -> None:
     link, _ = provisioned_link()
     actions = link.handle(ConfigRejected("cmdline: apiUrl path must be empty"), 10)
     assert not of(actions, RemoveLink) and not of(actions, Provision)
-    assert "keeping the current link" in actions[0].message  # type: ignore[attr-defined]
+    first = actions[0]
+    assert isinstance(first, Log) and "keeping the current link" in first.message
     assert link.status.state is State.CONNECTING
 
 
@@ -217,8 +229,8 @@ def test_link_failure_backs_off_and_retries() -> None:
     link = Link(timing=TIMING)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
-    actions = link.handle(LinkFailed(c.attempt, "wireguard-go not found"), 3)  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
+    actions = link.handle(LinkFailed(c.attempt, "wireguard-go not found"), 3)
     assert of(actions, Schedule) and link.status.state is State.BACKOFF
     assert "wireguard-go not found" in (link.status.last_error or "")
 
@@ -243,10 +255,10 @@ events = st.one_of(
 
 @settings(max_examples=300)
 @given(st.lists(events, max_size=40))
-def test_any_event_sequence_keeps_the_machine_consistent(seq: list[object]) -> None:
+def test_any_event_sequence_keeps_the_machine_consistent(seq: list[Event]) -> None:
     link = Link(timing=TIMING)
     for t, event in enumerate(seq):
-        link.handle(event, float(t))  # type: ignore[arg-type]
+        link.handle(event, float(t))
         s = link.status
         assert s.connected == (s.state is State.UP) or (s.state is not State.UP and not s.connected)
         if s.state is State.UNCONFIGURED:
@@ -262,21 +274,21 @@ def auto_link() -> tuple[Link, Provision]:
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
     assert isinstance(p, Provision) and not p.tunnel  # UDP first
     (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
-    link.handle(LinkConfigured(c.attempt), 2)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), 2)
     assert link.status.path == "udp"
     return link, p
 
 
-def silent_until_provision(link: Link, t: float) -> tuple[float, list[object], list[str]]:
+def silent_until_provision(link: Link, t: float) -> tuple[float, list[Action], list[str]]:
     """Feed samples of a link that receives nothing; acknowledge reconfigurations."""
     tried = [link.status.endpoint or ""]
-    actions: list[object] = []
+    actions: list[Action] = []
     while not of(actions, Provision):
         t += 5
-        actions = link.handle(Sample(None, 0), t)  # type: ignore[assignment]
+        actions = link.handle(Sample(None, 0), t)
         for c in of(actions, ConfigureLink):
-            tried.append(c.spec.endpoint)  # type: ignore[attr-defined]
-            link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+            tried.append(c.spec.endpoint)
+            link.handle(LinkConfigured(c.attempt), t)
         assert t < 10_000
     return t, actions, tried
 
@@ -288,26 +300,26 @@ def test_auto_asks_for_the_tunnel_when_udp_never_handshakes_and_retries_udp_late
     assert tried == list(REPLY.endpoints)
     assert t - 2 <= len(tried) * (TIMING.udp_fallback_after + TIMING.sample_every)
     (p,) = of(actions, Provision)
-    assert p.tunnel  # type: ignore[attr-defined]
-    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
-    assert retry.delay == TIMING.udp_retry_after  # type: ignore[attr-defined]
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
-    assert c.spec.name == "siderolinktun"  # type: ignore[attr-defined]
+    assert p.tunnel
+    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]
+    assert retry.delay == TIMING.udp_retry_after
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), t), ConfigureLink)
+    assert c.spec.name == "siderolinktun"
     assert link.status.path == "tunnel" and "no WireGuard handshake over UDP" in (
         link.status.path_reason or ""
     )
-    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), t)
     link.handle(Sample(1000.0, 100), t + 1)
     assert link.status.connected
     # Later: UDP again, and a longer stay in the tunnel if UDP fails once more.
     (again,) = of(link.handle(TimerFired(UDP_RETRY_TIMER), t + 600), Provision)
-    assert not again.tunnel  # type: ignore[attr-defined]
-    (c,) = of(link.handle(ProvisionSucceeded(again.attempt, REPLY), t + 601), ConfigureLink)  # type: ignore[attr-defined]
+    assert not again.tunnel
+    (c,) = of(link.handle(ProvisionSucceeded(again.attempt, REPLY), t + 601), ConfigureLink)
     assert link.status.path == "udp" and "trying UDP again" in (link.status.path_reason or "")
-    link.handle(LinkConfigured(c.attempt), t + 601)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), t + 601)
     _, actions, _ = silent_until_provision(link, t + 601)
-    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]  # type: ignore[attr-defined]
-    assert retry.delay == 2 * TIMING.udp_retry_after  # type: ignore[attr-defined]
+    (retry,) = [a for a in of(actions, Schedule) if a.name == UDP_RETRY_TIMER]
+    assert retry.delay == 2 * TIMING.udp_retry_after
 
 
 def test_auto_stays_on_udp_when_it_works() -> None:
@@ -323,22 +335,22 @@ def test_off_never_asks_and_a_declined_tunnel_is_reported() -> None:
     link = Link(timing=TIMING, tunnel_preference=TunnelPreference.ON)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
-    assert p.tunnel  # type: ignore[attr-defined]
-    link.handle(ProvisionSucceeded(p.attempt, REPLY), 2)  # type: ignore[attr-defined]
+    assert p.tunnel
+    link.handle(ProvisionSucceeded(p.attempt, REPLY), 2)
     assert link.status.path == "udp" and link.status.path_reason == "the server declined the tunnel"
     off = Link(timing=TIMING)
     off.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(off.handle(NetworkReady(), 1), Provision)
-    assert not p.tunnel  # type: ignore[attr-defined]
+    assert not p.tunnel
 
 
 def test_a_dead_tunnel_provisions_again_instead_of_trying_udp_endpoints() -> None:
     link = Link(timing=TIMING, tunnel_preference=TunnelPreference.ON)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, TUNNEL_REPLY), 2), ConfigureLink)
     assert link.status.endpoint == "gRPC tunnel via [fd00::1]:8090"
-    link.handle(LinkConfigured(c.attempt), 2)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), 2)
     link.handle(Sample(1000.0, 92), 3)
     t, actions = 3, []
     while link.status.state is State.UP:
@@ -351,24 +363,24 @@ def test_auto_with_a_declined_tunnel_stays_on_udp_and_rotates_endpoints() -> Non
     link, _ = auto_link()
     t, actions, _ = silent_until_provision(link, 2.0)
     (p,) = of(actions, Provision)
-    assert p.tunnel  # type: ignore[attr-defined]
+    assert p.tunnel
     # The server (tunnel mode off) answers with UDP again: no new request every 15 s.
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)
     assert link.status.path_reason == "the server declined the tunnel"
-    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    link.handle(LinkConfigured(c.attempt), t)
     t2, actions, tried = silent_until_provision(link, t)
     assert tried == list(REPLY.endpoints)  # the ordinary dead-link rotation, after 45 s each
     assert t2 - t >= 2 * TIMING.dead_after
     (again,) = of(actions, Provision)
-    assert not again.tunnel  # type: ignore[attr-defined]
+    assert not again.tunnel
 
 
 def test_removing_the_config_after_a_failed_configure_still_removes_the_device() -> None:
     link = Link(timing=TIMING)
     link.handle(ConfigChanged(config(), ID), 0)
     (p,) = of(link.handle(NetworkReady(), 1), Provision)
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)  # type: ignore[attr-defined]
-    link.handle(LinkFailed(c.attempt, "endpoint host does not resolve"), 3)  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), 2), ConfigureLink)
+    link.handle(LinkFailed(c.attempt, "endpoint host does not resolve"), 3)
     assert RemoveLink() in link.handle(ConfigChanged(None, ID), 4)
 
 
@@ -407,9 +419,9 @@ class Driver:
         self.up_checks = 0
         self.link.handle(ConfigChanged(config(), ID), 0)
 
-    def feed(self, event: object) -> None:
+    def feed(self, event: Event) -> None:
         self.now += 1.0
-        actions = self.link.handle(event, self.now)  # type: ignore[arg-type]
+        actions = self.link.handle(event, self.now)
         for a in actions:
             if isinstance(a, Provision):
                 self.provision = a
@@ -520,15 +532,15 @@ def test_a_reply_that_cannot_be_applied_backs_off_like_a_failed_provision() -> N
     delays = []
     t = 1.0
     for _ in range(6):
-        (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
-        (s,) = of(link.handle(LinkFailed(c.attempt, "wireguard-go exited"), t), Schedule)  # type: ignore[attr-defined]
-        delays.append(s.delay)  # type: ignore[attr-defined]
-        t += s.delay  # type: ignore[attr-defined]
+        (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)
+        (s,) = of(link.handle(LinkFailed(c.attempt, "wireguard-go exited"), t), Schedule)
+        delays.append(s.delay)
+        t += s.delay
         (p,) = of(link.handle(TimerFired(RETRY_TIMER), t), Provision)
     assert delays == [0.5, 0.75, 1.125, 1.6875, 2.53125, 3.796875]
     # Once up, the next failure starts from the first delay again.
-    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)  # type: ignore[attr-defined]
-    link.handle(LinkConfigured(c.attempt), t)  # type: ignore[attr-defined]
+    (c,) = of(link.handle(ProvisionSucceeded(p.attempt, REPLY), t), ConfigureLink)
+    link.handle(LinkConfigured(c.attempt), t)
     link.handle(Sample(t, 100), t + 1)
     assert link.status.state is State.UP
 
@@ -538,8 +550,8 @@ def test_a_lost_device_is_rebuilt_with_the_same_spec_without_a_provision() -> No
     link.handle(Sample(3.0, 100), 3)
     assert link.status.state is State.UP
     actions = link.handle(DeviceLost("wireguard-go for siderolink exited (status -9)"), 4)
-    assert not link.status.connected and link.status.state is State.CONFIGURING
+    assert not link.status.connected and state(link) is State.CONFIGURING
     assert not of(actions, Provision)
     (c,) = of(actions, ConfigureLink)
-    assert c.spec == link.spec and c.attempt == attempt  # type: ignore[attr-defined]
+    assert c.spec == link.spec and c.attempt == attempt
     assert "exited" in (link.status.last_error or "")

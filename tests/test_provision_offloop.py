@@ -24,7 +24,9 @@ class SlowStore:
     def __init__(self) -> None:
         self.thread: str | None = None
 
-    def provision_batch(self, reqs: Sequence[ProvisionInput]) -> list[ProvisionOutput]:
+    def provision_batch(
+        self, reqs: Sequence[ProvisionInput]
+    ) -> list[ProvisionOutput | BaseException]:
         self.thread = threading.current_thread().name
         time.sleep(1.0)
         return [
@@ -47,7 +49,7 @@ async def _run() -> tuple[float, SlowStore, provision_pb2.ProvisionResponse]:
     await server.start()
     try:
         async with heartbeat() as gaps, grpc.aio.insecure_channel(f"[::1]:{port}") as channel:
-            stub = provision_pb2_grpc.ProvisionServiceStub(channel)
+            stub = provision_pb2_grpc.ProvisionServiceStub(channel)  # type: ignore[no-untyped-call]
             reply = await stub.Provision(
                 provision_pb2.ProvisionRequest(node_uuid="u", node_public_key="k"), timeout=10
             )

@@ -64,7 +64,7 @@ def test_claim_update_and_collision(backend: Opener) -> None:
     assert got is not None and got.public_key == b.public_key and got.address == a.address
     assert reg.by_address(a.address) == got
     reg.update_endpoints({a.machine_key: "[fd00::5]:51821", "unknown": "x"})
-    assert reg.get(a.machine_key).endpoint == "[fd00::5]:51821"  # type: ignore[union-attr]
+    assert reg.get(a.machine_key).endpoint == "[fd00::5]:51821"
     assert reg.remove(a.machine_key) and reg.machines() == []
     assert not reg.remove(a.machine_key)
     if isinstance(reg, SqliteRegistry):

@@ -115,11 +115,11 @@ def test_registry_counts_uses_only_for_new_machines(backend: Opener) -> None:
     reg.claim(a, token_id=record.token_id)
     reg.claim(a, token_id=record.token_id)  # a re-provision does not count
     reg.claim(b, token_id=record.token_id)
-    assert reg.token(record.token_id).uses == 2  # type: ignore[union-attr]
+    assert reg.token(record.token_id).uses == 2
     with pytest.raises(TokenRefused, match="used up"):
         reg.claim(c, token_id=record.token_id)
     assert reg.get(c.machine_key) is None
-    assert reg.get(a.machine_key).join_token_id == record.token_id  # type: ignore[union-attr]
+    assert reg.get(a.machine_key).join_token_id == record.token_id
     assert reg.revoke_token(record.token_id, time.time())
     assert not reg.revoke_token(record.token_id, time.time())
     with pytest.raises(TokenRefused, match="revoked"):
@@ -181,4 +181,4 @@ def test_audit_lines_rotate_and_stay_bounded(tmp_path: Path) -> None:
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
     assert all(p.stat().st_size < 2200 for p in tmp_path.iterdir())
     last = read_audit(tmp_path / "audit.jsonl")[-1]
-    assert last["n"] == 99 and last["time"].endswith("Z") and last["outcome"] == "denied"
+    assert last["n"] == 99 and str(last["time"]).endswith("Z") and last["outcome"] == "denied"

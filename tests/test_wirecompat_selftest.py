@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import grpc
 import pytest
@@ -134,7 +135,7 @@ def test_stream_without_header() -> None:
 def test_generated_modules_agree_with_the_written_numbers() -> None:
     from gatekeeper.pb.siderolink import provision_pb2, wireguard_pb2
 
-    fields = {
+    fields: dict[str, Any] = {
         "node_uuid": "u",
         "node_public_key": KEY,
         "join_token": "t",
@@ -146,7 +147,7 @@ def test_generated_modules_agree_with_the_written_numbers() -> None:
         provision_pb2.ProvisionRequest(**fields).SerializeToString()
         == ProvisionRequest(**fields).SerializeToString()
     )
-    resp = {
+    resp: dict[str, Any] = {
         "server_endpoint": ["c:3", "b:2", "a:1"],
         "server_public_key": KEY,
         "node_address_prefix": "fd00::2/64",
@@ -157,7 +158,7 @@ def test_generated_modules_agree_with_the_written_numbers() -> None:
         provision_pb2.ProvisionResponse(**resp).SerializeToString()
         == ProvisionResponse(**resp).SerializeToString()
     )
-    packet = {"Data": b"d", "batch": [b"e"]}
+    packet: dict[str, Any] = {"Data": b"d", "batch": [b"e"]}
     assert (
         wireguard_pb2.PeerPacket(**packet).SerializeToString()
         == PeerPacket(**packet).SerializeToString()

@@ -89,9 +89,10 @@ def _build_classes() -> dict[str, type[Message]]:
 
 
 _CLASSES = _build_classes()
-ProvisionRequest = _CLASSES["ProvisionRequest"]
-ProvisionResponse = _CLASSES["ProvisionResponse"]
-PeerPacket = _CLASSES["PeerPacket"]
+# Classes made at run time from the descriptors above: their fields are unknown to mypy.
+ProvisionRequest: Any = _CLASSES["ProvisionRequest"]
+ProvisionResponse: Any = _CLASSES["ProvisionResponse"]
+PeerPacket: Any = _CLASSES["PeerPacket"]
 
 
 def message_to_dict(msg: Message) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class RawStream:
     def send(self, data: bytes | None = None, *, batch: Sequence[bytes] = ()) -> None:
         packet = PeerPacket(batch=list(batch))
         if data is not None:
-            packet.Data = data  # type: ignore[attr-defined]
+            packet.Data = data
         self._outgoing.put(packet)
 
     def recv_packet(self, timeout: float = 5) -> dict[str, Any]:
@@ -318,7 +319,8 @@ class MinimalProvisionServer:
         self.requests.append(message_to_dict(request))
         if self.abort is not None:
             context.abort(*self.abort)
-        return self.response
+        response: Message = self.response
+        return response
 
     def _create_stream(
         self, packets: Iterator[Message], context: grpc.ServicerContext
