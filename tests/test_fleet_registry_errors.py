@@ -179,3 +179,21 @@ def test_machines_remove_honours_the_state_dir_given_before_it(tmp_path: Path) -
         assert done.stdout.startswith(f"removed {record.node_uuid}")
         with SqliteRegistry(state) as reg:
             assert reg.machines() == []
+
+
+def test_a_psycopg_that_cannot_load_libpq_is_one_clear_line(tmp_path: Path) -> None:
+    # psycopg picks its libpq wrapper when it is first imported; PSYCOPG_IMPL=c asks for one
+    # that is not installed here, as a psycopg without its [binary] extra on a host without
+    # libpq fails (seen in the vm-tests guest image). Before: a traceback from the import.
+    url = f"postgresql://gatekeeper@/gk?host={tmp_path}"
+    env = {**os.environ, "PSYCOPG_IMPL": "c"}
+    for command in (["machines"], ["token", "list"]):
+        done = subprocess.run(
+            [*GATEKEEPER, *command, "--registry", url, "--state-dir", str(tmp_path / "state")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        one_line_error(done, " ".join(command), "PostgreSQL needs psycopg with libpq: install")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -43,8 +44,7 @@ def parse_registry_url(url: str | None, state_dir: Path) -> RegistryTarget:
             raise RegistryError(f"--registry {url!r}: a SQLite registry is sqlite:///ABSOLUTE/FILE")
         return RegistryTarget("sqlite", path)
     if url.startswith(("postgresql://", "postgres://")):
-        from psycopg import conninfo
-
+        conninfo = _conninfo()
         if _has_password(url):
             raise RegistryError(NO_PASSWORD)
         try:
@@ -59,6 +59,21 @@ def parse_registry_url(url: str | None, state_dir: Path) -> RegistryTarget:
     scheme = url.partition(":")[0][:20]
     shown = scheme if scheme.isprintable() and scheme else "?"
     raise RegistryError(f"--registry: unknown kind of registry {shown!r}: {USAGE}")
+
+
+def _conninfo() -> ModuleType:
+    """psycopg's conninfo module; psycopg that cannot load libpq says so in one line."""
+    try:
+        from psycopg import conninfo
+    except ImportError as exc:
+        # psycopg's own message spans lines, one per implementation it tried.
+        text = str(exc).strip()
+        first = text.splitlines()[0].strip() if text else type(exc).__name__
+        raise RegistryError(
+            f"--registry: PostgreSQL needs psycopg with libpq: install psycopg[binary] (pip) "
+            f"or the system's libpq (Debian: libpq5); psycopg said: {first}"
+        ) from None
+    return conninfo
 
 
 NO_PASSWORD = (
