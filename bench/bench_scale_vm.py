@@ -3,12 +3,13 @@
 This host has no kernel WireGuard, so `bench_scale.py` measures the server beside wireguard-go,
 whose per-peer memory puts the two over the target at 10,000 peers. Here the server runs where the
 kernel module is: inside the vm-tests guest (Debian's kernel, `--wireguard-backend kernel`, a
-SQLite registry in the guest's /run), as a real fleet would run it. The host provisions N
-machines with real keys and real Provision calls over the lab bridge, waits for the after-join
-work to settle, then reads the guest's figures from the image's runner (guest/runner.py,
-`gk.role=server`): the server process's VmRSS and VmHWM, its CPU over `--idle` seconds of
-guest time, the device's peer count, and the kernel's slab growth beside them (the peers'
-memory lives there, outside any process).
+SQLite registry in the guest's /run, or with `--registry postgresql` a real PostgreSQL on the
+host that the guest reaches over the lab bridge), as a real fleet would run it. The host
+provisions N machines with real keys and real Provision calls over the lab bridge, waits for
+the after-join work to settle, then reads the guest's figures from the image's runner
+(guest/runner.py, `gk.role=server`): the server process's VmRSS and VmHWM, its CPU over
+`--idle` seconds of guest time, the device's peer count, and the kernel's slab growth beside
+them (the peers' memory lives there, outside any process).
 
 Target (issue 12): <= 150 MB for the instance: here the server process's RSS plus the slab the
 kernel took for the peers (the device's memory, which on the host is wireguard-go's RSS).
@@ -17,7 +18,7 @@ guest's own accounting of an emulated core, so it is printed without a verdict, 
 much slower that core runs a fixed Python loop than the host does (measured in the same run;
 bench_scale.py gives the idle CPU verdict on the host). Run as root:
 
-    python bench/bench_scale_vm.py [--count 10000] [--idle 30] [--settle 40]
+    python bench/bench_scale_vm.py [--count 10000] [--idle 30] [--settle 40] [--registry postgresql]
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ def fill(sl: SideroLinkLab, count: int, concurrency: int) -> dict[str, Any]:
     return summary
 
 
+def postgresql_for_guest(sl: SideroLinkLab, stack: contextlib.ExitStack) -> list[str]:
+    """A PostgreSQL listening on the server namespace's underlay address (the guest's side of
+    the lab bridge), stopped before the lab goes; the guest runner's words for it. The
+    password goes on the guest's kernel command line, as the join token does: a lab's."""
+    from pgcluster import started_cluster, unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise Skip(f"--registry postgresql: {why}")
+    cluster = started_cluster(netns=sl.server_ns.name, listen=sl.server_underlay)
+    stack.callback(cluster.close)
+    dbname = cluster.create_database().split("/")[3].split("?")[0]
+    url = f"postgresql://gatekeeper@[{sl.server_underlay}]:5432/{dbname}"
+    return [f"gk.registry={url}", f"gk.registry_password={cluster.password}"]
+
+
 def calibrate() -> float:
     """The guest runner's calibrate(), on the host: keep the two the same loop."""
     started = time.process_time()
@@ -136,6 +153,13 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of guest time")
     parser.add_argument("--settle", type=float, default=40.0, help="wait before measuring idle")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--registry",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the guest server's registry: SQLite in the guest, or a PostgreSQL on the host "
+        "that the guest reaches over the lab bridge",
+    )
     args = parser.parse_args()
     # 0 machines would pass over nothing, 0 concurrency never fills, 0 s of idle divides by 0.
     for name in ("count", "concurrency"):
@@ -151,16 +175,16 @@ def main() -> int:
         log_dir = DEFAULT_LOGS / f"{time.strftime('%Y%m%d-%H%M%S')}-scale"
         log_dir.mkdir(parents=True)
         print(f"accelerator: {accel} ({why}); logs in {log_dir}", file=sys.stderr)
-        with SideroLinkLab() as sl:
+        with SideroLinkLab() as sl, contextlib.ExitStack() as stack:
             ns = sl.server_ns
             ns.run(["ip", "tuntap", "add", TAP, "mode", "tap"])
             ns.run(["ip", "link", "set", TAP, "master", "br0", "up"])
+            words = ["gk.role=server", f"gk.ip={GUEST}/64", f"gk.token={sl.join_token}"]
+            if args.registry == "postgresql":
+                words += postgresql_for_guest(sl, stack)
             spec = VmSpec(
                 image=image,
-                cmdline=kernel_cmdline(
-                    ["gk.role=server", f"gk.ip={GUEST}/64", f"gk.token={sl.join_token}"],
-                    host_tsc_khz(),
-                ),
+                cmdline=kernel_cmdline(words, host_tsc_khz()),
                 console=log_dir / "console.log",
                 accel=accel,
                 memory_mb=GUEST_MEMORY_MB,
@@ -208,6 +232,7 @@ def main() -> int:
     used_mb = mb(empty["mem_available_kb"] - after["mem_available_kb"])
     record = {
         "accel": accel,
+        "registry": args.registry,
         "count": args.count,
         "fill_s": round(fill_s, 1),
         "fill": {k: outcomes[k] for k in ("per_s", "p99_ms", "outcomes")},
@@ -222,7 +247,10 @@ def main() -> int:
     }
     print(json.dumps(record, indent=2))
     complete = outcomes["outcomes"].get("OK", 0) == args.count and after.get("peers") == args.count
-    name = f"scale (kernel WireGuard in the guest, {accel}), {after.get('peers')} peers"
+    name = (
+        f"scale (kernel WireGuard in the guest, {accel}, {args.registry}), "
+        f"{after.get('peers')} peers"
+    )
     rss = mb(after["rss_kb"])
     # The device's memory is the kernel's here, where wireguard-go's is a process's on the host:
     # the instance is the server process and the slab its peers took, as bench_scale.py's is
@@ -248,7 +276,8 @@ def main() -> int:
                 "",
                 used_mb,
                 "MB",
-                note="the server's growth, the slab, and SQLite's files in tmpfs",
+                note="the server's growth, the slab"
+                + (", and SQLite's files in tmpfs" if args.registry == "sqlite" else ""),
             ),
             # No verdict: the target's core is a real one, and this is an emulated core that
             # runs Python about `slower` times slower than the host's (measured just now).

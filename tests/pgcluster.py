@@ -1,7 +1,9 @@
 """A real PostgreSQL 15 for the tests: initdb and pg_ctl as `postgres` in a temporary directory.
 
 It listens on no TCP address at all (`listen_addresses=''`), only on a unix socket in that
-directory, which every network namespace reaches. The superuser `postgres` logs in without a
+directory, which every network namespace reaches; `start(netns=..., listen=...)` adds a TCP
+address inside a lab's namespace, for a client that has no file system in common with it (the
+QEMU guest of bench/bench_scale_vm.py). The superuser `postgres` logs in without a
 password; the role the servers use (`gatekeeper`) needs its password (scram-sha-256), so the
 password paths are real too.
 """
@@ -66,9 +68,10 @@ class PgCluster:
             "local all postgres trust\nlocal all all scram-sha-256\n"
         )
 
-    def _as_postgres(self, *argv: str, timeout: float = 60) -> None:
+    def _as_postgres(self, *argv: str, timeout: float = 60, netns: str | None = None) -> None:
+        inside = ["ip", "netns", "exec", netns] if netns else []
         done = subprocess.run(
-            ["runuser", "-u", "postgres", "--", *argv],
+            [*inside, "runuser", "-u", "postgres", "--", *argv],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -78,14 +81,20 @@ class PgCluster:
         if done.returncode != 0:
             raise RuntimeError(f"{Path(argv[0]).name} failed: {done.stderr.strip()[-2000:]}")
 
-    def start(self) -> None:
+    def start(self, *, netns: str | None = None, listen: str | None = None) -> None:
+        """`listen`: also a TCP address (port 5432), inside the network namespace `netns`
+        (a lab's, for a client that has no unix socket to reach: a QEMU guest)."""
+        if listen is not None:
+            hba = self.data / "pg_hba.conf"
+            if "host " not in hba.read_text():
+                hba.write_text(hba.read_text() + "host all all ::/0 scram-sha-256\n")
         options = (
-            f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
+            f"-c listen_addresses='{listen or ''}' -c unix_socket_directories='{self.socket_dir}' "
             "-c fsync=off -c max_connections=50"
         )
         self._as_postgres(
             str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-            "-w", "-t", "30", "start",
+            "-w", "-t", "30", "start", netns=netns,
         )  # fmt: skip
 
     def running(self) -> bool:
@@ -140,10 +149,10 @@ class PgCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def started_cluster() -> PgCluster:
+def started_cluster(*, netns: str | None = None, listen: str | None = None) -> PgCluster:
     cluster = PgCluster()
     try:
-        cluster.start()
+        cluster.start(netns=netns, listen=listen)
         cluster.create_role()
     except BaseException:
         cluster.close()

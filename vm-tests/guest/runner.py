@@ -10,7 +10,9 @@ Kernel command line parameters (besides siderolink.api=, which is the agent's bu
   gk.checks=a,b          extra checks once the link is up: contract, firewall
   gk.role=server         run `gatekeeper server` on kernel WireGuard instead of the agent
                          (bench/bench_scale_vm.py), with gk.token=TOKEN as its join token,
-                         and answer resource figures on TCP port 7070 (see serve_stats)
+                         and answer resource figures on TCP port 7070 (see serve_stats);
+                         gk.registry=URL and gk.registry_password=PW: its registry (a
+                         PostgreSQL on the host's lab bridge) instead of SQLite in /run
 """
 
 from __future__ import annotations
@@ -167,15 +169,22 @@ def run_checks(names: list[str]) -> None:
             say("check-error", check=name, error=f"{type(exc).__name__}: {exc}")
 
 
-def start_server(address: str, token: str) -> subprocess.Popen[bytes]:
+def secret_file(name: str, value: str) -> str:
+    path = os.path.join(SERVER_STATE, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return path
+
+
+def start_server(
+    address: str, token: str, registry: str = "", password: str = ""
+) -> subprocess.Popen[bytes]:
     """`gatekeeper server` on kernel WireGuard, its log in a file: relaying ten thousand
     provision lines through an emulated serial port would cost the guest more than serving
     them."""
     os.makedirs(SERVER_STATE, exist_ok=True)
-    token_file = os.path.join(SERVER_STATE, "join-token")
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    token_file = secret_file("join-token", token)
     argv = [
         sys.executable, "-m", "gatekeeper", "server",
         "--state-dir", SERVER_STATE,
@@ -186,6 +195,9 @@ def start_server(address: str, token: str) -> subprocess.Popen[bytes]:
         "--wireguard-port", str(SERVER_WG_PORT),
         "--endpoint", f"[{address}]:{SERVER_WG_PORT}",
     ]  # fmt: skip
+    if registry:
+        argv += ["--registry", registry]
+        argv += ["--registry-password-file", secret_file("registry-password", password)]
     log = open(SERVER_LOG, "ab")  # noqa: SIM115 (the server's for its whole life)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     say("server-started", pid=proc.pid)
@@ -280,7 +292,12 @@ def serve_stats(server: subprocess.Popen[bytes], address: str) -> None:
 
 def server_role(options: dict[str, str]) -> None:
     address = options.get("ip", "").split("/")[0]
-    server = start_server(address, options.get("token", ""))
+    server = start_server(
+        address,
+        options.get("token", ""),
+        options.get("registry", ""),
+        options.get("registry_password", ""),
+    )
     threading.Thread(target=serve_stats, args=(server, address), daemon=True).start()
     server.wait()
     tail = ""

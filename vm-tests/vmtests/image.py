@@ -316,8 +316,11 @@ def python_requirements() -> list[str]:
     pins = []
     for spec in meta["project"]["dependencies"]:
         name = re.split(r"[<>=!~ \[;]", spec, maxsplit=1)[0]
+        # Extras stay: psycopg[binary] brings the libpq the guest has no package of.
+        extras = re.match(r"[^\[<>=!~ ;]*(\[[^\]]*\])?", spec)
+        wanted = name + (extras[1] if extras and extras[1] else "")
         try:
-            pins.append(f"{name}=={importlib.metadata.version(name)}")
+            pins.append(f"{wanted}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pins.append(spec)
     return sorted(pins)
