@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psycopg
+
 VM_TESTS = Path(__file__).resolve().parent.parent / "vm-tests"
 sys.path.insert(0, str(VM_TESTS))
 
@@ -113,17 +115,24 @@ def fill(sl: SideroLinkLab, count: int, concurrency: int) -> dict[str, Any]:
 
 
 def postgresql_for_guest(sl: SideroLinkLab, stack: contextlib.ExitStack) -> list[str]:
-    """A PostgreSQL listening on the server namespace's underlay address (the guest's side of
-    the lab bridge), stopped before the lab goes; the guest runner's words for it. The
+    """A PostgreSQL listening on the server namespace's underlay address (the host's side of
+    the lab bridge, which the guest reaches), stopped before the lab goes; the guest runner's
+    words for it. The
     password goes on the guest's kernel command line, as the join token does: a lab's."""
     from pgcluster import started_cluster, unavailable
 
     why = unavailable()
     if why is not None:
         raise Skip(f"--registry postgresql: {why}")
-    cluster = started_cluster(netns=sl.server_ns.name, listen=sl.server_underlay)
+    try:
+        cluster = started_cluster(netns=sl.server_ns.name, listen=sl.server_underlay)
+    except (RuntimeError, OSError, psycopg.Error) as exc:
+        raise RuntimeError(f"cannot start PostgreSQL for the guest: {exc}") from None
     stack.callback(cluster.close)
-    dbname = cluster.create_database().split("/")[3].split("?")[0]
+    try:
+        dbname = cluster.create_database().split("/")[3].split("?")[0]
+    except psycopg.Error as exc:
+        raise RuntimeError(f"cannot create the guest's database: {exc}") from None
     url = f"postgresql://gatekeeper@[{sl.server_underlay}]:5432/{dbname}"
     return [f"gk.registry={url}", f"gk.registry_password={cluster.password}"]
 
@@ -222,7 +231,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("bench_scale_vm: interrupted; the VM is off and the lab removed", file=sys.stderr)
         return 130
-    except (TimeoutError, VmFailure, subprocess.TimeoutExpired) as exc:
+    except (TimeoutError, VmFailure, subprocess.TimeoutExpired, RuntimeError) as exc:
         print(f"bench_scale_vm: failed: {exc}", file=sys.stderr)
         return 1
 

@@ -85,9 +85,13 @@ class PgCluster:
         """`listen`: also a TCP address (port 5432), inside the network namespace `netns`
         (a lab's, for a client that has no unix socket to reach: a QEMU guest)."""
         if listen is not None:
+            if netns is None:
+                raise ValueError("a TCP listener only inside a lab's namespace (netns=...)")
             hba = self.data / "pg_hba.conf"
             if "host " not in hba.read_text():
-                hba.write_text(hba.read_text() + "host all all ::/0 scram-sha-256\n")
+                # Any client of that namespace, with the role's password.
+                hosts = "host all all ::/0 scram-sha-256\nhost all all 0.0.0.0/0 scram-sha-256\n"
+                hba.write_text(hba.read_text() + hosts)
         options = (
             f"-c listen_addresses='{listen or ''}' -c unix_socket_directories='{self.socket_dir}' "
             "-c fsync=off -c max_connections=50"

@@ -4,6 +4,7 @@ a private mount namespace so nothing outside the test sees it). Listing works re
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gatekeeper.lab.netns import Lab
 from gatekeeper.lab.siderolink_lab import SideroLinkLab, gatekeeper_argv
 from gatekeeper.server.registry import MachineRecord, machine_key
 from gatekeeper.server.sqlite_registry import SqliteRegistry
@@ -181,19 +183,46 @@ def test_machines_remove_honours_the_state_dir_given_before_it(tmp_path: Path) -
             assert reg.machines() == []
 
 
-def test_a_psycopg_that_cannot_load_libpq_is_one_clear_line(tmp_path: Path) -> None:
+def test_a_psycopg_that_cannot_load_libpq_is_one_clear_line(tmp_path: Path, lab: Lab) -> None:
     # psycopg picks its libpq wrapper when it is first imported; PSYCOPG_IMPL=c asks for one
     # that is not installed here, as a psycopg without its [binary] extra on a host without
     # libpq fails (seen in the vm-tests guest image). Before: a traceback from the import.
+    if importlib.util.find_spec("psycopg_c") is not None:
+        pytest.skip("psycopg's C implementation is installed here: PSYCOPG_IMPL=c would load")
     url = f"postgresql://gatekeeper@/gk?host={tmp_path}"
     env = {**os.environ, "PSYCOPG_IMPL": "c"}
-    for command in (["machines"], ["token", "list"]):
+    state = ["--state-dir", str(tmp_path / "state")]
+    # The server inside a namespace of the test's own: were it to get past the registry, it
+    # would make its WireGuard device there, not on this host.
+    ns = lab.namespace("psy")
+    server = [
+        "server", "--registry", url, *state, "--endpoint", "[fd00::1]:51820",
+        "--listen", "[::1]:0", "--wireguard-interface", f"gk{lab.lab_id}psy",
+    ]  # fmt: skip
+    for command in (
+        ["machines", "--registry", url, *state],
+        ["token", "list", "--registry", url, *state],
+        server,
+    ):
         done = subprocess.run(
-            [*GATEKEEPER, *command, "--registry", url, "--state-dir", str(tmp_path / "state")],
+            ns.exec_argv([*GATEKEEPER, *command]),
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
             env=env,
         )
-        one_line_error(done, " ".join(command), "PostgreSQL needs psycopg with libpq: install")
+        name = " ".join(command[: 2 if command[0] == "token" else 1])
+        one_line_error(done, name, "PostgreSQL needs psycopg with libpq: install")
+        assert "No module named 'psycopg_c'" in done.stderr
+    # A password in the URL is still the first thing said: it needs no psycopg.
+    done = subprocess.run(
+        [*GATEKEEPER, "machines", "--registry", "postgresql://gk:hunter2@/gk", *state],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    one_line_error(done, "machines", "no password in the URL")
+    assert "hunter2" not in done.stderr

@@ -44,9 +44,10 @@ def parse_registry_url(url: str | None, state_dir: Path) -> RegistryTarget:
             raise RegistryError(f"--registry {url!r}: a SQLite registry is sqlite:///ABSOLUTE/FILE")
         return RegistryTarget("sqlite", path)
     if url.startswith(("postgresql://", "postgres://")):
-        conninfo = _conninfo()
+        # Before psycopg: this needs none, and matters more than a missing libpq.
         if _has_password(url):
             raise RegistryError(NO_PASSWORD)
+        conninfo = _conninfo()
         try:
             params = conninfo.conninfo_to_dict(url)
         except Exception as exc:  # psycopg.ProgrammingError, and libpq's own parse errors
@@ -66,12 +67,13 @@ def _conninfo() -> ModuleType:
     try:
         from psycopg import conninfo
     except ImportError as exc:
-        # psycopg's own message spans lines, one per implementation it tried.
-        text = str(exc).strip()
-        first = text.splitlines()[0].strip() if text else type(exc).__name__
+        # psycopg's own message spans lines, one per implementation it tried (the last one
+        # says why the system's libpq would not do): all of them, on one line.
+        parts = [line.strip(" -").rstrip(".") for line in str(exc).splitlines()]
+        said = "; ".join(p for p in parts if p and p != "Attempts made:") or type(exc).__name__
         raise RegistryError(
             f"--registry: PostgreSQL needs psycopg with libpq: install psycopg[binary] (pip) "
-            f"or the system's libpq (Debian: libpq5); psycopg said: {first}"
+            f"or the system's libpq (Debian: libpq5); psycopg said: {said}"
         ) from None
     return conninfo
 
