@@ -216,6 +216,8 @@ class Server:
             endpoints=opts.endpoints,
             on_fleet=lambda endpoints: setattr(provisioner, "fleet_endpoints", endpoints),
         )
+        heartbeat = self.heartbeat
+        self.fleet.metrics.watch_instance(up=lambda: float(heartbeat.reachable), age=heartbeat.age)
         try:
             # Before the device holds anything: a second process under this name is refused.
             await asyncio.to_thread(self.heartbeat.first)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from gatekeeper.server.telemetry import (
     TelemetryBackend,
     TelemetryQueue,
 )
-from gatekeeper.wireguard.backend import Device
+from gatekeeper.wireguard.backend import Device, WireGuardError
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,22 @@ class Fleet:
             await self.admin.start()
         except OSError as exc:
             raise FleetError(str(exc)) from None
-        self.metrics.watch_fleet(
-            registered=lambda: len(registry.machines()),
-            connected=lambda: connected_count(device, time.time()),
-        )
+
+        def registered() -> float:
+            # Unknown while the store is away: a scrape that raised would lose every series.
+            try:
+                return float(len(registry.machines()))
+            except RegistryError:
+                return math.nan
+
+        def connected() -> float:
+            # The device may be away for a moment (DeviceWatch recreates it).
+            try:
+                return float(connected_count(device, time.time()))
+            except WireGuardError:
+                return math.nan
+
+        self.metrics.watch_fleet(registered=registered, connected=connected)
         if opts.metrics_listen:
             try:
                 self.metrics_server = serve_metrics(self.metrics, opts.metrics_listen)

@@ -10,6 +10,7 @@ writing (docs/registry.md, "Owners and failover").
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -112,11 +113,17 @@ class InstanceHeartbeat:
         self.run_id = run_id_here()
         self.started = clock()
         self.healthy_since: float | None = None
+        # time.monotonic() at the start of the last beat that was written, and whether the
+        # last beat reached the store: what an operator sees (gatekeeper_registry_up and
+        # gatekeeper_instance_heartbeat_age_seconds).
+        self.last_written: float | None = None
+        self.reachable = False
         self.instances: list[InstanceRecord] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat(self, *, replaces: str | None = None) -> list[InstanceRecord]:
+        started = time.monotonic()
         now = self.clock()
         me = InstanceRecord(self.name, self.endpoints, self.run_id, self.started, now)
         try:
@@ -125,9 +132,12 @@ class InstanceHeartbeat:
             )
         except Exception:
             self.healthy_since = None
+            self.reachable = False
             raise
         if self.healthy_since is None:
             self.healthy_since = now
+        self.last_written = started
+        self.reachable = True
         self.instances = instances
         self.on_fleet(survivor_endpoints(instances, self.name, now))
         return instances
@@ -159,6 +169,12 @@ class InstanceHeartbeat:
                     )
                     said = True
                 time.sleep(1.0)
+
+    def age(self) -> float:
+        """Seconds since the last heartbeat written began (NaN: none yet)."""
+        if self.last_written is None:
+            return math.nan
+        return time.monotonic() - self.last_written
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="instance-heartbeat", daemon=True)

@@ -90,11 +90,27 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.registry_up = Gauge(
+            "gatekeeper_registry_up",
+            "1 while this instance's last heartbeat reached the registry, else 0",
+            registry=self.registry,
+        )
+        self.heartbeat_age = Gauge(
+            "gatekeeper_instance_heartbeat_age_seconds",
+            "Seconds since this instance last wrote its heartbeat: past 15 another instance "
+            'may take its machines over (docs/registry.md, "Owners and failover")',
+            registry=self.registry,
+        )
+
     def watch_fleet(
         self, *, registered: Callable[[], float], connected: Callable[[], float]
     ) -> None:
         self.machines_registered.set_function(registered)
         self.machines_connected.set_function(connected)
+
+    def watch_instance(self, *, up: Callable[[], float], age: Callable[[], float]) -> None:
+        self.registry_up.set_function(up)
+        self.heartbeat_age.set_function(age)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
