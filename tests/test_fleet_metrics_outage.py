@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 
 import pytest
 from fleetlab import api_target, provisions, scrape
@@ -28,13 +27,16 @@ def value(text: str, name: str) -> float:
     return float(found[1])
 
 
-def until(seconds: float, check: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
+def scraped_once_registry_up_is(sl: SideroLinkLab, up: int) -> str:
+    """/metrics once `gatekeeper_registry_up` says `up`: the next heartbeat after a change
+    of the store's state tells it."""
+    deadline = time.monotonic() + HEARTBEAT_EVERY + 8
     while time.monotonic() < deadline:
-        if check():
-            return True
+        text = scrape(sl, METRICS_PORT)
+        if value(text, "gatekeeper_registry_up") == up:
+            return text
         time.sleep(0.5)
-    return False
+    raise AssertionError(f"gatekeeper_registry_up never became {up}\n{sl.tail(sl.server_log)}")
 
 
 def test_metrics_answer_while_the_store_is_down_and_say_so(own_cluster: PgCluster) -> None:
@@ -54,23 +56,14 @@ def test_metrics_answer_while_the_store_is_down_and_say_so(own_cluster: PgCluste
         assert value(up, "gatekeeper_registry_up") == 1
         assert value(up, "gatekeeper_instance_heartbeat_age_seconds") < HEARTBEAT_EVERY + 2
         own_cluster.stop()
-        # The next heartbeat finds the store gone.
-        assert until(
-            HEARTBEAT_EVERY + 8,
-            lambda: value(scrape(sl, METRICS_PORT), "gatekeeper_registry_up") == 0,
-        ), sl.tail(sl.server_log)
-        down = scrape(sl, METRICS_PORT)
+        down = scraped_once_registry_up_is(sl, 0)
         assert value(down, "gatekeeper_instance_heartbeat_age_seconds") > HEARTBEAT_EVERY
         # Unknown, not a failed page: Prometheus keeps every other series of this scrape.
         assert value(down, "gatekeeper_machines_registered") != value(
             down, "gatekeeper_machines_registered"
         )  # NaN
         own_cluster.start()
-        assert until(
-            HEARTBEAT_EVERY + 8,
-            lambda: value(scrape(sl, METRICS_PORT), "gatekeeper_registry_up") == 1,
-        ), sl.tail(sl.server_log)
-        back = scrape(sl, METRICS_PORT)
+        back = scraped_once_registry_up_is(sl, 1)
         assert value(back, "gatekeeper_machines_registered") == 1
         assert value(back, "gatekeeper_instance_heartbeat_age_seconds") < HEARTBEAT_EVERY + 2
         assert "Traceback" not in sl.server_log.read_text()
