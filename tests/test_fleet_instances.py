@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from test_fleet_postgres import TwoServers, outcome, request, two_servers, wg_pe
 from gatekeeper.lab.netns import Namespace
 from gatekeeper.lab.siderolink_lab import gatekeeper_argv
 from gatekeeper.server.instances import HEARTBEAT_EVERY
+from gatekeeper.server.registry import INSTANCE_STALE_AFTER
 
 pytestmark = pytest.mark.netns
 
@@ -47,6 +49,13 @@ def within(seconds: float, check: Callable[[], bool]) -> float | None:
             return time.monotonic() - start
         time.sleep(0.05)
     return None
+
+
+def fleet_instances(fleet: TwoServers) -> list[dict[str, Any]]:
+    done = fleet.gk("instances", "--json", via=fleet.b)
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["instances"]
+    return rows
 
 
 def instances(fleet: TwoServers) -> list[str]:
@@ -109,6 +118,12 @@ def test_an_instance_killed_is_taken_over_and_its_machine_is_back_with_its_addre
     assert within(10.0, lambda: bool(listed(fleet)[0]["endpoint"])) is not None
     (row,) = listed(fleet)
     assert row["instance"] == "srv1" and row["provisions"] == 1
+    before = fleet_instances(fleet)
+    assert [(i["name"], i["live"], i["machines"]) for i in before] == [
+        ("srv1", True, 1),
+        ("srv2", True, 0),
+    ]
+    assert before[0]["endpoints"] == [f"[{fleet.a.underlay}]:51821"]
     # kill -9 of the whole instance: the server and its wireguard-go (its process group).
     os.killpg(fleet.a.proc.pid, signal.SIGKILL)
     fleet.a.proc.wait(timeout=10)
@@ -125,6 +140,14 @@ def test_an_instance_killed_is_taken_over_and_its_machine_is_back_with_its_addre
     assert row["instance"] == "srv2"
     # Back without a new Provision: the survivor took the machine over and dialled it.
     assert row["provisions"] == 1, row
+    # What an operator sees: the dead instance stale (its heartbeat older than 15 s), the
+    # survivor holding the machine.
+    after = fleet_instances(fleet)
+    assert [(i["name"], i["live"], i["machines"]) for i in after] == [
+        ("srv1", False, 0),
+        ("srv2", True, 1),
+    ]
+    assert after[0]["heartbeat_age_s"] > INSTANCE_STALE_AFTER
     assert time.monotonic() - killed < 90
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gatekeeper.server.fleet import logs_dir
 from gatekeeper.server.journal import Journal
-from gatekeeper.server.registry import MachineRecord, machine_key
+from gatekeeper.server.registry import InstanceRecord, MachineRecord, machine_key
 from gatekeeper.server.sqlite_registry import SqliteRegistry
 
 GATEKEEPER = [sys.executable, "-m", "gatekeeper"]
@@ -54,3 +56,50 @@ def test_machines_and_logs_print_client_strings_escaped(tmp_path: Path) -> None:
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout.count("\n") == 1 and "\x1b" not in logs.stdout
     assert "line\\x1b[2Jwith\\ncontrols" in logs.stdout and "x\\r." in logs.stdout
+
+
+def test_instances_print_what_another_writer_put_in_the_store_escaped(tmp_path: Path) -> None:
+    # Names are checked where a server starts, but a shared store can hold rows written by
+    # anyone who reaches it (or another version): listing them must not drive the terminal.
+    state = tmp_path / "state"
+    now = time.time()
+    with SqliteRegistry(state) as reg:
+        reg.heartbeat(
+            InstanceRecord(HOSTILE, ("[2001:db8::1]:51820",), f"{HOSTILE}:1:2:3", now - 60, now),
+            take_over=False,
+        )
+        reg.heartbeat(
+            InstanceRecord("srv-b", ("[2001:db8::2]:51820",), "hostb:1:2:3", now - 60, now - 40),
+            take_over=False,
+        )
+        for n, owner in ((5, HOSTILE), (6, "srv-b"), (7, "gone")):
+            reg.claim(
+                MachineRecord(
+                    machine_key=machine_key(f"uuid-{n}", None),
+                    node_uuid=f"uuid-{n}",
+                    address=ipaddress.IPv6Address(f"fdae:41e4:649b:9303::{n}"),
+                    public_key=f"pk{n}",
+                    owner=owner,
+                )
+            )
+    done = gk("instances", "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout and "\u202e" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME", "STATE", "HEARTBEAT", "MACHINES", "STARTED", "HOST", "ENDPOINTS"
+    ]  # fmt: skip
+    assert len(lines) == 4, done.stdout  # header, two instances, the machine nobody holds
+    # One line each however hostile the name; the name's own text stays visible, escaped.
+    assert lines[1].startswith("evil\\x1b[2J") and "forged line" in lines[1]
+    assert re.search(r"\blive\s+[01]s ago\s+1\s+1m ago\s", lines[1]), lines[1]
+    assert lines[2].split()[:5] == ["srv-b", "stale", "40s", "ago", "1"]
+    assert lines[3] == "1 machines held by no listed instance " + (
+        "(the next live instance to beat takes them over)"
+    )
+    listed = json.loads(gk("instances", "--json", "--state-dir", str(state)).stdout)
+    assert [(i["name"], i["live"], i["machines"]) for i in listed["instances"]] == [
+        (HOSTILE, True, 1),
+        ("srv-b", False, 1),
+    ]
+    assert listed["machines_without_instance"] == 1

@@ -348,6 +348,29 @@ def test_staleness_is_judged_on_the_stores_clock_not_the_callers(pg_url: str) ->
         assert survivor_endpoints(rows, "srv2", ahead) == one.endpoints
 
 
+def test_instances_are_listed_read_only_on_the_callers_clock(registry: Registry) -> None:
+    registry.heartbeat(instance("srv2"), take_over=False)
+    registry.heartbeat(instance("srv1"), take_over=False)
+    age(registry, "srv2")
+    # On PostgreSQL a caller whose clock runs a minute ahead (another host) sees the same
+    # ages; SQLite has one host, one clock.
+    clocks = [time.time()] if isinstance(registry, SqliteRegistry) else [time.time() + 60]
+    for now in [time.time(), *clocks]:
+        listed = registry.instances(now)
+        assert [i.name for i in listed] == ["srv1", "srv2"]
+        one, two = listed
+        assert one.live(now) and not two.live(now)
+        assert (
+            now - one.seen < 5 and INSTANCE_STALE_AFTER < now - two.seen < INSTANCE_STALE_AFTER + 5
+        )
+        assert one.endpoints == ("[2001:db8::4]:51820",)
+    # Nothing was written: srv2 stays stale, and no machine moved.
+    registry.claim(machine(1, "srv2"))
+    registry.instances(time.time())
+    assert owners(registry) == {"key-1": "srv2"}
+    assert not registry.instances(time.time())[1].live(time.time())
+
+
 def test_machines_matching_reads_by_either_key_in_one_call(registry: Registry) -> None:
     for n in range(1, 6):
         registry.claim(machine(n, "srv1"))

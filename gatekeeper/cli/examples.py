@@ -38,6 +38,7 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("token", "revoke"): "gatekeeper token revoke 1a2b3c4d5e6f",
     ("machines",): "gatekeeper machines --offline --watch",
     ("machines", "remove"): "gatekeeper machines remove 4c4c4544-0042-3510-8052-b4c04f4d3532",
+    ("instances",): "gatekeeper instances --registry postgresql://gatekeeper@db.example/gatekeeper",
     ("logs",): "gatekeeper logs 4c4c4544-0042-3510-8052-b4c04f4d3532 --since 10m -f",
     ("events",): "gatekeeper events --registry postgresql://gatekeeper@db.example/gatekeeper "
     "--since 1h --follow",

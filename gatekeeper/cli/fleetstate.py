@@ -103,6 +103,14 @@ def machines_by_uuid(
     return [m for m in registry.machines() if m.node_uuid.lower() == wanted]
 
 
+def duration(seconds: float) -> str:
+    """A span as people read it in a table: 40s, 5m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(0.0, seconds):.0f}s"
+
+
 def fail(command: str, message: str) -> int:
     print(f"gatekeeper {command}: {message}", file=sys.stderr)
     return 1

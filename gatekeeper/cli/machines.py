@@ -29,6 +29,7 @@ from gatekeeper.cli.argtypes import seconds_in
 from gatekeeper.cli.fleetstate import (
     CliError,
     add_state_dir,
+    duration,
     fail,
     machines_by_uuid,
     open_registry_for,
@@ -91,7 +92,7 @@ def _warnings(
     elif token is not None and token.expires is not None and token.expires > now:
         left = token.expires - now
         if left < TOKEN_WARN_WITHIN:
-            warnings.append(f"join token expires in {_duration(left)}")
+            warnings.append(f"join token expires in {duration(left)}")
     if not r.tunnel and not endpoint:
         warnings.append("no endpoint")
     if r.tunnel:
@@ -157,13 +158,6 @@ def _conflict(row: dict[str, Any], record: MachineRecord, now: float) -> str:
         return "-"
     ago = max(0.0, now - record.conflict_time)
     return f"{shown(record.conflict_from or '?', 48)} {ago:.0f}s ago"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{max(0.0, seconds):.0f}s"
 
 
 def _ago(stamp: str | None, handshake: float | None, now: float) -> str:
@@ -234,7 +228,7 @@ def _table(
             state = "yes"
         else:
             since = (peer or {}).get("last_handshake")
-            state = f"no, {_duration(now - since)}" if since else "no"
+            state = f"no, {duration(now - since)}" if since else "no"
         token = row["join_token"]
         # Machines chose their UUID and version (and older registries kept them unchecked):
         # never raw control characters on the operator's terminal.

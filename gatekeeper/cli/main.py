@@ -21,7 +21,7 @@ from gatekeeper.config.talos_version import DEFAULT_TALOS_VERSION, check_talos_v
 # the parser must know them: `gatekeeper agent` on a machine loads none of them (about 20 MB
 # and, under emulation, seconds of start-up).
 PLUGINS = (
-    "ping", "netcheck", "joinconfig", "firewall", "maint", "token", "machines", "logs",
+    "ping", "netcheck", "joinconfig", "firewall", "maint", "token", "machines", "instances", "logs",
     "completion",
 )  # fmt: skip
 # Subcommands defined here, whose handlers import what they run.

@@ -646,6 +646,21 @@ class PostgresRegistry:
 
         return self._run(op)
 
+    def instances(self, now: float) -> list[InstanceRecord]:
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> list[InstanceRecord]:
+            clock = db.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+            assert clock is not None  # a SELECT without FROM answers one row
+            rows = db.execute(
+                "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+            ).fetchall()
+            # From the database server's clock, which wrote `seen`, to the caller's.
+            return [
+                dataclasses.replace(i, seen=i.seen - float(clock[0]) + now)
+                for i in map(_instance, rows)
+            ]
+
+        return self._run(op)
+
     def leave(self, me: InstanceRecord) -> None:
         self._run(
             lambda db: db.execute(

@@ -657,6 +657,14 @@ class SqliteRegistry:
                 raise
         return [_instance(row) for row in rows]
 
+    def instances(self, now: float) -> list[InstanceRecord]:
+        # One host, one clock: `seen` is already on the caller's.
+        with self._locked():
+            rows = self._db.execute(
+                "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+            ).fetchall()
+        return [_instance(row) for row in rows]
+
     def leave(self, me: InstanceRecord) -> None:
         with self._locked():
             self._db.execute(
