@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import subprocess
 import sys
@@ -68,9 +69,15 @@ def test_instances_print_what_another_writer_put_in_the_store_escaped(tmp_path: 
             InstanceRecord(HOSTILE, ("[2001:db8::1]:51820",), f"{HOSTILE}:1:2:3", now - 60, now),
             take_over=False,
         )
+        # Ages well inside one unit of the table (2m shows from 90 to 149 s), so the time the
+        # test and the CLI take does not change the text.
         reg.heartbeat(
-            InstanceRecord("srv-b", ("[2001:db8::2]:51820",), "hostb:1:2:3", now - 60, now - 40),
+            InstanceRecord("srv-b", ("[2001:db8::2]:51820",), "hostb:1:2:3", now - 60, now - 120),
             take_over=False,
+        )
+        # Times no clock gives (PostgreSQL also stores NaN; SQLite makes that NULL).
+        reg.heartbeat(
+            InstanceRecord("srv-c", (), "hostc:1:2:3", math.inf, math.inf), take_over=False
         )
         for n, owner in ((5, HOSTILE), (6, "srv-b"), (7, "gone")):
             reg.claim(
@@ -89,17 +96,27 @@ def test_instances_print_what_another_writer_put_in_the_store_escaped(tmp_path: 
     assert lines[0].split() == [
         "NAME", "STATE", "HEARTBEAT", "MACHINES", "STARTED", "HOST", "ENDPOINTS"
     ]  # fmt: skip
-    assert len(lines) == 4, done.stdout  # header, two instances, the machine nobody holds
+    # header, three instances, the machine nobody holds
+    assert len(lines) == 5, done.stdout
     # One line each however hostile the name; the name's own text stays visible, escaped.
     assert lines[1].startswith("evil\\x1b[2J") and "forged line" in lines[1]
-    assert re.search(r"\blive\s+[01]s ago\s+1\s+1m ago\s", lines[1]), lines[1]
-    assert lines[2].split()[:5] == ["srv-b", "stale", "40s", "ago", "1"]
-    assert lines[3] == "1 machines held by no listed instance " + (
-        "(the next live instance to beat takes them over)"
+    assert re.search(r"\blive\s+\d+s ago\s+1\s+1m ago\s", lines[1]), lines[1]
+    assert lines[2].split()[:5] == ["srv-b", "stale", "2m", "ago", "1"]
+    # A row with no usable times says so instead of "0s ago" (the store counts it as live,
+    # and so does the list).
+    assert lines[3].split()[:5] == ["srv-c", "live", "?", "0", "?"]
+    assert lines[4] == (
+        "machines held by no listed instance: 1 (a live instance takes them over once it has "
+        "written its heartbeat for 15 s)"
     )
-    listed = json.loads(gk("instances", "--json", "--state-dir", str(state)).stdout)
+    done = gk("instances", "--json", "--state-dir", str(state))
+    listed = json.loads(done.stdout)  # strict JSON: no NaN
+    assert "NaN" not in done.stdout
     assert [(i["name"], i["live"], i["machines"]) for i in listed["instances"]] == [
         (HOSTILE, True, 1),
         ("srv-b", False, 1),
+        ("srv-c", True, 0),
     ]
+    assert listed["instances"][2]["heartbeat_age_s"] is None
+    assert listed["instances"][2]["started"] is None
     assert listed["machines_without_instance"] == 1

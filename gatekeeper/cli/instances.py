@@ -3,7 +3,8 @@
 One line per instance (docs/registry.md, "Owners and failover"): whether its heartbeat is live
 (written within the last 15 s), how long ago it was written, how many machines it holds, when
 it started, its host and the WireGuard endpoints it advertises. An instance whose heartbeat is
-stale has stopped or lost the store; a survivor takes its machines over. Machines whose owner
+stale has stopped or lost the store; a survivor takes its machines over (when one still
+writes its own heartbeat). Machines whose owner
 has no row at all (it left, or they were written before owners existed) are counted on a line
 of their own. Read only: it works with every server stopped.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -39,20 +41,27 @@ def instance_rows(
 ) -> tuple[list[dict[str, Any]], int]:
     """The rows, and how many machines have an owner no row names."""
     held = Counter(m.owner for m in machines)
-    rows = [
-        {
-            "name": i.name,
-            "live": i.live(now),
-            "heartbeat_age_s": round(max(0.0, now - i.seen), 1),
-            "machines": held.pop(i.name, 0),
-            "started": i.started,
-            # The run id begins with the host the instance runs on (instances.run_id_here).
-            "host": i.run_id.split(":", 1)[0],
-            "endpoints": list(i.endpoints),
-        }
-        for i in instances
-    ]
+    rows = []
+    for i in instances:
+        age = now - i.seen
+        rows.append(
+            {
+                "name": i.name,
+                "live": i.live(now),
+                # Another writer may have stored anything: JSON has no NaN nor infinity.
+                "heartbeat_age_s": round(max(0.0, age), 1) if math.isfinite(age) else None,
+                "machines": held.pop(i.name, 0),
+                "started": i.started if math.isfinite(i.started) else None,
+                # The run id begins with the host the instance runs on (run_id_here).
+                "host": i.run_id.split(":", 1)[0],
+                "endpoints": list(i.endpoints),
+            }
+        )
     return rows, sum(held.values())
+
+
+def _ago(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{duration(seconds)} ago"
 
 
 def cmd_instances(args: argparse.Namespace) -> int:
@@ -66,7 +75,8 @@ def cmd_instances(args: argparse.Namespace) -> int:
         return fail("instances", str(exc))
     rows, unowned = instance_rows(instances, machines, now)
     if args.json:
-        print(json.dumps({"instances": rows, "machines_without_instance": unowned}, indent=2))
+        out = {"instances": rows, "machines_without_instance": unowned}
+        print(json.dumps(out, indent=2, allow_nan=False))
         return 0
     if not rows:
         print("no instance has written a heartbeat to this registry")
@@ -77,9 +87,9 @@ def cmd_instances(args: argparse.Namespace) -> int:
                 [
                     shown(r["name"], 64),
                     "live" if r["live"] else "stale",
-                    f"{duration(r['heartbeat_age_s'])} ago",
+                    _ago(r["heartbeat_age_s"]),
                     str(r["machines"]),
-                    f"{duration(now - r['started'])} ago",
+                    _ago(None if r["started"] is None else now - r["started"]),
                     shown(r["host"], 64),
                     shown(",".join(r["endpoints"]) or "-", 200),
                 ]
@@ -88,7 +98,7 @@ def cmd_instances(args: argparse.Namespace) -> int:
         )
     if unowned:
         print(
-            f"{unowned} machines held by no listed instance "
-            "(the next live instance to beat takes them over)"
+            f"machines held by no listed instance: {unowned} (a live instance takes them over "
+            "once it has written its heartbeat for 15 s)"
         )
     return 0

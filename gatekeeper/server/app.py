@@ -248,6 +248,7 @@ class Server:
                 device=self.device,
                 prefix=prefix,
                 forget_address=self.provisioner.forget_tunnel,
+                store_reachable=lambda: heartbeat.reachable,
             )
         except FleetError as exc:
             raise ServerError(str(exc)) from None

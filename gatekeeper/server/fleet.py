@@ -146,7 +146,10 @@ class Fleet:
         device: Device,
         prefix: ipaddress.IPv6Network,
         forget_address: Callable[[ipaddress.IPv6Address], None] | None = None,
+        store_reachable: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`store_reachable`: whether the registry answered last (the instance's heartbeat);
+        while it did not, a scrape does not wait on the store for the registered count."""
         opts = self.options
         if opts.max_machines is not None and opts.max_machines < 1:
             raise FleetError(f"--max-machines must be at least 1, not {opts.max_machines}")
@@ -166,10 +169,13 @@ class Fleet:
             raise FleetError(str(exc)) from None
 
         def registered() -> float:
-            # Unknown while the store is away: a scrape that raised would lose every series.
+            # Unknown while the store is away: a scrape that raised would lose every series,
+            # and one that waited on a hanging store past Prometheus's scrape timeout too.
+            if not store_reachable():
+                return math.nan
             try:
                 return float(len(registry.machines()))
-            except RegistryError:
+            except Exception:  # RegistryError, or a row this version cannot read
                 return math.nan
 
         def connected() -> float:

@@ -92,13 +92,14 @@ class ServerMetrics:
 
         self.registry_up = Gauge(
             "gatekeeper_registry_up",
-            "1 while this instance's last heartbeat reached the registry, else 0",
+            "1 while this instance's last heartbeat was written to the registry, else 0",
             registry=self.registry,
         )
         self.heartbeat_age = Gauge(
             "gatekeeper_instance_heartbeat_age_seconds",
-            "Seconds since this instance last wrote its heartbeat: past 15 another instance "
-            'may take its machines over (docs/registry.md, "Owners and failover")',
+            "Seconds since this instance last wrote its heartbeat: past 15, while another "
+            "instance still writes its own, that one may take this one's machines over "
+            '(docs/registry.md, "Owners and failover")',
             registry=self.registry,
         )
 

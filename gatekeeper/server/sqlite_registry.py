@@ -660,6 +660,10 @@ class SqliteRegistry:
     def instances(self, now: float) -> list[InstanceRecord]:
         # One host, one clock: `seen` is already on the caller's.
         with self._locked():
+            if not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+            ).fetchone():
+                return []  # a registry from before instances, opened read only
             rows = self._db.execute(
                 "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
             ).fetchall()
