@@ -4,9 +4,9 @@ One line per instance (docs/registry.md, "Owners and failover"): whether its hea
 (written within the last 15 s), how long ago it was written, how many machines it holds, when
 it started, its host and the WireGuard endpoints it advertises. An instance whose heartbeat is
 stale has stopped or lost the store; a survivor takes its machines over (when one still
-writes its own heartbeat). Machines whose owner
-has no row at all (it left, or they were written before owners existed) are counted on a line
-of their own. Read only: it works with every server stopped.
+writes its own heartbeat). Machines whose owner has no row at all (it left, or they were
+written before owners existed) are counted on a line of their own. Read only: it works with
+every server stopped.
 """
 
 from __future__ import annotations
