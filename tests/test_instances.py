@@ -367,6 +367,18 @@ def test_instances_are_listed_read_only_on_the_callers_clock(registry: Registry)
         assert one.endpoints == ("[2001:db8::4]:51820",)
 
 
+def test_an_older_postgresql_registry_without_instances_lists_none(pg_url: str) -> None:
+    # The same on PostgreSQL, read only: a read-only open does not migrate.
+    from gatekeeper.server.pg_registry import PostgresRegistry
+
+    with PostgresRegistry(pg_url, shown=pg_url) as reg:
+        reg.heartbeat(instance("srv1"), take_over=False)
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("DROP TABLE instances CASCADE")
+    with PostgresRegistry(pg_url, shown=pg_url, readonly=True) as reg:
+        assert reg.instances(time.time()) == []
+
+
 def test_an_older_sqlite_registry_without_instances_lists_none(tmp_path: Path) -> None:
     # A registry from before instances existed, opened read only (as `gatekeeper instances`
     # opens it): no instances, not an error about a missing table.
