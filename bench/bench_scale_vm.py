@@ -117,8 +117,8 @@ def fill(sl: SideroLinkLab, count: int, concurrency: int) -> dict[str, Any]:
 def postgresql_for_guest(sl: SideroLinkLab, stack: contextlib.ExitStack) -> list[str]:
     """A PostgreSQL listening on the server namespace's underlay address (the host's side of
     the lab bridge, which the guest reaches), stopped before the lab goes; the guest runner's
-    words for it. The
-    password goes on the guest's kernel command line, as the join token does: a lab's."""
+    words for it. The password goes on the guest's kernel command line, as the join token
+    does: a lab's."""
     from pgcluster import started_cluster, unavailable
 
     why = unavailable()

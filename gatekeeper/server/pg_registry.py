@@ -107,6 +107,10 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# Every instance row, in the order heartbeat and instances() both return them.
+_INSTANCE_ROWS = "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+
+
 def _instance(row: tuple[Any, ...]) -> InstanceRecord:
     name, endpoints, run_id, started, seen = row
     return InstanceRecord(
@@ -635,9 +639,7 @@ class PostgresRegistry:
                         "(SELECT name FROM instances WHERE seen >= %s)",
                         (me.name, stale),
                     )
-                cur.execute(
-                    "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
-                )
+                cur.execute(_INSTANCE_ROWS)
                 rows = cur.fetchall()
             # `seen` back on the caller's clock, so that InstanceRecord.live(its now) holds.
             return [
@@ -654,9 +656,7 @@ class PostgresRegistry:
             assert clock is not None  # a SELECT without FROM answers one row
             if clock[1] is None:
                 return []  # a registry from before instances, opened read only
-            rows = db.execute(
-                "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
-            ).fetchall()
+            rows = db.execute(_INSTANCE_ROWS).fetchall()
             # From the database server's clock, which wrote `seen`, to the caller's.
             return [
                 dataclasses.replace(i, seen=i.seen - float(clock[0]) + now)

@@ -224,6 +224,10 @@ def _token(row: tuple[object, ...]) -> TokenRecord:
     )
 
 
+# Every instance row, in the order heartbeat and instances() both return them.
+_INSTANCE_ROWS = "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
+
+
 def _instance(row: tuple[object, ...]) -> InstanceRecord:
     name, endpoints, run_id, started, seen = row
     return InstanceRecord(
@@ -647,9 +651,7 @@ class SqliteRegistry:
                         "(SELECT name FROM instances WHERE seen >= ?)",
                         (me.name, stale),
                     )
-                rows = self._db.execute(
-                    "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
-                ).fetchall()
+                rows = self._db.execute(_INSTANCE_ROWS).fetchall()
                 self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -664,9 +666,7 @@ class SqliteRegistry:
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
             ).fetchone():
                 return []  # a registry from before instances, opened read only
-            rows = self._db.execute(
-                "SELECT name, endpoints, run_id, started, seen FROM instances ORDER BY name"
-            ).fetchall()
+            rows = self._db.execute(_INSTANCE_ROWS).fetchall()
         return [_instance(row) for row in rows]
 
     def leave(self, me: InstanceRecord) -> None:

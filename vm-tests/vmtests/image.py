@@ -315,10 +315,11 @@ def python_requirements() -> list[str]:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     pins = []
     for spec in meta["project"]["dependencies"]:
-        name = re.split(r"[<>=!~ \[;]", spec, maxsplit=1)[0]
-        # Extras stay: psycopg[binary] brings the libpq the guest has no package of.
-        extras = re.match(r"[^\[<>=!~ ;]*(\[[^\]]*\])?", spec)
-        wanted = name + (extras[1] if extras and extras[1] else "")
+        # The name and its extras (psycopg[binary] brings the libpq the guest has no
+        # package of), without the version bounds.
+        found = re.match(r"\s*([^\s\[<>=!~;]+)\s*(\[[^\]]*\])?", spec)
+        name = found[1] if found else spec
+        wanted = name + ((found[2] or "") if found else "")
         try:
             pins.append(f"{wanted}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
