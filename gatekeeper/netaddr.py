@@ -46,7 +46,8 @@ def split_host_port(
         shown = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
         return HostPortError(f"{what} {shown!r} is not host:port: {why}", why)
 
-    if not text.isprintable() or any(ch.isspace() for ch in text):
+    # The one printable whitespace character is the space (checked over every code point).
+    if not text.isprintable() or " " in text:
         raise fail("it contains spaces or control characters")
     if text.startswith("["):
         end = text.find("]")

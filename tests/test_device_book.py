@@ -50,6 +50,9 @@ class Recorded:
             for p in self.peers_held.values()
         ]
 
+    def last_handshakes(self) -> list[float | None]:
+        return [None] * len(self.peers_held)
+
 
 def peer(n: int, *, update_only: bool = False) -> PeerConfig:
     key = PrivateKey.generate().public_key()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import math
 
 import pytest
@@ -367,10 +368,81 @@ def test_get_reply_round_trip(state: DeviceState) -> None:
         )
 
 
+@given(device_states)
+def test_handshakes_read_alone_are_those_of_the_full_read(state: DeviceState) -> None:
+    encoded = uapi.encode_get_reply(state)
+    full = [p.last_handshake for p in uapi.decode_get(encoded).peers]
+    assert uapi.decode_handshakes(encoded) == [None if t is None else float(int(t)) for t in full]
+
+
+@given(device_states, st.lists(st.integers(0, 2000), max_size=6))
+def test_handshakes_read_in_pieces_as_they_arrive(state: DeviceState, cuts: list[int]) -> None:
+    encoded = uapi.encode_get_reply(state)
+    reader = uapi.HandshakeReader()
+    bounds = sorted({min(c, len(encoded)) for c in cuts} | {0, len(encoded)})
+    for start, end in itertools.pairwise(bounds):
+        assert not reader.complete
+        reader.feed(encoded[start:end])
+    assert reader.complete and reader.result() == uapi.decode_handshakes(encoded)
+
+
+def test_a_reply_line_without_end_is_refused_before_it_grows() -> None:
+    reader = uapi.HandshakeReader()
+    with pytest.raises(UapiProtocolError, match="longer than"):
+        for _ in range(100):
+            reader.feed(b"x" * 1000)
+
+
+def test_handshakes_read_alone_check_the_reply_like_the_full_read() -> None:
+    with pytest.raises(UapiError) as raised:
+        uapi.decode_handshakes(b"errno=-5\n\n")
+    assert raised.value.errno == 5
+    for reply, complaint in [
+        (b"", "empty"),
+        (REAL_GET[:-1], "truncated"),
+        (REAL_GET.replace(b"errno=0", b"errno=x"), "not an integer"),
+        (REAL_GET.replace(b"errno=0\n", b""), "not errno=N"),
+        (b"\xff\xfe\n\n", "not errno=N"),
+    ]:
+        with pytest.raises(UapiProtocolError, match=complaint):
+            uapi.decode_handshakes(reply)
+
+
+@given(networks)
+def test_allowed_ips_parse_as_ipaddress_reads_them(network: ipaddress.IPv4Network) -> None:
+    for text in (str(network), str(network.network_address), f"{network.broadcast_address}/"
+                 f"{network.prefixlen}"):  # fmt: skip
+        assert uapi._parse_network(text) == ipaddress.ip_network(text, strict=False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1.2.3.4/33", "fd00::/129", "fd00::/-1", "fd00::/+8", "1.2.3.4/", "fd00::/1000", "x/8",
+     "1.2.3/8", "01.2.3.4/8", "fd00::1::2/64", "/8", "", "1.2.3.4/ 8"],
+)  # fmt: skip
+def test_bad_allowed_ips_are_refused_as_ipaddress_refuses_them(text: str) -> None:
+    with pytest.raises(ValueError):
+        ipaddress.ip_network(text, strict=False)
+    with pytest.raises(ValueError):
+        uapi._parse_network(text)
+
+
+def test_an_allowed_ip_with_a_scope_is_refused() -> None:
+    # ipaddress reads fd00::%eth0/64 as a network; WireGuard's allowed IPs carry no scope.
+    with pytest.raises(ValueError):
+        uapi._parse_network("fd00::%eth0/64")
+
+
 def _parse_everything(data: bytes) -> None:
     for parse in (uapi.decode_get, uapi.decode_set, uapi.decode_errno, uapi.check_set_reply):
         with contextlib.suppress(UapiProtocolError, UapiError):
             parse(data)
+    with contextlib.suppress(UapiProtocolError, UapiError):
+        times = uapi.decode_handshakes(data)
+        # Where the full read accepts a reply, both say the same.
+        with contextlib.suppress(UapiProtocolError, UapiError):
+            full = [p.last_handshake for p in uapi.decode_get(data).peers]
+            assert times == [None if t is None else float(int(t)) for t in full]
 
 
 @given(st.binary(max_size=300))

@@ -145,6 +145,9 @@ class SwappableDevice:
     def peers(self) -> list[PeerStats]:
         return self.current.peers()
 
+    def last_handshakes(self) -> list[float | None]:
+        return self.current.last_handshakes()
+
     def rebook(self, stats: Sequence[PeerStats]) -> None:
         """Renew the book from a full read. Only the peer reconciler does this, under the lock
         Provision batches hold: a read by anyone else (the endpoint sync, `gatekeeper

@@ -184,6 +184,8 @@ def check_set_peers_in_bulk(backend: Backend, ifname: str) -> None:
         device.set_peers([])
         keys = _keys(device)
         _expect(keys == {first} | {p.public_key for p in bulk}, f"{len(keys)} peers, not 301")
+        times = device.last_handshakes()
+        _expect(times == [None] * 301, f"last_handshakes: {len(times)} entries, not 301 Nones")
 
 
 def check_remove_peer(backend: Backend, ifname: str) -> None:

@@ -478,6 +478,9 @@ class KernelDevice:
     def peers(self) -> list[PeerStats]:
         return list(self.dump().peers)
 
+    def last_handshakes(self) -> list[float | None]:
+        return [p.last_handshake for p in self.dump().peers]
+
     def listen_port(self) -> int:
         return self.dump().listen_port
 

@@ -208,20 +208,34 @@ class UserspaceDevice:
     # --- UAPI ----------------------------------------------------------------------------------
 
     def _exchange(self, request: bytes, what: str, timeout: float | None = None) -> bytes:
+        reply = bytearray()
+        self._exchange_into(
+            request, what, reply.extend, lambda: uapi.reply_complete(reply), timeout
+        )
+        return bytes(reply)
+
+    def _exchange_into(
+        self,
+        request: bytes,
+        what: str,
+        feed: Callable[[bytes], None],
+        complete: Callable[[], bool],
+        timeout: float | None = None,
+    ) -> None:
+        """Send `request` and feed the reply's pieces as they arrive until `complete()`."""
         if self._closed:
             raise WireGuardError(f"cannot {what}: {self._name} is closed")
         timeout = self._timeout if timeout is None else timeout
-        reply = bytearray()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
                 sock.connect(str(self._socket))
                 sock.sendall(request)
-                while not uapi.reply_complete(reply):
+                while not complete():
                     chunk = sock.recv(65536)
                     if not chunk:
                         break
-                    reply += chunk
+                    feed(chunk)
         except TimeoutError:
             raise WireGuardError(
                 f"cannot {what}: wireguard-go did not answer within {timeout:g} s"
@@ -236,7 +250,6 @@ class UserspaceDevice:
             raise WireGuardError(
                 f"cannot {what}: UAPI socket {self._socket}: {exc.strerror or exc}"
             ) from None
-        return bytes(reply)
 
     def _set(self, request: bytes, what: str) -> None:
         mark = self._output.count
@@ -288,6 +301,12 @@ class UserspaceDevice:
 
     def peers(self) -> list[PeerStats]:
         return list(self.state().peers)
+
+    def last_handshakes(self) -> list[float | None]:
+        reader = uapi.HandshakeReader()
+        what = f"read {self._name}"
+        self._exchange_into(uapi.GET_REQUEST, what, reader.feed, lambda: reader.complete)
+        return reader.result()
 
     def listen_port(self) -> int:
         return self.state().listen_port
