@@ -58,6 +58,7 @@ def test_claim_update_and_collision(backend: Opener) -> None:
     b = record("uuid-b", "fdae:41e4:649b:9303::a")
     with pytest.raises(AddressTaken):
         reg.claim(b)
+    assert reg.machine_count() == 1
     moved = MachineRecord(**{**a.__dict__, "public_key": b.public_key})
     reg.claim(moved)
     got = reg.get(a.machine_key)
@@ -65,7 +66,7 @@ def test_claim_update_and_collision(backend: Opener) -> None:
     assert reg.by_address(a.address) == got
     reg.update_endpoints({a.machine_key: "[fd00::5]:51821", "unknown": "x"})
     assert reg.get(a.machine_key).endpoint == "[fd00::5]:51821"
-    assert reg.remove(a.machine_key) and reg.machines() == []
+    assert reg.remove(a.machine_key) and reg.machines() == [] and reg.machine_count() == 0
     assert not reg.remove(a.machine_key)
     if isinstance(reg, SqliteRegistry):
         assert reg.integrity_check() == "ok"
@@ -157,7 +158,7 @@ def test_an_identity_replacement_is_one_write(backend: Opener) -> None:
     reg.claim(new, replaces=old.machine_key)
     assert reg.get(old.machine_key) is None
     assert reg.by_public_key(old.public_key) == reg.get(new.machine_key)
-    assert len(reg.machines()) == 2
+    assert len(reg.machines()) == 2 == reg.machine_count()
 
 
 def test_duplicate_keys_of_an_old_registry_are_resolved_and_the_key_made_unique(

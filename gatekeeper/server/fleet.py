@@ -97,11 +97,7 @@ def events_dir(state_dir: Path) -> Path:
 
 
 def connected_count(device: Device, now: float) -> int:
-    return sum(
-        1
-        for s in device.peers()
-        if s.last_handshake is not None and now - s.last_handshake < CONNECTED_WITHIN
-    )
+    return sum(1 for t in device.last_handshakes() if t is not None and now - t < CONNECTED_WITHIN)
 
 
 class Fleet:
@@ -174,7 +170,7 @@ class Fleet:
             if not store_reachable():
                 return math.nan
             try:
-                return float(len(registry.machines()))
+                return float(registry.machine_count())
             except Exception:  # RegistryError, or a row this version cannot read
                 return math.nan
 

@@ -566,6 +566,13 @@ class PostgresRegistry:
 
         return self._run(op)
 
+    def machine_count(self) -> int:
+        def op(db: psycopg.Connection[tuple[Any, ...]]) -> int:
+            row = db.execute("SELECT count(*) FROM machines").fetchone()
+            return int(row[0]) if row else 0
+
+        return self._run(op)
+
     def machines_matching(
         self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
     ) -> list[MachineRecord]:

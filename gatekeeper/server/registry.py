@@ -236,6 +236,11 @@ class Registry(Protocol):
 
     def machines(self) -> list[MachineRecord]: ...
 
+    def machine_count(self) -> int:
+        """How many machines are registered, counted by the store (a metrics scrape at 10,000
+        machines would otherwise decode every record)."""
+        ...
+
     def machines_matching(
         self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
     ) -> list[MachineRecord]:

@@ -583,6 +583,11 @@ class SqliteRegistry:
             ).fetchall()
         return [_record(row) for row in rows]
 
+    def machine_count(self) -> int:
+        with self._locked():
+            (count,) = self._db.execute("SELECT count(*) FROM machines").fetchone()
+        return int(count)
+
     def machines_matching(
         self, *, machine_keys: Collection[str] = (), public_keys: Collection[str] = ()
     ) -> list[MachineRecord]:
