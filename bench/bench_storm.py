@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,11 +205,16 @@ def wg_peers(ns: Namespace, interface: str) -> int:
 
 
 def start_servers(
-    sl: SideroLinkLab, stack: contextlib.ExitStack, registry: str, instances: int
+    sl: SideroLinkLab,
+    stack: contextlib.ExitStack,
+    registry: str,
+    instances: int,
+    extra: Sequence[str] = (),
 ) -> tuple[list[Target], str]:
-    """The servers under test, and the overlay address of the server (shared by all)."""
+    """The servers under test, each given `extra` arguments, and the overlay address of the
+    server (shared by all)."""
     if registry == "sqlite":
-        sl.start_server()
+        sl.start_server(*extra)
         assert sl.server_proc is not None
         target = Target(sl.server_ns, sl.server_underlay, sl.server_wg_interface, sl.server_proc)
         return [target], str(server_address(overlay_prefix(sl.installation_id)))
@@ -223,7 +229,7 @@ def start_servers(
     url = cluster.create_database()
     targets = []
     for n in range(1, instances + 1):
-        inst = start_instance(sl, n, url, cluster.password_file)
+        inst = start_instance(sl, n, url, cluster.password_file, extra)
         sl._wait_port(inst.ns, inst.underlay, API_PORT, 30, inst.proc)
         targets.append(Target(inst.ns, inst.underlay, inst.interface, inst.proc))
     return targets, str(server_address(overlay_prefix("")))

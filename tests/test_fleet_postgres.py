@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +103,11 @@ class TwoServers:
         )  # fmt: skip
 
 
-def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> Instance:
+def start_instance(
+    sl: SideroLinkLab, n: int, url: str, password_file: Path, extra: Sequence[str] = ()
+) -> Instance:
     """Server n (1: the lab's own namespace; 2: a namespace on the same underlay bridge),
-    started, not yet waited for."""
+    given `extra` arguments, started, not yet waited for."""
     if n == 1:
         ns, underlay = sl.server_ns, sl.server_underlay
     else:
@@ -130,6 +132,7 @@ def start_instance(sl: SideroLinkLab, n: int, url: str, password_file: Path) -> 
         "--wireguard-port", str(port),
         "--endpoint", f"[{underlay}]:{port}",
         "--instance", f"srv{n}",
+        *extra,
     )  # fmt: skip
     log = sl.workdir / f"server{n}.log"
     proc = sl.lab.spawn(ns, argv, log=log)
