@@ -100,6 +100,38 @@ def connected_count(device: Device, now: float) -> int:
     return sum(1 for t in device.last_handshakes() if t is not None and now - t < CONNECTED_WITHIN)
 
 
+def registered_gauge(
+    registry: Registry, store_reachable: Callable[[], bool]
+) -> Callable[[], float]:
+    """The registered-machines gauge: NaN (unknown) while the store is away, since a scrape
+    that raised would lose every series, and one that waited on a hanging store past
+    Prometheus's scrape timeout too; `store_reachable` (the heartbeat's last answer) says
+    so without asking the store."""
+
+    def registered() -> float:
+        if not store_reachable():
+            return math.nan
+        try:
+            return float(registry.machine_count())
+        except Exception:  # RegistryError, or a store this version cannot read
+            return math.nan
+
+    return registered
+
+
+def connected_gauge(device: Device, clock: Callable[[], float] = time.time) -> Callable[[], float]:
+    """The connected-machines gauge: NaN while the device is away for a moment (DeviceWatch
+    recreates it)."""
+
+    def connected() -> float:
+        try:
+            return float(connected_count(device, clock()))
+        except WireGuardError:
+            return math.nan
+
+    return connected
+
+
 class Fleet:
     def __init__(
         self,
@@ -164,24 +196,10 @@ class Fleet:
         except OSError as exc:
             raise FleetError(str(exc)) from None
 
-        def registered() -> float:
-            # Unknown while the store is away: a scrape that raised would lose every series,
-            # and one that waited on a hanging store past Prometheus's scrape timeout too.
-            if not store_reachable():
-                return math.nan
-            try:
-                return float(registry.machine_count())
-            except Exception:  # RegistryError, or a row this version cannot read
-                return math.nan
-
-        def connected() -> float:
-            # The device may be away for a moment (DeviceWatch recreates it).
-            try:
-                return float(connected_count(device, time.time()))
-            except WireGuardError:
-                return math.nan
-
-        self.metrics.watch_fleet(registered=registered, connected=connected)
+        self.metrics.watch_fleet(
+            registered=registered_gauge(registry, store_reachable),
+            connected=connected_gauge(device),
+        )
         if opts.metrics_listen:
             try:
                 self.metrics_server = serve_metrics(self.metrics, opts.metrics_listen)
