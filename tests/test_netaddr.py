@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from gatekeeper.agent.telemetry import sinks_from_cmdline
 from gatekeeper.maintenance import policy
 from gatekeeper.netaddr import HostPortError, grpc_peer_address, split_host_port
 from gatekeeper.server.attribution import grpc_peer_address as attribution_address
+from gatekeeper.server.identity import host_of
 from gatekeeper.server.metrics import parse_listen
 from gatekeeper.server.ratelimit import source_of
 from gatekeeper.wireguard import kernel, uapi
@@ -124,3 +126,63 @@ def test_one_peer_parser_behind_every_caller(peer: str, expected: str | None) ->
 def test_join_host_port_is_the_inverse() -> None:
     for host, port in (("fd00::1", 1), ("example.org", 443), ("10.0.0.1", 65535)):
         assert split_host_port(netaddr.join_host_port(host, port)) == (host, port)
+
+
+def _addresses(count: int) -> list[ipaddress.IPv6Address]:
+    """Addresses of every shape a zero run can take: each 16-bit group zero half the time, else
+    1, 0xffff or random (so runs of every length at every place, and the ties)."""
+    rng = random.Random(5952)
+    out = [ipaddress.IPv6Address(n) for n in (0, 1, 0xFFFF_0000_0001, 0x1_0001, 1 << 32)]
+    for _ in range(count):
+        value = 0
+        for _ in range(8):
+            group = 0 if rng.random() < 0.5 else rng.choice((1, 0xFFFF, rng.randrange(1, 1 << 16)))
+            value = value << 16 | group
+        out.append(ipaddress.IPv6Address(value))
+    return out
+
+
+def test_ip_text_is_what_ipaddress_writes() -> None:
+    # Stored addresses are compared as text (`by_address`), so the fast form may never differ
+    # from the one older versions wrote with str(); also where glibc's inet_ntop writes a
+    # dotted tail (::ffff:0:1, ::1:1).
+    for address in _addresses(50_000):
+        assert netaddr.ip_text(address) == str(address)
+        assert netaddr.parse_ipv6(str(address)) == address
+        assert netaddr.parse_ip(str(address)) == address
+        assert netaddr.host_network(address) == ipaddress.IPv6Network(f"{address}/128")
+    for v4 in ("0.0.0.0", "10.0.0.1", "255.255.255.255"):
+        assert netaddr.ip_text(ipaddress.IPv4Address(v4)) == v4
+        assert netaddr.parse_ip(v4) == ipaddress.IPv4Address(v4)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "fd00::1%eth0", "fd00::g", "1.2.3", "01.2.3.4", "fd00::1\x00", "::1/128", " ::1"]
+)
+def test_parse_ip_refuses_what_is_no_plain_address(text: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP"):
+        netaddr.parse_ip(text)
+    if ":" in text:
+        with pytest.raises(ValueError, match="is not an IPv6 address"):
+            netaddr.parse_ipv6(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ipv6:[fdae:41e4:649b:9303::1]:40000", "fdae:41e4:649b:9303::1"),
+        ("ipv6:%5Bfdae::5%5D:4000", "fdae::5"),
+        ("ipv4:10.0.0.1:5000", "10.0.0.1"),
+        ("ipv6:[::ffff:10.0.0.1]:5000", "10.0.0.1"),
+        ("[fe80::1%eth0]:51820", "fe80::1"),
+        ("10.0.0.1:51820", "10.0.0.1"),
+        ("10.0.0.1", "10.0.0.1"),
+        ("[garbage]:1", None),
+        ("unix:/run/x.sock", None),
+        ("", None),
+    ],
+)
+def test_the_host_a_session_comes_from(text: str, expected: str | None) -> None:
+    # The host a live session or a Provision comes from (clone refusal compares them).
+    got = host_of(text)
+    assert (str(got) if got is not None else None) == expected

@@ -13,6 +13,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
+from gatekeeper.netaddr import parse_ip
 from gatekeeper.server.ratelimit import clean_peer
 from gatekeeper.wireguard.backend import Device, PeerStats
 from gatekeeper.wireguard.keys import PublicKey
@@ -60,7 +61,7 @@ def host_of(text: str) -> Host | None:
     host = text.rpartition(":")[0] if ":" in text else text
     host = host.strip("[]").split("%")[0]
     try:
-        addr = ipaddress.ip_address(host)
+        addr = parse_ip(host)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:

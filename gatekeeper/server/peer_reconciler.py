@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from gatekeeper.netaddr import host_network
 from gatekeeper.server.provisioning import SERVER_KEEPALIVE
 from gatekeeper.server.registry import ChangeFeed, MachineRecord, Registry
 from gatekeeper.wireguard.backend import Device, IPNetwork, PeerConfig, PeerStats
@@ -45,7 +46,7 @@ def owns(record: MachineRecord, instance: str) -> bool:
 
 def _allowed(record: MachineRecord) -> tuple[ipaddress.IPv6Network, ...]:
     # A machine's own /128 only: machines never reach each other through the server.
-    return (ipaddress.IPv6Network(f"{record.address}/128"),)
+    return (host_network(record.address),)
 
 
 def desired_peer(record: MachineRecord, endpoint: str | None) -> PeerConfig:

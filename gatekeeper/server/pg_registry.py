@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pgerrors
 
+from gatekeeper.netaddr import ip_text, parse_ipv6
 from gatekeeper.server import pg_schema
 from gatekeeper.server.registry import (
     ANYTHING,
@@ -72,7 +73,7 @@ def _record(row: tuple[Any, ...]) -> MachineRecord:
     return MachineRecord(
         machine_key=key,
         node_uuid=uuid,
-        address=ipaddress.IPv6Address(address),
+        address=parse_ipv6(address),
         public_key=public_key,
         endpoint=endpoint,
         tunnel=bool(tunnel),
@@ -413,7 +414,7 @@ class PostgresRegistry:
         return self._one("machine_key", machine_key)
 
     def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None:
-        return self._one("address", str(address))
+        return self._one("address", ip_text(address))
 
     def by_public_key(self, public_key: str) -> MachineRecord | None:
         return self._one("public_key", public_key)
@@ -510,7 +511,7 @@ class PostgresRegistry:
             (
                 record.machine_key,
                 record.node_uuid,
-                str(record.address),
+                ip_text(record.address),
                 record.public_key,
                 record.endpoint,
                 record.tunnel,

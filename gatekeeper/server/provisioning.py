@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from gatekeeper.netaddr import host_network, ip_text
 from gatekeeper.overlay import server_address
 from gatekeeper.server.addressing import AddressSpaceExhausted, allocate_node_address
 from gatekeeper.server.escape import shown
@@ -378,7 +379,7 @@ class Provisioner:
         log.info(
             "provisioned machine %s at %s (key %s%s)",
             record.node_uuid,
-            record.address,
+            ip_text(record.address),
             plan.key.fingerprint(),
             ", again" if existing else "",
         )
@@ -386,7 +387,7 @@ class Provisioner:
             # In tunnel mode the reference and Omni answer exactly [grpc_peer_addr_port].
             server_endpoints=(virtual,) if virtual else self.reply_endpoints(),
             server_public_key=self.server_public_key.base64(),
-            node_address_prefix=f"{record.address}/{self.prefix.prefixlen}",
+            node_address_prefix=f"{ip_text(record.address)}/{self.prefix.prefixlen}",
             server_address=str(self.server_address),
             grpc_peer_addr_port=virtual,
         )
@@ -513,7 +514,7 @@ class Provisioner:
         self.device.set_peer(
             PeerConfig(
                 public_key=key,
-                allowed_ips=(ipaddress.IPv6Network(f"{record.address}/128"),),
+                allowed_ips=(host_network(record.address),),
                 endpoint=relay,
                 persistent_keepalive=SERVER_KEEPALIVE,
             )
@@ -556,7 +557,7 @@ class Provisioner:
         No keepalive yet: the peer has no endpoint until the machine's first handshake, and
         sync_endpoints turns it on then (SERVER_KEEPALIVE: why).
         """
-        return PeerConfig(public_key=key, allowed_ips=(ipaddress.IPv6Network(f"{address}/128"),))
+        return PeerConfig(public_key=key, allowed_ips=(host_network(address),))
 
     def _allocate(self, batch: Collection[ipaddress.IPv6Address]) -> ipaddress.IPv6Address:
         return allocate_node_address(
@@ -577,7 +578,7 @@ class Provisioner:
                 keep_alive.append(
                     PeerConfig(
                         public_key=stats.public_key,
-                        allowed_ips=(ipaddress.IPv6Network(f"{record.address}/128"),),
+                        allowed_ips=(host_network(record.address),),
                         persistent_keepalive=SERVER_KEEPALIVE,
                         # `machines remove` may have taken the peer away meanwhile.
                         update_only=True,

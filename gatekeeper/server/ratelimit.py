@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
-from gatekeeper.netaddr import grpc_peer_address
+from gatekeeper.netaddr import grpc_peer_address, ip_text
 
 
 def clean_peer(peer: str) -> str:
@@ -42,8 +42,8 @@ def source_of(peer: str) -> str:
     if addr is None:
         return clean_peer(peer)
     if isinstance(addr, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
+        return f"{ip_text(ipaddress.IPv6Address(int(addr) >> 64 << 64))}/64"
+    return ip_text(addr)
 
 
 class FailureLimiter:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from gatekeeper.netaddr import ip_text, parse_ipv6
 from gatekeeper.server.registry import (
     ANYTHING,
     INSTANCE_STALE_AFTER,
@@ -154,7 +155,7 @@ def _record(row: tuple[object, ...]) -> MachineRecord:
     return MachineRecord(
         machine_key=str(key),
         node_uuid=str(uuid),
-        address=ipaddress.IPv6Address(str(address)),
+        address=parse_ipv6(str(address)),
         public_key=str(public_key),
         endpoint=None if endpoint is None else str(endpoint),
         tunnel=bool(tunnel),
@@ -446,7 +447,7 @@ class SqliteRegistry:
     def by_address(self, address: ipaddress.IPv6Address) -> MachineRecord | None:
         with self._locked():
             row = self._db.execute(
-                f"SELECT {self._select} FROM machines WHERE address = ?", (str(address),)
+                f"SELECT {self._select} FROM machines WHERE address = ?", (ip_text(address),)
             ).fetchone()
         return None if row is None else _record(row)
 
@@ -536,7 +537,7 @@ class SqliteRegistry:
                 (
                     record.machine_key,
                     record.node_uuid,
-                    str(record.address),
+                    ip_text(record.address),
                     record.public_key,
                     record.endpoint,
                     int(record.tunnel),

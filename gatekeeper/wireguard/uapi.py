@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from gatekeeper.netaddr import split_host_port
+from gatekeeper.netaddr import ip_text, split_host_port
 from gatekeeper.wireguard.backend import IPNetwork, PeerConfig, PeerStats, WireGuardError
 from gatekeeper.wireguard.keys import KEY_LEN, PrivateKey, PublicKey
 
@@ -166,7 +166,7 @@ def _network_text(peer: PeerUpdate, network: IPNetwork) -> str:
             f"peer {peer.public_key.fingerprint()}: allowed IP {network!r} is not an "
             "ipaddress network"
         )
-    return network.with_prefixlen
+    return f"{ip_text(network.network_address)}/{network.prefixlen}"
 
 
 # --- set ---------------------------------------------------------------------------------------
