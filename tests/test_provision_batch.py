@@ -15,6 +15,7 @@ import pytest
 from fleetlab import STORM, gk
 
 from gatekeeper.lab.siderolink_lab import SideroLinkLab
+from gatekeeper.server.audit import AUDIT_NAME, read_audit
 from gatekeeper.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
@@ -50,6 +51,12 @@ def test_a_storm_on_a_limited_token_admits_exactly_its_uses(sl: SideroLinkLab) -
     assert {r["uuid"]: r["address"] for r in listed} == {a["uuid"]: a["address"] for a in answered}
     (used,) = json.loads(gk(sl, "token", "list", "--json").stdout)
     assert (used["state"], used["uses"]) == ("used up", 150)
+    # The audit has a whole line for each answered machine (a batch's lines are one write).
+    audit = [a for a in read_audit(sl.state_dir / AUDIT_NAME) if a["action"] == "provision"]
+    assert sorted(str(a["address"]) for a in audit if a["outcome"] == "ok") == sorted(
+        a["address"] for a in answered
+    )
+    assert {a["outcome"] for a in audit} <= {"ok", "denied", "rate_limited"}, audit
     # Batched: fewer commits than Provisions (the server logs each batch of more than one).
     sizes = [int(n) for n in re.findall(r"(\d+) Provisions answered as one batch", log(sl))]
     assert sizes and max(sizes) > 1, "no two Provisions shared a batch"

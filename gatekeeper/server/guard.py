@@ -62,42 +62,50 @@ class ProvisionGuard:
     ) -> list[ProvisionOutput | BaseException]:
         """Provisioner.provision_batch, with each request limited, counted and audited as if
         it had come alone."""
-        results: list[ProvisionOutput | BaseException | None] = [self._limited(req) for req in reqs]
-        admitted = [i for i, r in enumerate(results) if r is None]
-        outcomes = self.provisioner.provision_batch([reqs[i] for i in admitted])
-        for i, out in zip(admitted, outcomes, strict=True):
-            results[i] = out
-            self._watch(reqs[i], out)
+        lines: list[bytes] = []  # the batch's audit lines, written at once
+        try:
+            results: list[ProvisionOutput | BaseException | None] = [
+                self._limited(req, lines) for req in reqs
+            ]
+            admitted = [i for i, r in enumerate(results) if r is None]
+            outcomes = self.provisioner.provision_batch([reqs[i] for i in admitted])
+            for i, out in zip(admitted, outcomes, strict=True):
+                results[i] = out
+                self._watch(reqs[i], out, lines)
+        finally:
+            self._write_audit(lines)
         return [r if r is not None else Rejected(Code.INTERNAL, "not decided") for r in results]
 
-    def _limited(self, req: ProvisionInput) -> Rejected | None:
+    def _limited(self, req: ProvisionInput, lines: list[bytes]) -> Rejected | None:
         source = source_of(req.peer)
         blocked = self.limiter.blocked(source)
         if blocked and not self._valid_token(req):
             self._count("rate_limited")
             if source not in self._limited_noted and len(self._limited_noted) < 10_000:
                 self._limited_noted.add(source)
-                self._audit(req, "rate_limited", reason=RATE_LIMITED)
+                self._audit(lines, req, "rate_limited", reason=RATE_LIMITED)
                 log.warning("provisions from %s are rate limited", source)
             return Rejected(Code.RESOURCE_EXHAUSTED, RATE_LIMITED)
         if not blocked:
             self._limited_noted.discard(source)
         return None
 
-    def _watch(self, req: ProvisionInput, out: ProvisionOutput | BaseException) -> None:
+    def _watch(
+        self, req: ProvisionInput, out: ProvisionOutput | BaseException, lines: list[bytes]
+    ) -> None:
         if isinstance(out, Rejected):
             if out.code in _COUNTED:
                 self.limiter.failure(source_of(req.peer))
             outcome = _OUTCOME.get(out.code, "error")
             self._count(outcome)
-            self._audit(req, outcome, reason=out.message, **out.audit)
+            self._audit(lines, req, outcome, reason=out.message, **out.audit)
         elif isinstance(out, BaseException):
             self._count("error")
-            self._audit(req, "error", reason="internal error")
+            self._audit(lines, req, "error", reason="internal error")
         else:
             self.last_ok = time.monotonic()
             self._count("ok")
-            self._audit(req, "ok", address=out.node_address_prefix.split("/")[0])
+            self._audit(lines, req, "ok", address=out.node_address_prefix.split("/")[0])
 
     def _valid_token(self, req: ProvisionInput) -> bool:
         """A token that admits someone passes a limited source: the limit counts other
@@ -116,11 +124,12 @@ class ProvisionGuard:
         if self.metrics is not None:
             self.metrics.provisions.labels(outcome).inc()
 
-    def _audit(self, req: ProvisionInput, outcome: str, **fields: str) -> None:
+    def _audit(self, lines: list[bytes], req: ProvisionInput, outcome: str, **fields: str) -> None:
+        """A line for the batch's one write (`_write_audit`)."""
         if self.audit is None:
             return
-        try:
-            self.audit.write(
+        lines.append(
+            self.audit.line(
                 self.clock(),
                 "provision",
                 outcome,
@@ -129,6 +138,13 @@ class ProvisionGuard:
                 token=self.provisioner.tokens.describe(req.join_token),
                 **fields,
             )
+        )
+
+    def _write_audit(self, lines: list[bytes]) -> None:
+        if self.audit is None or not lines:
+            return
+        try:
+            self.audit.append(lines)
         except OSError as exc:
-            # Losing an audit line must not take provisioning down with it.
-            log.error("cannot write the audit log: %s", exc)
+            # Losing audit lines must not take provisioning down with them.
+            log.error("cannot write the audit log (%d lines lost): %s", len(lines), exc)
